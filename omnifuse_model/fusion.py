@@ -1,0 +1,142 @@
+"""Dynamic Weighted Fuse (DWFuse, Eq. 9-14) and the baseline fusion heads of Table 3.
+
+Every baseline head maps completed modality embeddings [B, M, d] to logits [B, C] so that it
+runs through the same model, training and evaluation code as DWFuse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from omnifuse_model.config import FusionKind
+
+
+def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
+    """Down-weighting factors of Eq. 10.
+
+    omega_m = [ prod_{n != m} (1 - p_n) ] ** (beta / (M - 1))
+
+    Args:
+        p_true: [B, M] probability each modality's head gives the true label (use detached
+            values: the weights are not trained through).
+        beta: exponent (paper: 0.5).
+
+    Returns:
+        [B, M] weights in [0, 1]; omega_m -> 0 when the other modalities already predict the
+        truth confidently, so modality m is pushed hardest where the others fail.
+    """
+    if p_true.dim() != 2 or p_true.shape[1] < 2:
+        raise ValueError(f"p_true must be [B, M] with M >= 2, got shape {tuple(p_true.shape)}")
+    num_modalities = p_true.shape[1]
+    miss = (1.0 - p_true).unsqueeze(1).expand(-1, num_modalities, -1)  # [B, m, n]
+    eye = torch.eye(num_modalities, dtype=torch.bool, device=p_true.device)
+    others = torch.where(eye, torch.ones_like(miss), miss).prod(dim=2)
+    return others.clamp_min(0.0).pow(beta / (num_modalities - 1))
+
+
+def _classifier(d_in: int, num_classes: int, dropout: float) -> nn.Sequential:
+    hidden = max(num_classes, min(d_in, 128))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+class DWFuseHeads(nn.Module):
+    """Per-modality classifiers g_m (Eq. 9) and the joint classifier g_rs (Eq. 11).
+
+    The joint head reads the concatenated CRA latents concat(s_1..s_K) when forward imputation
+    runs, otherwise the concatenated completed embeddings (ablation rows without IMP-fw).
+    """
+
+    def __init__(
+        self, num_modalities: int, d: int, joint_dim: int, num_classes: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.modality_heads = nn.ModuleList(
+            _classifier(d, num_classes, dropout) for _ in range(num_modalities)
+        )
+        self.joint_head = _classifier(joint_dim, num_classes, dropout)
+
+    def modality_logits(self, completed: Tensor) -> Tensor:
+        """[B, M, d] -> P_m logits [B, M, C]."""
+        return torch.stack(
+            [head(completed[:, m]) for m, head in enumerate(self.modality_heads)], dim=1
+        )
+
+
+class ConcatFusion(nn.Module):
+    """Concatenate the M embeddings, then an MLP."""
+
+    def __init__(self, num_modalities: int, d: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.head = _classifier(num_modalities * d, num_classes, dropout)
+
+    def forward(self, completed: Tensor) -> Tensor:
+        return self.head(completed.flatten(1))
+
+
+class SumFusion(nn.Module):
+    """Sum the M embeddings, then an MLP."""
+
+    def __init__(self, num_modalities: int, d: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.head = _classifier(d, num_classes, dropout)
+
+    def forward(self, completed: Tensor) -> Tensor:
+        return self.head(completed.sum(dim=1))
+
+
+class SEGateFusion(nn.Module):
+    """Squeeze-and-excitation over modalities: a gate in (0, 1) per modality from the
+    concatenated embeddings, applied before concatenation and an MLP."""
+
+    def __init__(
+        self, num_modalities: int, d: int, num_classes: int, dropout: float, reduction: int = 4
+    ) -> None:
+        super().__init__()
+        width = num_modalities * d
+        self.excite = nn.Sequential(
+            nn.Linear(width, max(width // reduction, num_modalities)),
+            nn.ReLU(),
+            nn.Linear(max(width // reduction, num_modalities), num_modalities),
+            nn.Sigmoid(),
+        )
+        self.head = _classifier(width, num_classes, dropout)
+
+    def forward(self, completed: Tensor) -> Tensor:
+        gates = self.excite(completed.flatten(1)).unsqueeze(-1)  # [B, M, 1]
+        return self.head((completed * gates).flatten(1))
+
+
+class LSTMFusion(nn.Module):
+    """MedFuse-style fusion: the modality embeddings as a length-M sequence through an LSTM;
+    the last hidden state -> linear classifier. With imputation every position holds a
+    completed embedding; without it, absent positions hold the placeholder e_m(0)."""
+
+    def __init__(self, num_modalities: int, d: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(d, d, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.classify = nn.Linear(d, num_classes)
+
+    def forward(self, completed: Tensor) -> Tensor:
+        _, (hidden, _) = self.lstm(completed)
+        return self.classify(self.dropout(hidden[-1]))
+
+
+BASELINE_FUSIONS: dict[str, type[nn.Module]] = {
+    "concat": ConcatFusion,
+    "sum": SumFusion,
+    "se_gate": SEGateFusion,
+    "lstm": LSTMFusion,
+}
+
+
+def build_baseline_fusion(
+    kind: FusionKind, num_modalities: int, d: int, num_classes: int, dropout: float
+) -> nn.Module:
+    """A baseline fusion head by name (not 'dwfuse', which the model wires itself)."""
+    if kind not in BASELINE_FUSIONS:
+        raise ValueError(f"fusion: unknown baseline '{kind}', expected {sorted(BASELINE_FUSIONS)}")
+    return BASELINE_FUSIONS[kind](num_modalities, d, num_classes, dropout)

@@ -1,0 +1,310 @@
+"""OmniFuse: encoders -> CRA imputation (fwd/bwd) -> DWFuse or a baseline head, plus TLA.
+
+Shapes: B batch, M modalities, d embedding width, C classes/labels. Availability is bool
+[B, M]; labels follow ``omnifuse_model.losses``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.encoders import ModalityEncoders
+from omnifuse_model.fusion import DWFuseHeads, build_baseline_fusion, dwfuse_weights
+from omnifuse_model.imputation import CascadeOutput, CascadeResidualAutoencoder, masked_mse
+from omnifuse_model.laziness import (
+    Combination,
+    LazinessReport,
+    combination_masks,
+    tla_loss,
+)
+from omnifuse_model.losses import (
+    confidence,
+    mean_absolute_error,
+    per_sample_loss,
+    probabilities,
+    true_label_probability,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class OmniFuseOutput:
+    """Per-sample outputs of one forward pass.
+
+    logits: joint prediction o [B, C] (the reported prediction).
+    modality_logits: per-modality predictions P_m [B, M, C] (DWFuse only, else None).
+    dwfuse_weights: omega [B, M] (DWFuse only, else None); with labels the true-label
+        probabilities drive them, without labels each head's confidence does.
+    completed: completed modality embeddings [B, M, d]: real where the input holds the
+        modality, imputed (forward CRA) where it does not.
+    input_availability: bool [B, M] the modalities the prediction used.
+    losses: named scalar losses and 'total' when labels were given, else empty.
+    """
+
+    logits: Tensor
+    modality_logits: Tensor | None
+    dwfuse_weights: Tensor | None
+    completed: Tensor
+    input_availability: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Prediction:
+    v: Tensor  # input triplet [B, M * d]
+    forward: CascadeOutput | None
+    completed: Tensor  # [B, M, d]
+    logits: Tensor  # [B, C]
+    modality_logits: Tensor | None  # [B, M, C]
+
+
+class OmniFuse(nn.Module):
+    """The OmniFuse model for any M >= 2 named modalities (METHOD.md)."""
+
+    def __init__(self, config: OmniFuseConfig) -> None:
+        super().__init__()
+        self.config = config
+        names, d, m = config.modality_names, config.d, config.num_modalities
+        self.encoders = ModalityEncoders(config.modalities, d, config.dropout)
+        self.forward_cra = (
+            CascadeResidualAutoencoder(m * d, config.num_blocks, config.cra_hidden)
+            if config.use_forward_imputation
+            else None
+        )
+        self.backward_cra = (
+            CascadeResidualAutoencoder(m * d, config.num_blocks, config.cra_hidden)
+            if config.use_backward_imputation
+            else None
+        )
+        if config.fusion == "dwfuse":
+            joint_dim = self.forward_cra.latent_dim if self.forward_cra is not None else m * d
+            self.heads: DWFuseHeads | None = DWFuseHeads(
+                m, d, joint_dim, config.num_classes, config.dropout
+            )
+            self.fusion_head: nn.Module | None = None
+        else:
+            self.heads = None
+            self.fusion_head = build_baseline_fusion(
+                config.fusion, m, d, config.num_classes, config.dropout
+            )
+        self.register_buffer("_combination_masks", combination_masks(names), persistent=False)
+        self.laziness: LazinessReport | None = None
+
+    # -- lazy combination state -------------------------------------------------------------
+    @property
+    def lazy_combination(self) -> Combination | None:
+        return self.laziness.lazy_combination if self.laziness else None
+
+    def set_laziness(self, report: LazinessReport | None) -> None:
+        """Install the lazy combination that L_TLA activates during the next epoch."""
+        if report is not None and report.lazy_combination is not None:
+            unknown = set(report.lazy_combination) - set(self.config.modality_names)
+            if unknown:
+                raise ValueError(f"lazy combination names unknown modalities: {sorted(unknown)}")
+        self.laziness = report
+
+    def _lazy_mask(self) -> Tensor | None:
+        if self.lazy_combination is None:
+            return None
+        names = self.config.modality_names
+        mask = torch.zeros(len(names), dtype=torch.bool, device=self._combination_masks.device)
+        mask[[names.index(n) for n in self.lazy_combination]] = True
+        return mask
+
+    # -- the forward path -------------------------------------------------------------------
+    def _predict(self, embeddings: Tensor, available: Tensor, placeholders: Tensor) -> _Prediction:
+        """Input triplet -> forward imputation -> completed embeddings -> predictions."""
+        batch, num_modalities, d = embeddings.shape
+        slots = torch.where(available.unsqueeze(-1), embeddings, placeholders)
+        v = slots.flatten(1)
+        cascade = None
+        if self.forward_cra is not None:
+            cascade = self.forward_cra(v)
+            imputed = cascade.output.view(batch, num_modalities, d)
+            completed = torch.where(available.unsqueeze(-1), embeddings, imputed)
+            joint_input = cascade.latents
+        else:
+            completed, joint_input = slots, v
+        if self.heads is not None:
+            logits = self.heads.joint_head(joint_input)
+            modality_logits = self.heads.modality_logits(completed)
+        else:
+            logits = self.fusion_head(completed)
+            modality_logits = None
+        return _Prediction(v, cascade, completed, logits, modality_logits)
+
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        availability: Tensor,
+        masks: dict[str, Tensor] | None = None,
+        labels: Tensor | None = None,
+        drop: Tensor | None = None,
+    ) -> OmniFuseOutput:
+        """Predict, and with ``labels`` compute the total objective (Eq. 18).
+
+        Args:
+            inputs: modality name -> [B, *input_shape] (any content where absent).
+            availability: bool [B, M], modalities the data holds.
+            masks: token masks for 'token_states' modalities.
+            labels: see ``omnifuse_model.losses``; enables the losses.
+            drop: bool [B, M] present modalities to hide from the input (training-time
+                dropping; the hidden truth is the imputation target).
+        """
+        availability = availability.to(torch.bool)
+        embeddings, placeholders = self.encoders(inputs, availability, masks)
+        used = availability & ~drop.to(torch.bool) if drop is not None else availability
+        prediction = self._predict(embeddings, used, placeholders)
+        weights = self._weights(prediction.modality_logits, labels)
+        losses: dict[str, Tensor] = {}
+        if labels is not None:
+            losses = self._losses(
+                embeddings, availability, used, placeholders, prediction, weights, labels
+            )
+        return OmniFuseOutput(
+            logits=prediction.logits,
+            modality_logits=prediction.modality_logits,
+            dwfuse_weights=weights,
+            completed=prediction.completed,
+            input_availability=used,
+            losses=losses,
+        )
+
+    def _weights(self, modality_logits: Tensor | None, labels: Tensor | None) -> Tensor | None:
+        if modality_logits is None:
+            return None
+        task = self.config.task
+        columns = []
+        for m in range(modality_logits.shape[1]):
+            logits = modality_logits[:, m].detach()
+            p = true_label_probability(logits, labels, task) if labels is not None else None
+            columns.append(p if p is not None else confidence(logits, task))
+        return dwfuse_weights(torch.stack(columns, dim=1), self.config.beta)
+
+    def _losses(
+        self,
+        embeddings: Tensor,
+        availability: Tensor,
+        used: Tensor,
+        placeholders: Tensor,
+        prediction: _Prediction,
+        weights: Tensor | None,
+        labels: Tensor,
+    ) -> dict[str, Tensor]:
+        cfg, task = self.config, self.config.task
+        losses: dict[str, Tensor] = {}
+        total = embeddings.new_zeros(())
+        if prediction.forward is not None:
+            # Complement target (Table 1): truth where hidden, placeholder where given; a
+            # modality absent from the data has no truth and leaves the loss (masked).
+            target = torch.where(used.unsqueeze(-1), placeholders, embeddings).detach()
+            imputed = prediction.forward.output.view_as(embeddings)
+            losses["forward"] = masked_mse(imputed, target, availability)
+            total = total + losses["forward"]
+            if self.backward_cra is not None:
+                cycle = self.backward_cra(prediction.forward.output).output
+                losses["backward"] = (cycle - prediction.v.detach()).pow(2).mean()
+                total = total + cfg.lambda1 * losses["backward"]
+        joint = per_sample_loss(prediction.logits, labels, task).mean()
+        if prediction.modality_logits is not None and weights is not None:
+            per_modality = torch.stack(
+                [
+                    per_sample_loss(prediction.modality_logits[:, m], labels, task)
+                    for m in range(prediction.modality_logits.shape[1])
+                ],
+                dim=1,
+            )
+            losses["ens"] = (weights * per_modality).mean(dim=0).sum()  # Eq. 12
+            losses["rs"] = joint  # Eq. 13
+            losses["fusion"] = losses["ens"] + cfg.alpha * joint  # Eq. 14
+        else:
+            losses["fusion"] = joint
+        total = total + cfg.lambda2 * losses["fusion"]
+        lazy = self._lazy_mask()
+        if cfg.use_tla and lazy is not None:
+            holds = availability[:, lazy].all(dim=1)  # Mask(s), Eq. 16
+            if bool(holds.any()):
+                lazy_used = lazy.unsqueeze(0).expand(int(holds.sum()), -1)
+                lazy_prediction = self._predict(embeddings[holds], lazy_used, placeholders)
+                per_sample = per_sample_loss(lazy_prediction.logits, labels[holds], task)
+                losses["tla"] = tla_loss(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
+            else:
+                losses["tla"] = total.new_zeros(())
+            total = total + cfg.lambda3 * losses["tla"]
+        losses["total"] = total
+        return losses
+
+    @torch.no_grad()
+    def combination_distances(
+        self,
+        inputs: dict[str, Tensor],
+        availability: Tensor,
+        labels: Tensor,
+        masks: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample distances D(yhat_i, y) for every combination (mining, Eq. 15).
+
+        Each sample is predicted once per combination with only that combination's
+        modalities as input (the rest placeholders, imputed); encoders run once.
+
+        Returns:
+            (distances [B, C], eligible bool [B, C]): eligible where the sample holds every
+            modality of the combination.
+        """
+        availability = availability.to(torch.bool)
+        embeddings, placeholders = self.encoders(inputs, availability, masks)
+        combos = self._combination_masks  # [C, M]
+        num_combos, batch = combos.shape[0], embeddings.shape[0]
+        repeated = embeddings.unsqueeze(0).expand(num_combos, -1, -1, -1).flatten(0, 1)
+        used = combos.unsqueeze(1).expand(-1, batch, -1).flatten(0, 1)
+        logits = self._predict(repeated, used, placeholders).logits
+        repeated_labels = labels.unsqueeze(0).expand(num_combos, *labels.shape).flatten(0, 1)
+        if self.config.tla_distance == "ce":
+            distance = per_sample_loss(logits, repeated_labels, self.config.task)
+        else:
+            distance = mean_absolute_error(logits, repeated_labels, self.config.task)
+        eligible = (availability.unsqueeze(1) | ~combos.unsqueeze(0)).all(dim=2)  # [B, C]
+        return distance.view(num_combos, batch).T, eligible
+
+    def predict_proba(self, logits: Tensor) -> Tensor:
+        """Probabilities [B, C] of the joint logits."""
+        return probabilities(logits, self.config.task)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (config, laziness, versions, extra)."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        meta = {
+            "config": self.config.model_dump(mode="json"),
+            "laziness": self.laziness.to_dict() if self.laziness else None,
+            "versions": {"torch": torch.__version__, "format": 1},
+            "extra": extra or {},
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> OmniFuse:
+        """Rebuild a model written by ``save_checkpoint``."""
+        directory = Path(path)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"checkpoint {directory}: missing {name}")
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        model = cls(OmniFuseConfig.model_validate(meta["config"]))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location))
+        if meta.get("laziness"):
+            model.set_laziness(LazinessReport.from_dict(meta["laziness"]))
+        return model.to(map_location)
