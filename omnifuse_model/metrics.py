@@ -1,0 +1,105 @@
+"""AUROC / AUPRC for the three task kinds, with bootstrap confidence intervals.
+
+Binary: plain. Multi-label: macro over labels that hold both classes. Multi-class:
+one-vs-rest macro over classes (METHOD.md section 7). Ranking metrics come from
+scikit-learn; an undefined metric (a single class in the labels) is NaN, never an error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from omnifuse_model.config import TaskKind
+
+METRICS = ("auroc", "auprc")
+
+
+def _one_vs_rest(labels: np.ndarray, scores: np.ndarray, task: TaskKind) -> tuple[np.ndarray, ...]:
+    """Labels and scores as [N, C] binary indicator / score matrices."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    if task == "multiclass":
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        indicator = np.zeros_like(scores)
+        indicator[np.arange(len(labels)), labels] = 1.0
+        return indicator, scores
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    return labels, scores
+
+
+def _macro(metric, labels: np.ndarray, scores: np.ndarray) -> float:
+    values = []
+    for column in range(labels.shape[1]):
+        y = labels[:, column]
+        if y.min() == y.max():
+            continue  # undefined for a single class
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values.append(metric(y, scores[:, column]))
+    return float(np.mean(values)) if values else math.nan
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray, task: TaskKind) -> float:
+    """Area under the ROC curve (macro over labels/classes where more than one)."""
+    return _macro(roc_auc_score, *_one_vs_rest(labels, scores, task))
+
+
+def auprc(labels: np.ndarray, scores: np.ndarray, task: TaskKind) -> float:
+    """Average precision (area under the precision-recall curve), macro as ``auroc``."""
+    return _macro(average_precision_score, *_one_vs_rest(labels, scores, task))
+
+
+def bootstrap_interval(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    task: TaskKind,
+    metric: str = "auroc",
+    samples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a metric over resampled examples.
+
+    Resamples where the metric is undefined are skipped; (nan, nan) when none is defined.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    fn = auroc if metric == "auroc" else auprc
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    values = []
+    for _ in range(samples):
+        index = rng.integers(0, n, n)
+        value = fn(labels[index], scores[index], task)
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def classification_report(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    task: TaskKind,
+    bootstrap_samples: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
+    """AUROC and AUPRC with 95% bootstrap intervals (keys ``auroc``, ``auroc_low``, ...)."""
+    report: dict[str, float] = {"n": float(len(labels))}
+    for name, fn in (("auroc", auroc), ("auprc", auprc)):
+        report[name] = fn(labels, scores, task)
+        if bootstrap_samples > 0:
+            low, high = bootstrap_interval(labels, scores, task, name, bootstrap_samples, seed)
+            report[f"{name}_low"], report[f"{name}_high"] = low, high
+    return report

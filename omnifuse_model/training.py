@@ -1,0 +1,366 @@
+"""One training/evaluation loop, used for centralised runs and by every federated site.
+
+``fit`` trains for ``TrainConfig.epochs`` with training-time modality dropping, mines the lazy
+combination after each epoch (TLA), early-stops on validation AUROC and restores the best
+weights. ``evaluate`` returns metrics with bootstrap intervals plus the audit aggregates
+(mean DWFuse weight and imputation error per modality). Runs are deterministic under a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from omnifuse_model.batch import Batch, InMemoryMultimodalDataset, collate_samples
+from omnifuse_model.config import TrainConfig
+from omnifuse_model.laziness import LazinessMiner, LazinessReport, combination_masks
+from omnifuse_model.metrics import classification_report
+from omnifuse_model.model import OmniFuse
+
+ExtraLoss = Callable[[OmniFuse], Tensor]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and numpy; return the generator that drives shuffling and dropping."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def iterate_batches(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+) -> Iterator[Batch]:
+    """Batches of a dataset; in-memory datasets are sliced directly (no per-sample Python)."""
+    if isinstance(dataset, InMemoryMultimodalDataset):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            yield Batch(
+                inputs={k: v[index] for k, v in dataset.inputs.items()},
+                masks={k: v[index] for k, v in dataset.masks.items()},
+                availability=dataset.availability[index],
+                labels=dataset.labels[index],
+                sample_ids=[dataset.sample_ids[i] for i in index.tolist()],
+            )
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+    )
+    yield from loader
+
+
+def sample_training_drop(
+    availability: Tensor, drop_rate: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Which present modalities to hide from each training sample (METHOD.md section 2).
+
+    With probability ``drop_rate`` a sample holding >= 2 modalities keeps only a uniformly
+    chosen proper non-empty subset of them (for M = 3 and a complete sample: the paper's six
+    missing scenarios); the hidden modalities become imputation targets.
+
+    Args:
+        availability: bool [B, M].
+
+    Returns:
+        bool [B, M], True where a present modality is hidden.
+    """
+    batch, num_modalities = availability.shape
+    combos = combination_masks([str(i) for i in range(num_modalities)])  # [C, M]
+    present = availability.cpu()
+    subset = (~combos.unsqueeze(0) | present.unsqueeze(1)).all(dim=2)  # combo within present
+    proper = subset & (combos.sum(1).unsqueeze(0) < present.sum(1, keepdim=True))
+    scores = torch.rand(batch, combos.shape[0], generator=generator)
+    scores = scores.masked_fill(~proper, -1.0)
+    choice = combos[scores.argmax(dim=1)]  # [B, M]
+    drops = torch.rand(batch, generator=generator) < drop_rate
+    drops &= proper.any(dim=1)
+    hidden = present & ~choice & drops.unsqueeze(1)
+    return hidden.to(availability.device)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def train_epoch(
+    model: OmniFuse,
+    dataset: Dataset,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    generator: torch.Generator,
+    extra_loss: ExtraLoss | None = None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """One epoch over ``dataset``; returns the mean of every named loss."""
+    model.train()
+    device = torch.device(config.device)
+    sums: dict[str, float] = {}
+    steps = 0
+    total_batches = math.ceil(len(dataset) / config.batch_size)
+    task = progress.add_task("train", total=total_batches, info="") if progress else None
+    for batch in iterate_batches(dataset, config.batch_size, True, generator, config.num_workers):
+        batch = batch.to(device)
+        drop = sample_training_drop(batch.availability, config.drop_rate, generator)
+        output = model(batch.inputs, batch.availability, batch.masks, batch.labels, drop)
+        loss = output.losses["total"]
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        for name, value in output.losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+        if progress is not None:
+            progress.update(task, advance=1, info=f"loss {float(loss.detach()):.4f}")
+    if progress is not None:
+        progress.remove_task(task)
+    return {name: total / max(steps, 1) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def mine_laziness(model: OmniFuse, dataset: Dataset, config: TrainConfig) -> LazinessReport:
+    """Lazy-combination mining over a dataset (Eq. 15), model in eval mode."""
+    model.eval()
+    device = torch.device(config.device)
+    miner = LazinessMiner(model.config.modality_names, model.config.tla_reduction)
+    for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
+        batch = batch.to(device)
+        distances, eligible = model.combination_distances(
+            batch.inputs, batch.availability, batch.labels, batch.masks
+        )
+        miner.update(distances, eligible)
+    return miner.report()
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics plus the per-modality audit aggregates of one evaluation pass."""
+
+    metrics: dict[str, float]
+    mean_dwfuse_weight: dict[str, float]
+    imputation_error: dict[str, float]
+    availability_counts: dict[str, int]
+    probabilities: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: OmniFuse, dataset: Dataset, config: TrainConfig, seed: int | None = None
+) -> EvaluationResult:
+    """Predict every sample and report AUROC/AUPRC (bootstrap CIs), mean DWFuse weight and
+    imputation error per modality.
+
+    Imputation error of modality m: the mean squared distance between its true embedding and
+    the forward imputation made when m alone is hidden, over samples holding m and at least
+    one other modality (NaN without forward imputation or such samples).
+    """
+    model.eval()
+    device = torch.device(config.device)
+    names = model.config.modality_names
+    probs, labels = [], []
+    weight_sums = torch.zeros(len(names), dtype=torch.float64)
+    error_sums = torch.zeros(len(names), dtype=torch.float64)
+    error_counts = torch.zeros(len(names), dtype=torch.long)
+    present_counts = torch.zeros(len(names), dtype=torch.long)
+    n = 0
+    for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
+        batch = batch.to(device)
+        output = model(batch.inputs, batch.availability, batch.masks)
+        probs.append(model.predict_proba(output.logits).cpu())
+        labels.append(batch.labels.cpu())
+        if output.dwfuse_weights is not None:
+            weight_sums += output.dwfuse_weights.sum(dim=0).double().cpu()
+        present_counts += batch.availability.sum(dim=0).cpu()
+        n += len(batch)
+        if model.forward_cra is not None:
+            for m in range(len(names)):
+                holds = batch.availability[:, m] & (batch.availability.sum(dim=1) > 1)
+                if not bool(holds.any()):
+                    continue
+                hide = torch.zeros_like(batch.availability)
+                hide[:, m] = True
+                hidden = model(batch.inputs, batch.availability, batch.masks, drop=hide)
+                truth = output.completed[:, m]
+                error = (hidden.completed[:, m] - truth).pow(2).mean(dim=1)
+                error_sums[m] += float(error[holds].sum())
+                error_counts[m] += int(holds.sum())
+    probabilities = torch.cat(probs).numpy()
+    label_array = torch.cat(labels).numpy()
+    metrics = classification_report(
+        label_array,
+        probabilities,
+        model.config.task,
+        config.bootstrap_samples,
+        config.seed if seed is None else seed,
+    )
+    has_weights = model.heads is not None and n > 0
+    return EvaluationResult(
+        metrics=metrics,
+        mean_dwfuse_weight={
+            name: float(weight_sums[i] / n) if has_weights else math.nan
+            for i, name in enumerate(names)
+        },
+        imputation_error={
+            name: float(error_sums[i] / error_counts[i]) if error_counts[i] > 0 else math.nan
+            for i, name in enumerate(names)
+        },
+        availability_counts={name: int(present_counts[i]) for i, name in enumerate(names)},
+        probabilities=probabilities,
+        labels=label_array,
+    )
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did: losses, validation metrics, lazy combination, seconds spent."""
+
+    epoch: int
+    losses: dict[str, float]
+    val_metrics: dict[str, float]
+    laziness: dict | None
+    train_seconds: float
+    mining_seconds: float
+
+
+@dataclass
+class FitResult:
+    """History of a ``fit`` call; the model holds the best weights afterwards."""
+
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_auroc: float
+    stopped_early: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit(
+    model: OmniFuse,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    extra_loss: ExtraLoss | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_data``; early-stop on ``val_data`` AUROC.
+
+    Args:
+        extra_loss: optional term added to every step's loss (e.g. FedProx's proximal term).
+        run_dir: when given, the run's config, per-epoch metrics and the best checkpoint are
+            written there (config.json, metrics.json, checkpoint/).
+    """
+    generator = seed_everything(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[EpochRecord] = []
+    best_state, best_auroc, best_epoch, since_best = None, -math.inf, 0, 0
+    stopped_early = False
+    with _progress(config.progress) as progress:
+        epochs = progress.add_task("epochs", total=config.epochs, info="")
+        for epoch in range(1, config.epochs + 1):
+            start = time.perf_counter()
+            losses = train_epoch(
+                model, train_data, optimizer, config, generator, extra_loss, progress
+            )
+            train_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            laziness = None
+            if model.config.use_tla:
+                report = mine_laziness(model, train_data, config)
+                model.set_laziness(report)
+                laziness = report.to_dict()
+            mining_seconds = time.perf_counter() - start
+            val_metrics: dict[str, float] = {}
+            if val_data is not None and len(val_data) > 0:
+                val_metrics = evaluate(
+                    model, val_data, config.model_copy(update={"bootstrap_samples": 0})
+                ).metrics
+            record = EpochRecord(
+                epoch, losses, val_metrics, laziness, train_seconds, mining_seconds
+            )
+            history.append(record)
+            score = val_metrics.get("auroc", math.nan)
+            if math.isnan(score) and val_data is None:
+                score = -losses.get("total", math.inf)  # no validation: keep the last epoch
+            if score > best_auroc or best_state is None:
+                best_auroc, best_epoch, since_best = score, epoch, 0
+                best_state = (copy.deepcopy(model.state_dict()), model.laziness)
+            else:
+                since_best += 1
+            progress.update(epochs, advance=1, info=f"val AUROC {score:.4f}")
+            if config.patience and since_best >= config.patience:
+                stopped_early = True
+                break
+    model.load_state_dict(best_state[0])
+    model.set_laziness(best_state[1])
+    result = FitResult(
+        history, best_epoch, best_auroc if val_data is not None else math.nan, stopped_early
+    )
+    if run_dir is not None:
+        write_run(run_dir, model, config, result)
+    return result
+
+
+def write_run(
+    run_dir: str | Path, model: OmniFuse, config: TrainConfig, result: FitResult, **extra: dict
+) -> Path:
+    """Write config.json, metrics.json and checkpoint/ into ``run_dir``."""
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "model": model.config.model_dump(mode="json"),
+                "train": config.model_dump(mode="json"),
+            },
+            indent=2,
+        )
+    )
+    (directory / "metrics.json").write_text(
+        json.dumps({"fit": result.to_dict(), **extra}, indent=2, default=_json_default)
+    )
+    model.save_checkpoint(directory / "checkpoint", extra={"best_epoch": result.best_epoch})
+    return directory
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
