@@ -72,7 +72,9 @@ def load_run_config(path: str | Path | None) -> CentralRunConfig:
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from error
     try:
-        return CentralRunConfig.model_validate(raw)
+        config = CentralRunConfig.model_validate(raw)
+        config.model_config_for_data()  # validates the [model] overrides too
+        return config
     except ValidationError as error:
         raise ValueError(f"{path}: invalid run config:\n{error}") from error
 

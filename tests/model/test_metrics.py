@@ -1,0 +1,56 @@
+"""AUROC/AUPRC against hand-computed values and bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from omnifuse_model.metrics import auprc, auroc, bootstrap_interval, classification_report
+
+
+def test_binary_auroc_hand_computed():
+    # positives {0.8, 0.4}, negatives {0.6, 0.2}: pairs won 3 of 4 -> 0.75
+    labels = np.array([[1], [0], [1], [0]], dtype=float)
+    scores = np.array([[0.8], [0.6], [0.4], [0.2]])
+    assert auroc(labels, scores, "binary") == pytest.approx(0.75)
+    # AP: ranks 1 (P, precision 1), 3 (P, precision 2/3) -> (1 + 2/3) / 2
+    assert auprc(labels, scores, "binary") == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_multilabel_macro_skips_single_class_labels():
+    labels = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=float)
+    scores = np.array([[0.8, 0.1, 0.5], [0.6, 0.2, 0.5], [0.4, 0.3, 0.5], [0.2, 0.4, 0.5]])
+    # label 0 as above (0.75); labels 1 and 2 hold one class and are undefined
+    assert auroc(labels, scores, "multilabel") == pytest.approx(0.75)
+
+
+def test_multiclass_one_vs_rest_macro():
+    labels = np.array([0, 1, 2, 0])
+    scores = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
+    # class 0: pos {0.7, 0.3} neg {0.2, 0.1} -> 1.0; class 1: pos {0.5} neg {0.2, 0.3, 0.4}
+    # -> 1.0; class 2: pos {0.6} neg {0.1, 0.3, 0.3} -> 1.0
+    assert auroc(labels, scores, "multiclass") == pytest.approx(1.0)
+    # class 0: pos {0.7, 0.1} neg {0.2, 0.1}: 2 wins + 1 tie of 4 pairs -> 0.625; others 1.0
+    scores[3] = [0.1, 0.4, 0.5]
+    assert auroc(labels, scores, "multiclass") == pytest.approx((0.625 + 1.0 + 1.0) / 3)
+
+
+def test_undefined_metric_is_nan_not_an_error():
+    labels = np.ones((5, 1))
+    assert math.isnan(auroc(labels, np.random.rand(5, 1), "binary"))
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (300, 1)).astype(float)
+    scores = labels * 0.5 + rng.random((300, 1))
+    point = auroc(labels, scores, "binary")
+    low, high = bootstrap_interval(labels, scores, "binary", "auroc", 200, seed=3)
+    assert low < point < high and high - low < 0.2
+    assert (low, high) == bootstrap_interval(labels, scores, "binary", "auroc", 200, seed=3)
+    report = classification_report(labels, scores, "binary", 50)
+    assert set(report) >= {"auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high"}
+    with pytest.raises(ValueError, match="metric"):
+        bootstrap_interval(labels, scores, "binary", "accuracy")

@@ -1,0 +1,158 @@
+"""Behaviour of the training loop: learning, determinism, modality dropping, run outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.synthetic import (
+    SyntheticFeatureConfig,
+    SyntheticModality,
+    make_synthetic_features,
+)
+from omnifuse_model.training import evaluate, fit, sample_training_drop
+
+SMALL = {"d": 16, "cra_hidden": (32, 16, 8), "num_blocks": 2}
+
+
+def _data(task: str = "binary", num_classes: int = 1, seed: int = 0, n: int = 600):
+    config = SyntheticFeatureConfig(
+        modalities=[
+            SyntheticModality(name="a", dim=12, signal=1.5, noise=0.5, missing_rate=0.2),
+            SyntheticModality(name="b", dim=12, signal=1.0, noise=0.8, missing_rate=0.3),
+            SyntheticModality(name="c", dim=12, signal=0.1, noise=3.0, missing_rate=0.3),
+        ],
+        task=task,
+        num_classes=num_classes,
+        seed=seed,
+    )
+    return config, make_synthetic_features(config, n)
+
+
+def _model(config: SyntheticFeatureConfig, **overrides) -> OmniFuse:
+    model_config = OmniFuseConfig(
+        modalities=config.modality_specs(),
+        task=config.task,
+        num_classes=config.num_classes,
+        **{**SMALL, **overrides},
+    )
+    return OmniFuse(model_config)
+
+
+@torch.no_grad()
+def _joint_loss(model: OmniFuse, data) -> float:
+    model.eval()
+    batch = data.subset(torch.arange(len(data)))
+    output = model(batch.inputs, batch.availability, batch.masks, batch.labels)
+    return float(output.losses["rs"])
+
+
+def _train(**overrides) -> TrainConfig:
+    base = {"epochs": 6, "batch_size": 64, "progress": False, "bootstrap_samples": 0, "lr": 3e-3}
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("task", "num_classes", "epochs"),
+    [("binary", 1, 6), ("multilabel", 4, 15), ("multiclass", 3, 6)],
+)
+def test_learning_loss_falls_and_auroc_well_above_chance(task, num_classes, epochs):
+    torch.manual_seed(0)
+    data_config, train = _data(task, num_classes, seed=0)
+    _, test = _data(task, num_classes, seed=5, n=400)
+    model = _model(data_config)
+    before = _joint_loss(model, test)
+    fit(model, train, None, _train(patience=0, epochs=epochs))
+    assert _joint_loss(model, test) < 0.8 * before
+    assert evaluate(model, test, _train()).metrics["auroc"] > 0.8
+
+
+def test_fit_is_deterministic_under_a_seed():
+    data_config, train = _data()
+    _, val = _data(seed=1, n=200)
+    outcomes = []
+    for _ in range(2):
+        torch.manual_seed(123)  # model init
+        model = _model(data_config)
+        result = fit(model, train, val, _train(epochs=2, seed=7))
+        outcomes.append((result.history[-1].losses, evaluate(model, val, _train()).probabilities))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert (outcomes[0][1] == outcomes[1][1]).all()
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+    data_config, train = _data(n=300)
+    _, val = _data(seed=1, n=200)
+    model = _model(data_config)
+    result = fit(model, train, val, _train(epochs=30, patience=2, lr=2e-2), run_dir=tmp_path)
+    aurocs = [record.val_metrics["auroc"] for record in result.history]
+    assert result.best_epoch == 1 + max(range(len(aurocs)), key=aurocs.__getitem__)
+    assert result.stopped_early == (len(result.history) < 30)
+    restored = evaluate(model, val, _train()).metrics["auroc"]
+    assert restored == pytest.approx(result.best_val_auroc, abs=1e-9)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["fit"]["best_epoch"] == result.best_epoch
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["patience"] == 2
+    reloaded = OmniFuse.from_checkpoint(tmp_path / "checkpoint")
+    assert evaluate(reloaded, val, _train()).metrics["auroc"] == pytest.approx(restored)
+
+
+def test_tla_mining_runs_every_epoch_and_finds_the_noisy_modality():
+    data_config, train = _data(n=800)
+    model = _model(data_config)
+    result = fit(model, train, None, _train(epochs=6, patience=0))
+    assert all(record.laziness is not None for record in result.history)
+    assert result.history[-1].laziness["lazy_combination"] == ["c"]
+    assert model.lazy_combination == ("c",)
+
+
+def test_no_mining_without_tla():
+    data_config, train = _data(n=200)
+    model = _model(data_config, use_tla=False)
+    result = fit(model, train, None, _train(epochs=1))
+    assert result.history[0].laziness is None and model.lazy_combination is None
+
+
+def test_training_drop_keeps_a_proper_nonempty_subset_of_present_modalities():
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.tensor(
+        [[a, b, c, d] for a in (0, 1) for b in (0, 1) for c in (0, 1) for d in (0, 1)],
+        dtype=torch.bool,
+    )
+    availability = patterns.repeat(200, 1)
+    drop = sample_training_drop(availability, 1.0, generator)
+    kept = availability & ~drop
+    assert not (drop & ~availability).any(), "only present modalities may be hidden"
+    multi = availability.sum(1) >= 2
+    assert (kept[multi].sum(1) >= 1).all()
+    assert (kept[multi].sum(1) < availability[multi].sum(1)).all()
+    assert not drop[~multi].any(), "a lone modality is never hidden"
+    # every proper non-empty subset occurs for complete samples (M = 4: 14 of them)
+    full = availability.all(1)
+    assert len({tuple(row.tolist()) for row in kept[full]}) == 14
+
+
+def test_training_drop_rate_is_respected():
+    generator = torch.Generator().manual_seed(1)
+    availability = torch.ones(4000, 3, dtype=torch.bool)
+    rate = sample_training_drop(availability, 0.3, generator).any(1).float().mean()
+    assert rate == pytest.approx(0.3, abs=0.03)
+    assert not sample_training_drop(availability, 0.0, generator).any()
+
+
+def test_evaluate_reports_audit_aggregates():
+    data_config, data = _data(n=200)
+    model = _model(data_config)
+    result = evaluate(model, data, _train(bootstrap_samples=20))
+    assert set(result.mean_dwfuse_weight) == {"a", "b", "c"}
+    assert all(0.0 <= w <= 1.0 for w in result.mean_dwfuse_weight.values())
+    assert all(e >= 0 and not math.isnan(e) for e in result.imputation_error.values())
+    assert result.availability_counts == {
+        name: int(data.availability[:, i].sum()) for i, name in enumerate("abc")
+    }
+    assert result.metrics["auroc_low"] <= result.metrics["auroc"] <= result.metrics["auroc_high"]
