@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from simulation.cli import main
 
 TINY = """
@@ -39,3 +41,13 @@ def test_bad_config_names_file_and_field(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "bad.toml" in err and "d" in err
+
+
+@pytest.mark.slow
+def test_default_centralised_run_learns_and_finds_the_planted_lazy_modality(tmp_path):
+    """The built-in run: 3 modalities, 'rep' planted as the noisy one."""
+    out = tmp_path / "default"
+    assert main(["train", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics["test"]["auroc"] > 0.85
+    assert metrics["lazy_combination"] == ["rep"]
