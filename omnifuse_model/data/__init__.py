@@ -1,0 +1,1 @@
+"""MIMIC-format data layer: episode readers, discretiser, normaliser, listfiles."""

@@ -1,0 +1,212 @@
+"""Normaliser of discretised EHR features, fittable from pooled or federated statistics.
+
+Implements the mimic3-benchmarks ``Normalizer`` (``create_normalizer_state.py``), see
+design/MIMIC_FORMATS.md section 1b: over all bins of all training episodes pooled,
+mean = S1 / N and the sample standard deviation
+
+    std = sqrt((S2 - 2 * S1 * mean + N * mean^2) / (N - 1)),   std < 1e-7 -> 1e-7,
+
+with S1 = sum of x and S2 = sum of x^2. Only the continuous columns (no ``->`` in the header
+name: [2, 3, 49..58]) are scaled, ``(x - mean) / std``; one-hots and masks pass through.
+Because (N, S1, S2) add up across sites, a federation can fit the same normaliser without
+pooling data: each site sends :func:`compute_aggregates` of its training arrays and the server
+combines them (:func:`combine_aggregates`, :meth:`EHRNormalizer.from_aggregates`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnifuse_model.data.ehr import CONTINUOUS_COLUMNS, FEATURE_HEADER, NUM_FEATURES
+
+STD_FLOOR = 1e-7
+_FORMAT = "omnifuse-ehr-normalizer"
+_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class EHRAggregates:
+    """Sufficient statistics of a set of bins: count N, per-column sums S1 and S2 ``[F]``."""
+
+    count: int
+    sums: np.ndarray
+    sumsq: np.ndarray
+
+    def __post_init__(self) -> None:
+        sums = np.asarray(self.sums, dtype=np.float64)
+        sumsq = np.asarray(self.sumsq, dtype=np.float64)
+        if sums.ndim != 1 or sums.shape != sumsq.shape:
+            raise ValueError(
+                f"sums and sumsq must be 1-D of equal length, got {sums.shape} and {sumsq.shape}"
+            )
+        if int(self.count) != self.count or self.count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
+        object.__setattr__(self, "count", int(self.count))
+        object.__setattr__(self, "sums", sums)
+        object.__setattr__(self, "sumsq", sumsq)
+
+    def __add__(self, other: EHRAggregates) -> EHRAggregates:
+        if self.sums.shape != other.sums.shape:
+            raise ValueError(
+                f"cannot combine aggregates of {self.sums.shape[0]} and "
+                f"{other.sums.shape[0]} columns"
+            )
+        return EHRAggregates(
+            self.count + other.count, self.sums + other.sums, self.sumsq + other.sumsq
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what a site sends)."""
+        return {"count": self.count, "sums": self.sums.tolist(), "sumsq": self.sumsq.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EHRAggregates:
+        """Inverse of :meth:`to_dict`."""
+        return cls(data["count"], np.asarray(data["sums"]), np.asarray(data["sumsq"]))
+
+
+def compute_aggregates(
+    arrays: Iterable[np.ndarray], num_features: int = NUM_FEATURES
+) -> EHRAggregates:
+    """N, S1, S2 over every bin of ``arrays`` (each ``[bins, F]``), summed in float64."""
+    count = 0
+    sums = np.zeros(num_features, dtype=np.float64)
+    sumsq = np.zeros(num_features, dtype=np.float64)
+    for k, array in enumerate(arrays):
+        x = np.asarray(array, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != num_features:
+            raise ValueError(f"array {k} has shape {x.shape}, expected [bins, {num_features}]")
+        count += x.shape[0]
+        sums += x.sum(axis=0)
+        sumsq += (x**2).sum(axis=0)
+    return EHRAggregates(count, sums, sumsq)
+
+
+def combine_aggregates(parts: Iterable[EHRAggregates]) -> EHRAggregates:
+    """Sum several sites' aggregates (at least one)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no aggregates to combine")
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+class EHRNormalizer:
+    """Per-column mean/std scaling of the continuous columns of ``[..., F]`` arrays."""
+
+    def __init__(
+        self,
+        means: Sequence[float] | np.ndarray,
+        stds: Sequence[float] | np.ndarray,
+        columns: Sequence[int] = CONTINUOUS_COLUMNS,
+        count: int | None = None,
+    ) -> None:
+        self.means = np.asarray(means, dtype=np.float64).copy()
+        self.stds = np.asarray(stds, dtype=np.float64).copy()
+        self.columns = tuple(int(c) for c in columns)
+        self.count = count
+        width = self.means.shape[0] if self.means.ndim == 1 else -1
+        if width < 0 or self.stds.shape != self.means.shape:
+            raise ValueError(
+                f"means and stds must be 1-D of equal length, got {self.means.shape} "
+                f"and {self.stds.shape}"
+            )
+        if any(not 0 <= c < width for c in self.columns):
+            raise ValueError(f"columns {list(self.columns)} out of range for {width} features")
+        picked = list(self.columns)
+        if not (np.all(np.isfinite(self.means[picked])) and np.all(self.stds[picked] > 0)):
+            raise ValueError("means must be finite and stds > 0 on the normalised columns")
+
+    @classmethod
+    def from_aggregates(
+        cls,
+        count: int,
+        sums: Sequence[float] | np.ndarray,
+        sumsq: Sequence[float] | np.ndarray,
+        columns: Sequence[int] = CONTINUOUS_COLUMNS,
+    ) -> EHRNormalizer:
+        """Fit from N, S1, S2 with the benchmark's sample-std formula and 1e-7 floor."""
+        agg = EHRAggregates(count, np.asarray(sums), np.asarray(sumsq))
+        n = agg.count
+        if n < 2:
+            raise ValueError(f"need at least 2 bins to estimate a sample std, got {n}")
+        means = 1.0 / n * agg.sums
+        variance_sum = agg.sumsq - 2.0 * agg.sums * means + n * means**2
+        # Rounding can make a constant column's sum slightly negative (NaN in the reference).
+        stds = np.sqrt(1.0 / (n - 1) * np.maximum(variance_sum, 0.0))
+        stds[stds < STD_FLOOR] = STD_FLOOR
+        return cls(means, stds, columns, count=n)
+
+    @classmethod
+    def fit(
+        cls, arrays: Iterable[np.ndarray], columns: Sequence[int] = CONTINUOUS_COLUMNS
+    ) -> EHRNormalizer:
+        """Fit on training arrays ``[bins, 76]``, all bins pooled."""
+        agg = compute_aggregates(arrays)
+        return cls.from_aggregates(agg.count, agg.sums, agg.sumsq, columns)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std`` on the normalised columns of ``x`` ``[..., F]``; a new array."""
+        x = np.asarray(x)
+        if x.shape[-1:] != self.means.shape:
+            raise ValueError(f"expected [..., {self.means.shape[0]}] features, got {x.shape}")
+        dtype = np.result_type(x.dtype, np.float32)
+        out = np.array(x, dtype=dtype, copy=True)
+        cols = list(self.columns)
+        scaled = (x[..., cols].astype(np.float64) - self.means[cols]) / self.stds[cols]
+        out[..., cols] = scaled.astype(dtype)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, self-describing state."""
+        data: dict[str, Any] = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "count": self.count,
+            "columns": list(self.columns),
+            "means": self.means.tolist(),
+            "stds": self.stds.tolist(),
+        }
+        if self.means.shape[0] == NUM_FEATURES:
+            data["feature_header"] = list(FEATURE_HEADER)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EHRNormalizer:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on a foreign or stale state."""
+        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+            raise ValueError(
+                f"not an {_FORMAT} v{_VERSION} state: format={data.get('format')!r}, "
+                f"version={data.get('version')!r}"
+            )
+        header = data.get("feature_header")
+        if header is not None and tuple(header) != FEATURE_HEADER:
+            raise ValueError("state was fitted on a different feature layout (feature_header)")
+        try:
+            return cls(data["means"], data["stds"], data["columns"], count=data.get("count"))
+        except KeyError as err:
+            raise ValueError(f"state lacks field {err.args[0]!r}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the state as JSON (floats round-trip exactly)."""
+        Path(path).write_text(json.dumps(self.to_dict(), allow_nan=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EHRNormalizer:
+        """Read a state written by :meth:`save`; errors name the file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("top level is not a JSON object")
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

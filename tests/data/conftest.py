@@ -1,0 +1,92 @@
+"""Tiny mimic3-benchmarks-format files written on the fly into ``tmp_path``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# Exactly as design/MIMIC_FORMATS.md section 1a: typed out, not imported, so tests check it.
+EPISODE_HEADER_LINE = (
+    "Hours,Capillary refill rate,Diastolic blood pressure,Fraction inspired oxygen,"
+    "Glascow coma scale eye opening,Glascow coma scale motor response,"
+    "Glascow coma scale total,Glascow coma scale verbal response,Glucose,Heart Rate,Height,"
+    "Mean blood pressure,Oxygen saturation,Respiratory rate,Systolic blood pressure,"
+    "Temperature,Weight,pH"
+)
+COLUMNS = EPISODE_HEADER_LINE.split(",")
+
+# Short names for the columns, so that rows in tests stay readable.
+ALIASES = {
+    "hours": "Hours",
+    "crr": "Capillary refill rate",
+    "dbp": "Diastolic blood pressure",
+    "fio2": "Fraction inspired oxygen",
+    "eye": "Glascow coma scale eye opening",
+    "motor": "Glascow coma scale motor response",
+    "total": "Glascow coma scale total",
+    "verbal": "Glascow coma scale verbal response",
+    "glucose": "Glucose",
+    "hr": "Heart Rate",
+    "height": "Height",
+    "mbp": "Mean blood pressure",
+    "spo2": "Oxygen saturation",
+    "rr": "Respiratory rate",
+    "sbp": "Systolic blood pressure",
+    "temp": "Temperature",
+    "weight": "Weight",
+    "ph": "pH",
+}
+
+
+def episode_line(hours: str, columns: list[str] = COLUMNS, **cells: str) -> str:
+    """One CSV line: ``hours`` plus cells given by alias (e.g. ``hr="82"``), blanks elsewhere."""
+    named = {ALIASES[k]: v for k, v in cells.items()}
+    named["Hours"] = hours
+    return ",".join(named.get(c, "") for c in columns)
+
+
+@pytest.fixture
+def write_episode(tmp_path: Path) -> Callable[..., Path]:
+    """Write an episode from ``(hours, {alias: value})`` rows under the standard header."""
+
+    def write(
+        *rows: tuple[str, dict[str, str]],
+        name: str = "10011_episode1_timeseries.csv",
+        columns: list[str] = COLUMNS,
+    ) -> Path:
+        lines = [",".join(columns)]
+        lines += [episode_line(hours, columns, **cells) for hours, cells in rows]
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_raw(tmp_path: Path) -> Callable[..., Path]:
+    """Write arbitrary text or bytes, for malformed files."""
+
+    def write(content: str | bytes, name: str = "10011_episode1_timeseries.csv") -> Path:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_bytes(content.encode("utf-8"))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_line() -> Callable[..., str]:
+    """:func:`episode_line`, for tests that assemble raw file text."""
+    return episode_line
+
+
+@pytest.fixture
+def header_line() -> str:
+    """The exact episode header line."""
+    return EPISODE_HEADER_LINE
