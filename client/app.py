@@ -1,0 +1,103 @@
+"""Flower ClientApp: a hospital site. Thin adapter around ``client.local_training``.
+
+The site is named by ``node_config['site-config']`` (a deployed SuperNode) or, in simulation,
+by ``node_config['partition-id']`` indexing the site list of the scenario named in the run
+config. A site's mined lazy combination comes back from the server each round (the server
+keeps every site's, so a resumed run continues exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_training import RoundInstructions, evaluate_global, train_round
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.site_config import SiteConfig, load_site_config
+from omnifuse_model.site_data import load_site_datasets
+
+app = ClientApp()
+
+
+def site_config_path(context: Context) -> Path:
+    """Which site this node is: explicit node config, else scenario + partition id."""
+    if "site-config" in context.node_config:
+        return Path(str(context.node_config["site-config"]))
+    scenario = Path(str(context.run_config["scenario-dir"])) / "scenario.json"
+    if not scenario.is_file():
+        raise FileNotFoundError(f"run config 'scenario-dir': {scenario} not found")
+    sites = json.loads(scenario.read_text())["site_configs"]
+    partition = int(context.node_config["partition-id"])
+    if partition >= len(sites):
+        raise ValueError(
+            f"partition-id {partition} but scenario {scenario} lists {len(sites)} sites"
+        )
+    path = Path(sites[partition])
+    return path if path.is_absolute() else scenario.parent / path
+
+
+def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
+    model_config = OmniFuseConfig.model_validate_json(str(config[wire.MODEL_CONFIG]))
+    train = json.loads(str(config[wire.TRAIN_CONFIG]))
+    overrides = site.training
+    if overrides.batch_size:
+        train["batch_size"] = overrides.batch_size
+    if overrides.lr:
+        train["lr"] = overrides.lr
+    if overrides.local_epochs:
+        train["epochs"] = overrides.local_epochs
+    train["device"] = site.resolved_device()
+    # Per-site, per-round seed: reproducible, and a resumed run replays the same draws.
+    train["seed"] = (
+        int(train["seed"]) * 1_000_003
+        + int(config[wire.GLOBAL_ROUND]) * 7919
+        + (zlib.crc32(site.name.encode()) % 7919)
+    )
+    lazy = str(config.get(wire.LAZY_COMBINATION, ""))
+    if not lazy:  # site scope: the server keeps every site's last mined combination
+        lazy = json.loads(str(config.get(wire.SITE_LAZINESS, "{}"))).get(site.name, "")
+    return RoundInstructions(
+        model_config=model_config,
+        train_config=TrainConfig.model_validate(train),
+        global_round=int(config[wire.GLOBAL_ROUND]),
+        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+        lazy_combination=tuple(lazy.split("+")) if lazy else None,
+        audit_min_count=int(config.get(wire.AUDIT_MIN_COUNT, 5)),
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = load_site_config(site_config_path(context))
+    config = msg.content[wire.CONFIG]
+    instructions = _instructions(config, site)
+    datasets = load_site_datasets(site, instructions.model_config)
+    state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    result = train_round(site.name, datasets, instructions, state)
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(result.state),
+            wire.METRICS: MetricRecord(result.metrics),
+            wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
+        }
+    )
+    if result.laziness is not None:
+        content[wire.TLA_SUMS] = ConfigRecord(
+            wire.encode_tla_sums(result.laziness, instructions.audit_min_count)
+        )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = load_site_config(site_config_path(context))
+    instructions = _instructions(msg.content[wire.CONFIG], site)
+    datasets = load_site_datasets(site, instructions.model_config)
+    state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    metrics = evaluate_global(datasets, instructions.model_config, state, instructions.train_config)
+    return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

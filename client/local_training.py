@@ -1,0 +1,156 @@
+"""What a site does in one round, in plain Python (the ClientApp only adapts messages).
+
+Local training reuses ``omnifuse_model.training.fit`` unchanged; FedProx adds its proximal
+term through ``fit``'s ``extra_loss``. The reply holds trainable weights, the counts used for
+(modality-aware) weighting and an audit row of aggregates; nothing per-sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.federation_schema import (
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    VAL_AUPRC,
+    VAL_AUROC,
+    AuditRow,
+    exact_combination_counts,
+    finite_or_none,
+    present_key,
+    suppress,
+)
+from omnifuse_model.laziness import LazinessReport
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_data import SiteDatasets
+from omnifuse_model.training import evaluate, fit
+
+
+@dataclass
+class RoundInstructions:
+    """What the server asked for this round."""
+
+    model_config: OmniFuseConfig
+    train_config: TrainConfig
+    global_round: int
+    proximal_mu: float = 0.0
+    lazy_combination: tuple[str, ...] | None = None  # activated during the first epoch
+    audit_min_count: int = 5
+
+
+@dataclass
+class RoundResult:
+    state: dict[str, Tensor]
+    metrics: dict[str, float | int]
+    audit: AuditRow
+    laziness: LazinessReport | None
+
+
+def build_model(config: OmniFuseConfig, state: dict[str, Tensor] | None) -> OmniFuse:
+    model = OmniFuse(config)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def proximal_term(model: OmniFuse, global_state: dict[str, Tensor], mu: float):
+    """FedProx: (mu / 2) * ||w - w_global||^2 over trainable parameters."""
+    anchors = {k: v.detach().clone() for k, v in global_state.items()}
+
+    def term(current: OmniFuse) -> Tensor:
+        total = torch.zeros((), device=next(current.parameters()).device)
+        for name, parameter in current.named_parameters():
+            total = total + (parameter - anchors[name].to(parameter.device)).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def train_round(
+    site_name: str,
+    datasets: SiteDatasets,
+    instructions: RoundInstructions,
+    global_state: dict[str, Tensor],
+) -> RoundResult:
+    """Local epochs from the global weights, then a local validation pass for the audit."""
+    model = build_model(instructions.model_config, global_state)
+    if instructions.lazy_combination is not None:
+        model.set_laziness(LazinessReport(lazy_combination=instructions.lazy_combination))
+    extra = (
+        proximal_term(model, global_state, instructions.proximal_mu)
+        if instructions.proximal_mu > 0
+        else None
+    )
+    train_config = instructions.train_config
+    result = fit(model, datasets.train, None, train_config, extra_loss=extra)
+    evaluation = evaluate(
+        model, datasets.val, train_config.model_copy(update={"bootstrap_samples": 0})
+    )
+    names = instructions.model_config.modality_names
+    availability = _availability(datasets.train)
+    num_examples = int(availability.shape[0])
+    metrics: dict[str, float | int] = {
+        NUM_EXAMPLES: num_examples,
+        TRAIN_LOSS: float(result.history[-1].losses.get("total", math.nan)),
+        VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
+        VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
+    }
+    for index, name in enumerate(names):
+        metrics[present_key(name)] = int(availability[:, index].sum())
+    threshold = instructions.audit_min_count
+    counts = exact_combination_counts(availability.tolist(), names)
+    report = model.laziness
+    audit = AuditRow(
+        site=site_name,
+        round=instructions.global_round,
+        num_examples=suppress(num_examples, threshold),
+        availability_counts={k: suppress(v, threshold) for k, v in counts.items()},
+        tla_scores={
+            k: (finite_or_none(v) if report.counts.get(k, 0) >= threshold else None)
+            for k, v in report.scores.items()
+        }
+        if report
+        else {},
+        lazy_combination="+".join(report.lazy_combination)
+        if report and report.lazy_combination
+        else None,
+        mean_dwfuse_weight={k: finite_or_none(v) for k, v in evaluation.mean_dwfuse_weight.items()},
+        imputation_error={k: finite_or_none(v) for k, v in evaluation.imputation_error.items()},
+        val_auroc=finite_or_none(evaluation.metrics.get("auroc")),
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return RoundResult(state, metrics, audit, report)
+
+
+def evaluate_global(
+    datasets: SiteDatasets,
+    model_config: OmniFuseConfig,
+    state: dict[str, Tensor],
+    train_config: TrainConfig,
+) -> dict[str, float | int]:
+    """Federated evaluation of the global model on the site's validation split."""
+    model = build_model(model_config, state)
+    evaluation = evaluate(
+        model, datasets.val, train_config.model_copy(update={"bootstrap_samples": 0})
+    )
+    return {
+        NUM_EXAMPLES: len(datasets.val),
+        VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
+        VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
+    }
+
+
+def _finite(value: float | None) -> float:
+    """MetricRecords must hold numbers: undefined metrics travel as -1.0."""
+    return -1.0 if value is None or math.isnan(value) else float(value)
+
+
+def _availability(dataset) -> Tensor:
+    if hasattr(dataset, "availability"):
+        return dataset.availability.to(torch.bool)
+    return torch.stack([dataset[i]["availability"] for i in range(len(dataset))]).to(torch.bool)

@@ -1,0 +1,147 @@
+"""A hospital site's configuration (`site_configs/*.toml`), validated by pydantic.
+
+Relative paths in a site file resolve against the directory of that file, so a site folder
+can be moved as a whole. Errors name the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from omnifuse_model.config import StrictModel
+from omnifuse_model.synthetic import SyntheticFeatureConfig
+
+MimicTask = Literal["in-hospital-mortality", "phenotyping"]
+
+
+class SiteDataConfig(StrictModel):
+    """Where the site's data is. ``feature_cache``: MIMIC-format files prepared into a feature
+    cache by ``omnifuse prepare``; ``synthetic_features``: generated feature-level data."""
+
+    source: Literal["feature_cache", "synthetic_features"] = "feature_cache"
+    benchmark_dir: Path | None = Field(
+        default=None, description="mimic3-benchmarks task folder (listfiles + episode CSVs)."
+    )
+    stays_csv: Path | None = Field(default=None, description="root/all_stays.csv")
+    cxr_dir: Path | None = Field(default=None, description="MIMIC-CXR-JPG root (files/, metadata)")
+    reports_dir: Path | None = Field(default=None, description="MIMIC-CXR report tree root")
+    synthetic: SyntheticFeatureConfig | None = None
+    synthetic_sizes: tuple[int, int] = Field(
+        default=(600, 200), description="(train, val) sizes for synthetic_features."
+    )
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> SiteDataConfig:
+        if self.source == "synthetic_features" and self.synthetic is None:
+            raise ValueError("data.synthetic: required when data.source = 'synthetic_features'")
+        if self.source == "feature_cache" and self.benchmark_dir is None:
+            raise ValueError("data.benchmark_dir: required when data.source = 'feature_cache'")
+        return self
+
+
+class BackboneConfig(StrictModel):
+    """Local weights of the frozen backbones; None = random init with a warning."""
+
+    resnet34_weights: Path | None = None
+    bert_dir: Path | None = None
+
+
+class LocalTrainingConfig(StrictModel):
+    """Per-site overrides of the federation's local training settings."""
+
+    batch_size: int | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    local_epochs: int | None = Field(default=None, gt=0)
+
+
+class PrivacyConfig(StrictModel):
+    """Local DP-SGD settings (Opacus)."""
+
+    dp_sgd: bool = False
+    target_epsilon: float = Field(default=8.0, gt=0)
+    target_delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class SiteConfig(StrictModel):
+    """One hospital: its data, the modalities it holds, backbones, cache, device, overrides."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: MimicTask = "in-hospital-mortality"
+    modalities: list[str] = Field(
+        min_length=1, description="Modalities that exist at this site (others are absent)."
+    )
+    data: SiteDataConfig
+    backbones: BackboneConfig = Field(default_factory=BackboneConfig)
+    cache_dir: Path = Field(default=Path("cache"), description="Feature cache directory.")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    def resolve_paths(self, base: Path) -> SiteConfig:
+        """Copy with every relative path made absolute against ``base``."""
+
+        def fix(path: Path | None) -> Path | None:
+            return None if path is None or path.is_absolute() else (base / path).resolve()
+
+        data = self.data.model_copy(
+            update={
+                k: fix(getattr(self.data, k)) or getattr(self.data, k)
+                for k in ("benchmark_dir", "stays_csv", "cxr_dir", "reports_dir")
+            }
+        )
+        backbones = self.backbones.model_copy(
+            update={
+                k: fix(getattr(self.backbones, k)) or getattr(self.backbones, k)
+                for k in ("resnet34_weights", "bert_dir")
+            }
+        )
+        return self.model_copy(
+            update={
+                "data": data,
+                "backbones": backbones,
+                "cache_dir": fix(self.cache_dir) or self.cache_dir,
+            }
+        )
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SiteConfigError(ValueError):
+    """A site config file is missing, unreadable or invalid (message names file and field)."""
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site TOML file; relative paths resolve against its directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise SiteConfigError(f"site config not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SiteConfigError(f"{path}: not valid TOML: {error}") from error
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
+            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
+            for e in error.errors()
+        )
+        raise SiteConfigError(f"{path}: {problems}") from error
+    return config.resolve_paths(path.parent.resolve())
+
+
+def site_config_json_schema() -> str:
+    """The JSON schema of SiteConfig (for docs and editors)."""
+    return json.dumps(SiteConfig.model_json_schema(), indent=2)

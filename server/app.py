@@ -1,0 +1,133 @@
+"""Flower ServerApp: build the strategy, run the rounds, checkpoint and audit after each.
+
+After every round (in ``evaluate_fn``, which Flower calls once per round after federated
+evaluation) the server evaluates the global model on the scenario's held-out test set when
+configured, then writes a checkpoint, metrics.json and the audit table. With
+``resume=true`` it continues from the newest checkpoint in ``run-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from omnifuse_model.config import TrainConfig
+from omnifuse_model.federation_schema import AuditRow, finite_or_none
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_config import load_site_config
+from omnifuse_model.site_data import load_site_datasets
+from omnifuse_model.training import evaluate
+from server.audit_log import write_audit
+from server.checkpoint import ServerState, load_latest, save_round
+from server.run_config import FederationRunConfig
+from server.strategy import OmniFuseStrategy
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def _server_evaluator(run: FederationRunConfig, scenario: dict):
+    """evaluate(weights) on the scenario's held-out test set, or None when not configured."""
+    test_site = scenario.get("server_test_site")
+    if not run.server_eval or not test_site:
+        return None
+    path = Path(test_site)
+    site = load_site_config(path if path.is_absolute() else run.scenario_dir / path)
+    model_config = run.omnifuse_config()
+    test = load_site_datasets(site, model_config).val
+    config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=0, seed=run.seed)
+
+    def evaluate_weights(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        model = OmniFuse(model_config)
+        model.load_state_dict(weights)
+        metrics = evaluate(model, test, config).metrics
+        return {f"test-{k}": v for k, v in metrics.items() if finite_or_none(v) is not None}
+
+    return evaluate_weights
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = FederationRunConfig.from_flower(context.run_config)
+    scenario = run.scenario()
+    model_config = run.omnifuse_config()
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "run_config.json").write_text(run.model_dump_json(indent=2))
+    loaded = load_latest(run.run_dir) if run.resume else None
+    if loaded is not None:
+        weights, state = loaded
+        log.info("resuming from round %d in %s", state.round, run.run_dir)
+    else:
+        torch.manual_seed(run.seed)
+        model = OmniFuse(model_config)
+        weights = {k: v.numpy() for k, v in model.state_dict().items()}
+        state = ServerState(
+            round=0,
+            run_config=json.loads(run.model_dump_json()),
+            model_config=model_config.model_dump(mode="json"),
+        )
+    remaining = run.num_server_rounds - state.round
+    if remaining <= 0:
+        log.info("run already has %d rounds; nothing to do", state.round)
+        return
+    strategy = OmniFuseStrategy(
+        run, model_config, state.round, state.site_laziness, state.global_laziness
+    )
+    server_evaluate = _server_evaluator(run, scenario)
+    audit_rows = [AuditRow.model_validate(r) for r in state.audit_rows]
+    history: dict = dict(state.history)
+    clock = {"start": time.perf_counter()}
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        global_round = strategy.global_round(server_round)
+        round_weights = {k: v.numpy() for k, v in arrays.items()}
+        server_metrics = (
+            server_evaluate({k: torch.from_numpy(np.array(v)) for k, v in round_weights.items()})
+            if server_evaluate
+            else {}
+        )
+        audit_rows.extend(strategy.round_audit.get(global_round, []))
+        history[str(global_round)] = {
+            "train": strategy.round_train_metrics.get(global_round, {}),
+            "evaluate_clients": strategy.round_eval_metrics.get(global_round, {}),
+            "server": server_metrics,
+            "bytes": strategy.round_bytes.get(global_round, {}),
+            "wall_seconds": time.perf_counter() - clock["start"],
+        }
+        clock["start"] = time.perf_counter()
+        round_state = ServerState(
+            round=global_round,
+            site_laziness=strategy.site_laziness,
+            global_laziness=strategy.global_laziness,
+            history=history,
+            audit_rows=[r.model_dump(mode="json") for r in audit_rows],
+            run_config=json.loads(run.model_dump_json()),
+            model_config=model_config.model_dump(mode="json"),
+        )
+        save_round(run.run_dir, round_weights, round_state)
+        write_audit(run.run_dir, audit_rows)
+        (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
+        return MetricRecord(server_metrics) if server_metrics else None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: _array(v) for k, v in weights.items()}),
+        num_rounds=remaining,
+        timeout=run.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=after_round,
+    )
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value))

@@ -1,0 +1,62 @@
+"""The tidy per-site, per-round audit table the server keeps (CSV + JSON).
+
+One row per (site, round). Nested aggregates become columns with a prefix:
+``avail.<combination>``, ``tla.<combination>``, ``weight.<modality>``, ``imperr.<modality>``.
+Suppressed values (small counts and what derives from them) are empty cells / JSON null.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from omnifuse_model.federation_schema import AuditRow
+
+AUDIT_CSV = "audit.csv"
+AUDIT_JSON = "audit.json"
+BASE_COLUMNS = ["round", "site", "num_examples", "lazy_combination", "val_auroc", "epsilon"]
+PREFIXES = {
+    "availability_counts": "avail.",
+    "tla_scores": "tla.",
+    "mean_dwfuse_weight": "weight.",
+    "imputation_error": "imperr.",
+}
+
+
+def flatten(row: AuditRow) -> dict[str, object]:
+    """One audit row as a flat dict of columns."""
+    data = row.model_dump(mode="json")
+    flat = {column: data[column] for column in BASE_COLUMNS}
+    for field, prefix in PREFIXES.items():
+        for key, value in sorted(data[field].items()):
+            flat[prefix + key] = value
+    return flat
+
+
+def write_audit(run_dir: Path, rows: list[AuditRow]) -> tuple[Path, Path]:
+    """Rewrite audit.csv and audit.json in ``run_dir`` from all rows so far."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = [flatten(r) for r in sorted(rows, key=lambda r: (r.round, r.site))]
+    columns = list(BASE_COLUMNS)
+    for record in flat:
+        columns.extend(c for c in record if c not in columns)
+    csv_path, json_path = run_dir / AUDIT_CSV, run_dir / AUDIT_JSON
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for record in flat:
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    json_path.write_text(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+    return csv_path, json_path
+
+
+def read_audit(run_dir: Path) -> list[AuditRow]:
+    """Audit rows of a run directory (from audit.json); errors name the file."""
+    path = Path(run_dir) / AUDIT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no audit table in {run_dir} (expected {AUDIT_JSON})")
+    try:
+        return [AuditRow.model_validate(item) for item in json.loads(path.read_text())]
+    except (json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: not a valid audit table: {error}") from error

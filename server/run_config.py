@@ -1,0 +1,56 @@
+"""The federation's run configuration: `[tool.flwr.app.config]` plus `--run-config`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from omnifuse_model.config import OmniFuseConfig, StrictModel
+
+
+class FederationRunConfig(StrictModel):
+    """Validated run config; keys are the pyproject keys with '-' replaced by '_'."""
+
+    scenario_dir: Path = Field(description="Folder holding scenario.json (sites + model).")
+    run_dir: Path = Field(description="Where checkpoints, metrics and audit rows go.")
+    num_server_rounds: int = Field(default=3, gt=0)
+    local_epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(default=0.01, ge=0)
+    modality_aware: bool = Field(default=True, description="Modality-aware aggregation.")
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
+    min_train_nodes: int = Field(default=2, ge=1)
+    min_evaluate_nodes: int = Field(default=2, ge=0)
+    min_available_nodes: int = Field(default=2, ge=1)
+    tla_scope: Literal["site", "global"] = "site"
+    seed: int = Field(default=0, ge=0)
+    audit_min_count: int = Field(default=5, ge=1)
+    server_eval: bool = Field(default=True, description="Evaluate on the scenario's test set.")
+    resume: bool = Field(default=False, description="Continue from run_dir's last checkpoint.")
+    round_timeout: float = Field(default=3600.0, gt=0)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:
+        data = {key.replace("-", "_"): value for key, value in run_config.items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ValueError(f"invalid [tool.flwr.app.config] / --run-config:\n{error}") from error
+
+    def scenario(self) -> dict:
+        path = self.scenario_dir / "scenario.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"run config 'scenario-dir': {path} not found (run `omnifuse partition` first)"
+            )
+        return json.loads(path.read_text())
+
+    def omnifuse_config(self) -> OmniFuseConfig:
+        return OmniFuseConfig.model_validate(self.scenario()["model_config"])

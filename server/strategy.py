@@ -1,0 +1,238 @@
+"""OmniFuse's federated strategy: FedAvg/FedProx with modality-aware aggregation.
+
+Subclasses Flower's FedAvg and overrides its hooks only (no copy of ``start``):
+- ``configure_train`` adds the model/train config, the round number that survives resumes,
+  each site's (or the global) lazy combination and FedProx's mu; node sampling is seeded by
+  (seed, round) so a resumed run samples as an uninterrupted one would.
+- ``aggregate_train`` averages each modality's parameters only over sites that trained the
+  modality, weighted by the samples in which it was present; shared parameters by sample
+  count. Replies are ordered by site name so sums are reproducible. It also collects the
+  audit rows and, for global TLA, merges per-combination distances weighted by counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.laziness import LazinessMiner
+from server.run_config import FederationRunConfig
+
+log = logging.getLogger(__name__)
+
+
+def modality_aware_average(
+    states: list[dict[str, np.ndarray]],
+    metrics: list[dict[str, float]],
+    modality_names: list[str],
+    previous: dict[str, np.ndarray] | None,
+    modality_aware: bool = True,
+) -> dict[str, np.ndarray]:
+    """Weighted average of site states (all with the same keys).
+
+    Parameters of modality m are weighted by ``num-present.m`` (sites without m get weight
+    0; when no site trained m the previous global value is kept); all others by
+    ``num-examples``. With ``modality_aware=False`` everything is weighted by sample count.
+    """
+    if not states:
+        raise ValueError("no site states to aggregate")
+    keys = list(states[0])
+    for index, state in enumerate(states[1:], start=1):
+        if list(state) != keys:
+            raise ValueError(f"site state {index} has different parameter keys")
+    examples = np.array([float(m[wire.NUM_EXAMPLES]) for m in metrics])
+    result: dict[str, np.ndarray] = {}
+    for key in keys:
+        modality = wire.parameter_modality(key, modality_names) if modality_aware else None
+        weights = (
+            np.array([float(m[wire.present_key(modality)]) for m in metrics])
+            if modality is not None
+            else examples
+        )
+        if weights.sum() <= 0:
+            if previous is None:
+                raise ValueError(f"parameter '{key}': no site trained it and no previous value")
+            result[key] = previous[key]
+            continue
+        stacked = np.stack([state[key].astype(np.float64) for state in states])
+        average = np.tensordot(weights / weights.sum(), stacked, axes=1)
+        result[key] = average.astype(states[0][key].dtype)
+    return result
+
+
+def merge_tla(
+    replies: list[dict[str, object]], modality_names: list[str], reduction: str
+) -> tuple[str, ...] | None:
+    """Global TLA: merge per-site sums/counts and take the argmax combination (Eq. 15)."""
+    miner = LazinessMiner(modality_names, reduction)
+    for record in replies:
+        sums, counts = wire.decode_tla_sums(record)
+        miner.merge(sums, counts)
+    return miner.report().lazy_combination
+
+
+class OmniFuseStrategy(FedAvg):
+    """FedAvg/FedProx for OmniFuse with modality-aware aggregation and TLA bookkeeping."""
+
+    def __init__(
+        self,
+        run: FederationRunConfig,
+        model_config: OmniFuseConfig,
+        round_offset: int = 0,
+        site_laziness: dict[str, str] | None = None,
+        global_laziness: str = "",
+    ) -> None:
+        super().__init__(
+            fraction_train=run.fraction_train,
+            fraction_evaluate=run.fraction_evaluate,
+            min_train_nodes=run.min_train_nodes,
+            min_evaluate_nodes=run.min_evaluate_nodes,
+            min_available_nodes=run.min_available_nodes,
+            weighted_by_key=wire.NUM_EXAMPLES,
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
+        )
+        self.run = run
+        self.model_config = model_config
+        self.round_offset = round_offset
+        self.site_laziness = dict(site_laziness or {})
+        self.global_laziness = global_laziness
+        self.previous: dict[str, np.ndarray] | None = None
+        self.round_audit: dict[int, list[wire.AuditRow]] = {}
+        self.round_bytes: dict[int, dict[str, int]] = {}
+        self.round_train_metrics: dict[int, dict[str, float]] = {}
+        self.round_eval_metrics: dict[int, dict[str, float]] = {}
+
+    # -- helpers --------------------------------------------------------------------------
+    def global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        global_round = self.global_round(server_round)
+        train = {
+            "epochs": self.run.local_epochs,
+            "batch_size": self.run.batch_size,
+            "lr": self.run.lr,
+            "seed": self.run.seed,
+            "patience": 0,
+            "progress": False,
+            "bootstrap_samples": 0,
+        }
+        config[wire.MODEL_CONFIG] = self.model_config.model_dump_json()
+        config[wire.TRAIN_CONFIG] = json.dumps(train)
+        config[wire.GLOBAL_ROUND] = global_round
+        config[wire.TLA_SCOPE] = self.run.tla_scope
+        config[wire.AUDIT_MIN_COUNT] = self.run.audit_min_count
+        config[wire.SITE_LAZINESS] = json.dumps(self.site_laziness)
+        config[wire.LAZY_COMBINATION] = (
+            self.global_laziness if self.run.tla_scope == "global" else ""
+        )
+        if self.run.strategy == "fedprox":
+            config[wire.PROXIMAL_MU] = self.run.proximal_mu
+        return config
+
+    # -- Flower hooks ---------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        random.seed(self.run.seed * 100_003 + self.global_round(server_round))
+        self.previous = {k: v.numpy() for k, v in arrays.items()}
+        messages = list(
+            super().configure_train(
+                server_round, arrays, self.round_config(server_round, config), grid
+            )
+        )
+        self.round_bytes[self.global_round(server_round)] = {
+            "sent": arrays.count_bytes() * len(messages)
+        }
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        random.seed(self.run.seed * 100_003 + self.global_round(server_round) + 50_000)
+        return super().configure_evaluate(
+            server_round, arrays, self.round_config(server_round, config), grid
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        global_round = self.global_round(server_round)
+        valid, failed = self._check_and_log_replies(list(replies), is_train=True)
+        for message in failed:
+            log.warning("round %d: site reply failed: %s", global_round, message.error.reason)
+        if not valid:
+            return None, None
+        rows = [wire.decode_audit(m.content[wire.AUDIT]) for m in valid]
+        order = sorted(range(len(valid)), key=lambda i: rows[i].site)
+        valid, rows = [valid[i] for i in order], [rows[i] for i in order]
+        self.round_audit[global_round] = rows
+        self.round_bytes.setdefault(global_round, {})["received"] = sum(
+            m.content[wire.ARRAYS].count_bytes() for m in valid
+        )
+        states = [{k: v.numpy() for k, v in m.content[wire.ARRAYS].items()} for m in valid]
+        metrics = [dict(m.content[wire.METRICS]) for m in valid]
+        averaged = modality_aware_average(
+            states,
+            metrics,
+            self.model_config.modality_names,
+            self.previous,
+            self.run.modality_aware,
+        )
+        for row in rows:
+            if row.lazy_combination:
+                self.site_laziness[row.site] = row.lazy_combination
+        if self.run.tla_scope == "global":
+            merged = merge_tla(
+                [dict(m.content[wire.TLA_SUMS]) for m in valid if wire.TLA_SUMS in m.content],
+                self.model_config.modality_names,
+                self.model_config.tla_reduction,
+            )
+            self.global_laziness = "+".join(merged) if merged else ""
+        aggregated = weighted_metrics(metrics)
+        self.round_train_metrics[global_round] = aggregated
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()})
+        log.info(
+            "round %d: aggregated %d sites, bytes sent %d received %d",
+            global_round,
+            len(valid),
+            self.round_bytes[global_round].get("sent", 0),
+            self.round_bytes[global_round]["received"],
+        )
+        return arrays, MetricRecord(aggregated)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False)
+        if not valid:
+            return None
+        aggregated = weighted_metrics([dict(m.content[wire.METRICS]) for m in valid])
+        self.round_eval_metrics[self.global_round(server_round)] = aggregated
+        return MetricRecord(aggregated)
+
+
+def weighted_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric over sites; undefined values (-1) are skipped."""
+    result: dict[str, float] = {
+        wire.NUM_EXAMPLES: float(sum(m[wire.NUM_EXAMPLES] for m in metrics))
+    }
+    keys = {k for m in metrics for k in m} - {wire.NUM_EXAMPLES}
+    for key in sorted(keys):
+        if key.startswith("num-present."):
+            result[key] = float(sum(m.get(key, 0) for m in metrics))
+            continue
+        pairs = [(m[key], m[wire.NUM_EXAMPLES]) for m in metrics if key in m and m[key] != -1.0]
+        total = sum(w for _, w in pairs)
+        result[key] = float(sum(v * w for v, w in pairs) / total) if total else -1.0
+    return result
