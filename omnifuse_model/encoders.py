@@ -127,7 +127,11 @@ class ModalityEncoders(nn.Module):
                     f"modality '{spec.name}': expected input shape [B, {spec.input_shape}], "
                     f"got {tuple(x.shape)}"
                 )
-            encoded = self.encoders[spec.name](x, masks.get(spec.name))
             present = availability[:, index : index + 1]
+            # Zero absent rows first: their content is ignored, and NaN there would poison
+            # the encoder's gradients through torch.where's zero branch.
+            shaped = present.view(-1, *[1] * (x.dim() - 1))
+            x = torch.where(shaped, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            encoded = self.encoders[spec.name](x, masks.get(spec.name))
             columns.append(torch.where(present, encoded, missing[index]))
         return torch.stack(columns, dim=1), missing

@@ -137,9 +137,29 @@ def run_federation(
                 timeout=timeout,
                 check=False,
             )
-        return completed.returncode
     finally:
         _stop(superlink)
+    _check_completed(run_config, work_dir, completed.returncode)
+    return completed.returncode
+
+
+class FederationError(RuntimeError):
+    """`flwr run` did not complete every round (its log tail is in the message)."""
+
+
+def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: int) -> None:
+    """`flwr run --stream` exits 0 even when the ServerApp raised: check the checkpoint."""
+    run_dir = Path(str(run_config.get("run-dir", "")))
+    expected = int(run_config.get("num-server-rounds", 0) or 0)
+    latest = run_dir / "checkpoints" / "latest"
+    done = int(latest.read_text().strip().split("_")[-1]) if latest.is_file() else 0
+    if returncode != 0 or (expected and done < expected):
+        log_path = work_dir / "flwr_run.log"
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise FederationError(
+            f"federation stopped after round {done} of {expected} (flwr run exit code "
+            f"{returncode}); log {log_path}:\n{tail}"
+        )
 
 
 def _stop(process: subprocess.Popen) -> None:

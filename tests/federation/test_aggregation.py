@@ -1,0 +1,219 @@
+"""Modality-aware aggregation, the wire format, and the strategy on real Flower records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from client.local_training import RoundInstructions, train_round
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.site_data import load_site_datasets
+from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
+from server.run_config import FederationRunConfig
+from server.strategy import (
+    OmniFuseStrategy,
+    merge_tla,
+    modality_aware_average,
+    weighted_metrics,
+)
+
+NAMES = ["ehr", "cxr"]
+
+
+def test_a_modality_is_averaged_only_over_sites_that_held_it():
+    states = [
+        {
+            "encoders.encoders.ehr.w": np.array([1.0]),
+            "encoders.encoders.cxr.w": np.array([10.0]),
+            "forward_cra.w": np.array([2.0]),
+        },
+        {
+            "encoders.encoders.ehr.w": np.array([3.0]),
+            "encoders.encoders.cxr.w": np.array([99.0]),
+            "forward_cra.w": np.array([4.0]),
+        },
+    ]
+    metrics = [
+        {"num-examples": 100, "num-present.ehr": 100, "num-present.cxr": 40},
+        {"num-examples": 300, "num-present.ehr": 100, "num-present.cxr": 0},  # no cxr at all
+    ]
+    result = modality_aware_average(states, metrics, NAMES, previous=None)
+    assert result["encoders.encoders.cxr.w"] == pytest.approx([10.0])  # site 2 ignored
+    assert result["encoders.encoders.ehr.w"] == pytest.approx([(1 * 100 + 3 * 100) / 200])
+    assert result["forward_cra.w"] == pytest.approx([(2 * 100 + 4 * 300) / 400])
+    plain = modality_aware_average(states, metrics, NAMES, previous=None, modality_aware=False)
+    assert plain["encoders.encoders.cxr.w"] == pytest.approx([(10 * 100 + 99 * 300) / 400])
+
+
+def test_a_modality_no_site_trained_keeps_its_previous_value():
+    states = [{"encoders.encoders.cxr.w": np.array([5.0])}]
+    metrics = [{"num-examples": 10, "num-present.ehr": 10, "num-present.cxr": 0}]
+    previous = {"encoders.encoders.cxr.w": np.array([7.0])}
+    assert modality_aware_average(states, metrics, NAMES, previous)[
+        "encoders.encoders.cxr.w"
+    ] == pytest.approx([7.0])
+    with pytest.raises(ValueError, match="encoders.encoders.cxr.w"):
+        modality_aware_average(states, metrics, NAMES, previous=None)
+
+
+def test_mismatched_keys_are_an_error():
+    with pytest.raises(ValueError, match="different parameter keys"):
+        modality_aware_average(
+            [{"a": np.zeros(1)}, {"b": np.zeros(1)}],
+            [{"num-examples": 1}, {"num-examples": 1}],
+            NAMES,
+            None,
+        )
+
+
+def test_parameter_modality_covers_every_modality_parameter_of_the_model():
+    config = OmniFuseConfig(
+        modalities=[
+            {"name": "ehr", "kind": "timeseries", "input_dim": 4, "seq_len": 3},
+            {"name": "cxr", "kind": "image_features", "input_dim": 5},
+            {"name": "rep", "kind": "token_states", "input_dim": 6, "seq_len": 2},
+        ],
+        task="binary",
+        d=8,
+        cra_hidden=(8, 4),
+        num_blocks=1,
+    )
+    names = config.modality_names
+    owners = {key: wire.parameter_modality(key, names) for key in OmniFuse(config).state_dict()}
+    for key, owner in owners.items():
+        if key.startswith("encoders.encoders."):
+            assert owner == key.split(".")[2]
+        elif key.startswith("heads.modality_heads."):
+            assert owner == names[int(key.split(".")[2])]
+        else:
+            assert owner is None, key
+    assert {o for o in owners.values() if o} == set(names)
+
+
+def test_weighted_metrics_skip_undefined_values():
+    merged = weighted_metrics(
+        [
+            {"num-examples": 10, "val-auroc": 0.8, "num-present.ehr": 10},
+            {"num-examples": 30, "val-auroc": -1.0, "num-present.ehr": 5},
+            {"num-examples": 20, "val-auroc": 0.5, "num-present.ehr": 0},
+        ]
+    )
+    assert merged["val-auroc"] == pytest.approx((0.8 * 10 + 0.5 * 20) / 30)
+    assert merged["num-examples"] == 60 and merged["num-present.ehr"] == 15
+
+
+def test_global_tla_merges_sums_weighted_by_counts():
+    # site 1: ehr mean 0.2 over 10; site 2: ehr mean 0.9 over 90 -> merged ehr 0.83 > cxr 0.5
+    site_1 = {"sum.ehr": 2.0, "count.ehr": 10, "sum.cxr": 9.0, "count.cxr": 10}
+    site_2 = {"sum.ehr": 81.0, "count.ehr": 90, "sum.cxr": 40.0, "count.cxr": 90}
+    assert merge_tla([site_1, site_2], NAMES, "mean") == ("ehr",)
+    assert merge_tla([site_1], NAMES, "mean") == ("cxr",)
+
+
+def test_audit_suppression_and_round_trip():
+    assert wire.suppress(3, 5) is None and wire.suppress(0, 5) == 0 and wire.suppress(5, 5) == 5
+    counts = wire.exact_combination_counts([[True, False], [True, True], [False, False]], NAMES)
+    assert counts == {"ehr": 1, "cxr": 0, "ehr+cxr": 1}
+    row = wire.AuditRow(
+        site="a",
+        round=2,
+        num_examples=None,
+        availability_counts={"ehr": None},
+        tla_scores={"ehr": 0.5},
+        lazy_combination="ehr",
+        mean_dwfuse_weight={"ehr": 0.3},
+        imputation_error={"ehr": None},
+        val_auroc=None,
+    )
+    assert wire.decode_audit(wire.encode_audit(row)) == row
+    with pytest.raises(ValueError, match="row"):
+        wire.decode_audit({})
+
+
+def _site(name: str, modalities: list[str], seed: int) -> SiteConfig:
+    synthetic = SyntheticFeatureConfig(
+        modalities=[
+            SyntheticModality(name="ehr", dim=8, signal=1.5, noise=0.5, missing_rate=0.1),
+            SyntheticModality(name="cxr", dim=8, signal=1.0, noise=1.0, missing_rate=0.3),
+        ],
+        seed=seed,
+    )
+    return SiteConfig(
+        name=name,
+        modalities=modalities,
+        data={"source": "synthetic_features", "synthetic": synthetic, "synthetic_sizes": (120, 60)},
+    )
+
+
+@pytest.fixture
+def model_config() -> OmniFuseConfig:
+    return OmniFuseConfig(
+        modalities=[
+            {"name": "ehr", "kind": "vector", "input_dim": 8},
+            {"name": "cxr", "kind": "vector", "input_dim": 8},
+        ],
+        task="binary",
+        d=8,
+        cra_hidden=(16, 8),
+        num_blocks=2,
+    )
+
+
+def test_strategy_aggregates_real_site_replies(flower_task_identity, model_config, tmp_path):
+    torch.manual_seed(0)
+    global_state = OmniFuse(model_config).state_dict()
+    instructions = RoundInstructions(
+        model_config=model_config,
+        train_config=TrainConfig(epochs=1, batch_size=32, progress=False, bootstrap_samples=0),
+        global_round=1,
+    )
+    sites = [_site("a_full", ["ehr", "cxr"], 1), _site("b_no_cxr", ["ehr"], 2)]
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
+    strategy = OmniFuseStrategy(run, model_config)
+    arrays = ArrayRecord({k: v.clone() for k, v in global_state.items()})
+    strategy.previous = {k: v.numpy() for k, v in arrays.items()}
+    request = Message(
+        content=RecordDict({"config": ConfigRecord()}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    replies, results = [], []
+    for site in reversed(sites):  # arrival order must not matter
+        result = train_round(
+            site.name, load_site_datasets(site, model_config), instructions, global_state
+        )
+        results.append(result)
+        content = RecordDict(
+            {
+                wire.ARRAYS: ArrayRecord(result.state),
+                wire.METRICS: MetricRecord(result.metrics),
+                wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
+            }
+        )
+        replies.append(Message(content=content, reply_to=request))
+    aggregated, metrics = strategy.aggregate_train(1, replies)
+    state = aggregated.to_torch_state_dict()
+    by_site = {r.audit.site: r for r in results}
+    assert by_site["b_no_cxr"].metrics["num-present.cxr"] == 0
+    # cxr encoder comes from the only site that held cxr
+    key = "encoders.encoders.cxr.net.0.weight"
+    assert torch.allclose(state[key], by_site["a_full"].state[key].float())
+    # the shared CRA is the sample-weighted mean of both sites
+    key = "forward_cra.blocks.0.encoder.0.weight"
+    n_a, n_b = (by_site[s].metrics["num-examples"] for s in ("a_full", "b_no_cxr"))
+    expected = (
+        by_site["a_full"].state[key].double() * n_a + by_site["b_no_cxr"].state[key].double() * n_b
+    ) / (n_a + n_b)
+    assert torch.allclose(state[key].double(), expected, atol=1e-6)
+    assert [row.site for row in strategy.round_audit[1]] == ["a_full", "b_no_cxr"]
+    assert strategy.round_bytes[1]["received"] > 0
+    assert metrics["num-examples"] == n_a + n_b
+    config = strategy.round_config(2, ConfigRecord())
+    assert json.loads(str(config[wire.SITE_LAZINESS])).keys() == {"a_full", "b_no_cxr"}
