@@ -28,7 +28,11 @@ class SiteDataConfig(StrictModel):
         default=None, description="mimic3-benchmarks task folder (listfiles + episode CSVs)."
     )
     stays_csv: Path | None = Field(default=None, description="root/all_stays.csv")
-    cxr_dir: Path | None = Field(default=None, description="MIMIC-CXR-JPG root (files/, metadata)")
+    cxr_dir: Path | None = Field(default=None, description="MIMIC-CXR-JPG root (holds files/)")
+    cxr_metadata: Path | None = Field(
+        default=None,
+        description="mimic-cxr-2.0.0-metadata.csv(.gz); default: the one inside cxr_dir.",
+    )
     reports_dir: Path | None = Field(default=None, description="MIMIC-CXR report tree root")
     synthetic: SyntheticFeatureConfig | None = None
     synthetic_sizes: tuple[int, int] = Field(
@@ -92,7 +96,7 @@ class SiteConfig(StrictModel):
         data = self.data.model_copy(
             update={
                 k: fix(getattr(self.data, k)) or getattr(self.data, k)
-                for k in ("benchmark_dir", "stays_csv", "cxr_dir", "reports_dir")
+                for k in ("benchmark_dir", "stays_csv", "cxr_dir", "cxr_metadata", "reports_dir")
             }
         )
         backbones = self.backbones.model_copy(
