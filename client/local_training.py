@@ -8,6 +8,7 @@ term through ``fit``'s ``extra_loss``. The reply holds trainable weights, the co
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.federation_schema import (
     NUM_EXAMPLES,
     TRAIN_LOSS,
+    TRAIN_SECONDS,
     VAL_AUPRC,
     VAL_AUROC,
     AuditRow,
@@ -78,6 +80,7 @@ def train_round(
     global_state: dict[str, Tensor],
 ) -> RoundResult:
     """Local epochs from the global weights, then a local validation pass for the audit."""
+    started = time.perf_counter()
     model = build_model(instructions.model_config, global_state)
     if instructions.lazy_combination is not None:
         model.set_laziness(LazinessReport(lazy_combination=instructions.lazy_combination))
@@ -97,6 +100,7 @@ def train_round(
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: num_examples,
         TRAIN_LOSS: float(result.history[-1].losses.get("total", math.nan)),
+        TRAIN_SECONDS: time.perf_counter() - started,
         VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
         VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
     }

@@ -36,6 +36,7 @@ AUDIT_MIN_COUNT = "audit-min-count"
 # -- client -> server metric keys ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"  # wall time of the site's local training + audit pass
 VAL_AUROC = "val-auroc"
 VAL_AUPRC = "val-auprc"
 
