@@ -34,6 +34,13 @@ class SiteDataConfig(StrictModel):
         description="mimic-cxr-2.0.0-metadata.csv(.gz); default: the one inside cxr_dir.",
     )
     reports_dir: Path | None = Field(default=None, description="MIMIC-CXR report tree root")
+    ehr_normalizer: Path | None = Field(
+        default=None,
+        description=(
+            "EHR normaliser JSON to use instead of the one fitted on this site's train split "
+            "(e.g. the federation's, computed from every site's count/sum/sum-of-squares)."
+        ),
+    )
     synthetic: SyntheticFeatureConfig | None = None
     synthetic_sizes: tuple[int, int] = Field(
         default=(600, 200), description="(train, val) sizes for synthetic_features."
@@ -96,7 +103,14 @@ class SiteConfig(StrictModel):
         data = self.data.model_copy(
             update={
                 k: fix(getattr(self.data, k)) or getattr(self.data, k)
-                for k in ("benchmark_dir", "stays_csv", "cxr_dir", "cxr_metadata", "reports_dir")
+                for k in (
+                    "benchmark_dir",
+                    "stays_csv",
+                    "cxr_dir",
+                    "cxr_metadata",
+                    "reports_dir",
+                    "ehr_normalizer",
+                )
             }
         )
         backbones = self.backbones.model_copy(

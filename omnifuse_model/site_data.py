@@ -1,4 +1,4 @@
-"""A site's training and validation datasets, built from its SiteConfig."""
+"""A site's train, validation and test datasets, built from its SiteConfig."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from torch.utils.data import Dataset
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.data.ehr_normalizer import EHRNormalizer
+from omnifuse_model.data.site_dataset import load_cached_split
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.synthetic import make_synthetic_features
 
@@ -33,14 +35,23 @@ def _absent_outside_site(
     return data.subset(keep.nonzero().squeeze(1))
 
 
-def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDatasets:
-    """The site's train/val datasets in the federation's modality order."""
+def _check_modalities(site: SiteConfig, model_config: OmniFuseConfig) -> None:
     unknown = set(site.modalities) - set(model_config.modality_names)
     if unknown:
         raise ValueError(
             f"site '{site.name}': modalities {sorted(unknown)} are not in the federation's "
             f"model ({model_config.modality_names})"
         )
+
+
+def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDatasets:
+    """The site's train/val datasets in the federation's modality order.
+
+    ``synthetic_features``: generated feature-level data. ``feature_cache``: the train and val
+    splits of the site's prepared feature cache (:func:`load_cached_split`; run
+    :func:`~omnifuse_model.data.cache.prepare_site` first).
+    """
+    _check_modalities(site, model_config)
     if site.data.source == "synthetic_features":
         synthetic = site.data.synthetic
         train_size, val_size = site.data.synthetic_sizes
@@ -52,7 +63,54 @@ def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDa
             _absent_outside_site(train, model_config, site),
             _absent_outside_site(val, model_config, site),
         )
-    raise NotImplementedError(
-        f"site '{site.name}': data.source '{site.data.source}' needs the feature cache "
-        "(omnifuse prepare), which this build does not provide yet"
+    _check_cached_task(site, model_config)
+    normalizer = _configured_normalizer(site)
+    return SiteDatasets(
+        load_cached_split(site, "train", modalities=model_config.modalities, normalizer=normalizer),
+        load_cached_split(site, "val", modalities=model_config.modalities, normalizer=normalizer),
     )
+
+
+def _configured_normalizer(site: SiteConfig) -> EHRNormalizer | None:
+    """The normaliser named in the site config, or None for the cache's own."""
+    path = site.data.ehr_normalizer
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"site '{site.name}': data.ehr_normalizer {path} not found (for a simulated "
+            "federation `omnifuse prepare --scenario` writes it from the sites' aggregates)"
+        )
+    return EHRNormalizer.load(path)
+
+
+def load_site_test_dataset(site: SiteConfig, model_config: OmniFuseConfig) -> Dataset:
+    """The site's test split in the federation's modality order.
+
+    ``feature_cache``: the listfile's test split from the feature cache. ``synthetic_features``:
+    a fresh draw of the validation size from a seed of its own.
+    """
+    _check_modalities(site, model_config)
+    if site.data.source == "synthetic_features":
+        synthetic = site.data.synthetic
+        test = make_synthetic_features(
+            synthetic.model_copy(update={"seed": synthetic.seed + 2 * 7919}),
+            site.data.synthetic_sizes[1],
+        )
+        return _absent_outside_site(test, model_config, site)
+    _check_cached_task(site, model_config)
+    return load_cached_split(
+        site, "test", modalities=model_config.modalities, normalizer=_configured_normalizer(site)
+    )
+
+
+def _check_cached_task(site: SiteConfig, model_config: OmniFuseConfig) -> None:
+    """The model's output must fit the site's MIMIC task (labels of the feature cache)."""
+    expected = {"in-hospital-mortality": ("binary", 1), "phenotyping": ("multilabel", 25)}
+    task, classes = expected[site.task]
+    if (model_config.task, model_config.num_classes) != (task, classes):
+        raise ValueError(
+            f"site '{site.name}': task '{site.task}' needs a model with task='{task}' and "
+            f"num_classes={classes}, got task='{model_config.task}', "
+            f"num_classes={model_config.num_classes}"
+        )

@@ -189,6 +189,8 @@ def evaluate(
     the forward imputation made when m alone is hidden, over samples holding m and at least
     one other modality (NaN without forward imputation or such samples).
     """
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the dataset is empty")
     model.eval()
     device = torch.device(config.device)
     names = model.config.modality_names

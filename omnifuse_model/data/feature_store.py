@@ -1,0 +1,228 @@
+"""Content-addressed, sharded on-disk store of frozen-backbone features (safetensors).
+
+Layout under a site's ``cache_dir``::
+
+    features/<modality>/<shard>.safetensors
+
+A shard holds the entries of one computed batch: one stacked tensor per field
+(``features [n, 512]`` for ``cxr``; ``states [n, T, H]`` float16 and ``mask [n, T]`` bool for
+``rep``; ``ehr [n, bins, 76]`` for ``ehr``) and, in the safetensors header metadata, one JSON
+record per entry key: ``{"row": i, ...}`` for an entry with tensors, ``{"row": null,
+"reason": ..., "detail": ...}`` for an input that could not be computed (e.g. an image that
+fails to decode), so a failure is remembered too and not retried on every run. Shards, not one
+file per item, keep writes and file counts small (one write per batch) while an interrupted
+run still loses at most the batches in flight.
+
+Entry keys (:func:`entry_key`) hash :data:`PREPROCESSING_VERSION`, the modality, the
+producer's identity (backbone identity, or the discretiser settings) and the sha256 of the
+input's content, so any change of backbone, preprocessing code or content gives a new key,
+and identical content is computed once. Old entries are never overwritten or deleted.
+
+A shard is written to a temporary file and renamed into place (``os.replace``, atomic on POSIX),
+so a shard is either complete or absent; a shard that cannot be read (e.g. after a power loss
+before the data reached the disk: files are not fsync-ed, for speed) is skipped with a warning
+and its entries are recomputed. One process at a time may write a store (:meth:`lock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = "omnifuse-prep-1"
+"""Bump when reading, linking, image/text preprocessing or discretisation changes meaning:
+every cache key changes with it."""
+
+FEATURES_DIR = "features"
+_FORMAT_KEY = "__format__"
+_FORMAT = "omnifuse-feature-shard-v1"
+_SHARD_CACHE_SIZE = 8
+
+
+def entry_key(modality: str, identity: str, content_digest: str) -> str:
+    """The cache key of one input: sha256 over version, modality, producer and content."""
+    text = "\0".join((PREPROCESSING_VERSION, modality, identity, content_digest))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    """sha256 hex digest of a text's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ModalityStats:
+    """Distinct inputs of one modality in one preparation run: ``items = hits + misses``;
+    ``failed`` of them could not be computed (remembered or new); ``seconds`` spent."""
+
+    items: int = 0
+    hits: int = 0
+    misses: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+class CacheLockedError(RuntimeError):
+    """Another process holds the feature store's write lock."""
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One cached entry: its fields (one row each, e.g. ``features [512]``) and its record."""
+
+    tensors: dict[str, Tensor]
+    record: dict[str, Any]
+
+    @property
+    def failed(self) -> bool:
+        """True for a remembered failure (no tensors)."""
+        return self.record.get("row") is None
+
+
+class FeatureStore:
+    """The sharded store of one cache directory (see the module docstring)."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(cache_dir)
+        self._index: dict[str, dict[str, tuple[Path, str]]] = {}
+        self._shards: OrderedDict[Path, tuple[dict[str, Tensor], dict[str, str]]] = OrderedDict()
+
+    def folder(self, modality: str) -> Path:
+        """``<cache_dir>/features/<modality>``."""
+        return self.root / FEATURES_DIR / modality
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's write lock; removes temporary files left by interrupted runs."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CacheLockedError(
+                    f"{self.root}: another process is preparing this feature cache ({path})"
+                ) from None
+            try:
+                for pattern in (".*.tmp", f"{FEATURES_DIR}/*/.*.tmp"):
+                    for stale in self.root.glob(pattern):
+                        stale.unlink(missing_ok=True)
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def index(self, modality: str) -> dict[str, tuple[Path, str]]:
+        """Entry key -> (shard path, JSON record) of every readable shard of ``modality``."""
+        if modality not in self._index:
+            found: dict[str, tuple[Path, str]] = {}
+            for shard in sorted(self.folder(modality).glob("*.safetensors")):
+                try:
+                    with safe_open(str(shard), framework="pt") as handle:
+                        metadata = handle.metadata() or {}
+                except Exception as error:  # safetensors raises several types for a bad file
+                    logger.warning("%s: unreadable feature shard skipped: %s", shard, error)
+                    continue
+                if metadata.get(_FORMAT_KEY) != _FORMAT:
+                    logger.warning("%s: not an %s shard, skipped", shard, _FORMAT)
+                    continue
+                for key, record in metadata.items():
+                    if key != _FORMAT_KEY:
+                        found[key] = (shard, record)
+            self._index[modality] = found
+        return self._index[modality]
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        modality, key = item
+        return key in self.index(modality)
+
+    def record(self, modality: str, key: str) -> dict[str, Any] | None:
+        """The JSON record of an entry (``row``, and ``reason``/``detail`` for failures)."""
+        found = self.index(modality).get(key)
+        return None if found is None else json.loads(found[1])
+
+    def write(
+        self,
+        modality: str,
+        fields: Mapping[str, Tensor],
+        records: Mapping[str, Mapping[str, Any]],
+    ) -> Path | None:
+        """Write one shard atomically: ``fields`` name -> ``[n, ...]`` tensors whose row
+        ``records[key]["row"]`` belongs to ``key`` (``row`` None: a failure, no tensors)."""
+        if not records:
+            return None
+        sizes = {len(t) for t in fields.values()} or {0}
+        rows = [r["row"] for r in records.values() if r.get("row") is not None]
+        if (
+            len(sizes) != 1
+            or len(set(rows)) != len(rows)
+            or not set(rows) <= set(range(min(sizes)))
+        ):
+            raise ValueError(
+                f"{modality}: shard fields hold {sorted(sizes)} rows, records use rows {rows}"
+            )
+        folder = self.folder(modality)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()[:32]
+        final = folder / f"{name}.safetensors"
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        metadata = {key: json.dumps(dict(record)) for key, record in records.items()}
+        metadata[_FORMAT_KEY] = _FORMAT
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in fields.items() if len(v)}
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, final)
+        index = self.index(modality)
+        for key in records:
+            index[key] = (final, metadata[key])
+        self._shards.pop(final, None)
+        return final
+
+    def _load_shard(self, shard: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+        if shard in self._shards:
+            self._shards.move_to_end(shard)
+            return self._shards[shard]
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                loaded = (
+                    {name: handle.get_tensor(name) for name in handle.keys()},  # noqa: SIM118
+                    handle.metadata() or {},
+                )
+        except Exception as error:
+            raise OSError(f"{shard}: cannot read feature shard: {error}") from error
+        self._shards[shard] = loaded
+        while len(self._shards) > _SHARD_CACHE_SIZE:
+            self._shards.popitem(last=False)
+        return loaded
+
+    def load(self, modality: str, keys: Sequence[str]) -> dict[str, StoredEntry]:
+        """The entries of ``keys`` (each shard read once); raises ``KeyError`` naming a key
+        that is not cached."""
+        index = self.index(modality)
+        by_shard: dict[Path, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            if key not in index:
+                raise KeyError(f"{self.folder(modality)}: no cached entry {key}")
+            by_shard.setdefault(index[key][0], []).append(key)
+        entries: dict[str, StoredEntry] = {}
+        for shard, wanted in by_shard.items():
+            tensors, metadata = self._load_shard(shard)
+            for key in wanted:
+                record = json.loads(metadata[key])
+                row = record.get("row")
+                fields = {} if row is None else {name: t[row] for name, t in tensors.items()}
+                entries[key] = StoredEntry(fields, record)
+        return entries

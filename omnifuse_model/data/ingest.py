@@ -1,0 +1,354 @@
+"""From a site's MIMIC-format files to one record per listed stay (ARCHITECTURE.md, "Data flow").
+
+:func:`ingest_site` reads the site's ``{train,val,test}_listfile.csv`` and, for each modality
+the site holds:
+
+* ``ehr``: discretises the episode with :func:`discretize_episode_tolerant` at ``timestep``
+  over the **first 48 h for both tasks** (``end = 48.0``), so that the EHR input is a fixed
+  ``[24, 76]`` at timestep 2 (METHOD.md section 1). The benchmark's phenotyping uses the whole
+  stay (``end = period_length``); here the phenotype labels still describe the whole stay but
+  the model sees its first 48 h, as for in-hospital mortality;
+* ``cxr``: links the stay to its chest X-ray as MedFuse does
+  (:func:`~omnifuse_model.data.cxr.link_stays_to_images`: latest ``AP`` image in
+  ``[intime, intime + 48 h]`` for in-hospital mortality, ``[intime, outtime]`` for
+  phenotyping), and checks that the file exists and has a readable image header. The full
+  decode happens in :func:`~omnifuse_model.data.cache.prepare_site`, which records a decode
+  failure (e.g. a truncated JPEG) as a rejection in the same report;
+* ``rep``: reads the report of the linked image's study,
+  ``reports_dir/files/pXX/pSUBJECT/sSTUDY.txt`` (FINDINGS, else IMPRESSION, else the last
+  paragraph; :func:`~omnifuse_model.data.reports.read_report`).
+
+The stay id that links a stay to images is the listfile's ``stay_id`` column (MedFuse
+listfiles) when present; otherwise it is looked up in ``stays_csv`` by subject and episode
+number, where episode N is the 1-based position of the stay among the subject's stays sorted
+by INTIME (the mimic3-benchmarks numbering; ties keep file order; rows whose ids or INTIME do
+not parse are left out of the numbering).
+
+Listfiles are read without checking that episode files exist, so that a missing episode file
+is a rejection of the stay's EHR, not of the stay. See
+:mod:`~omnifuse_model.data.ingest_report` for how outcomes are accounted for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from rich.progress import Progress
+
+from omnifuse_model.data.cxr import (
+    CxrStayImage,
+    find_metadata_file,
+    link_stays_to_images,
+    read_cxr_metadata,
+    read_stays,
+)
+from omnifuse_model.data.ehr_episodes import EpisodeReport, discretize_episode_tolerant
+from omnifuse_model.data.ehr_listfiles import SPLIT_DIRS, StayRecord, Task, read_listfile
+from omnifuse_model.data.ingest_report import (
+    SPLITS,
+    IngestedStay,
+    IngestReport,
+    ListfileRejection,
+    ModalityOutcome,
+    build_ingest_report,
+)
+from omnifuse_model.data.reports import ReportRejected, read_report, report_path
+from omnifuse_model.site_config import SiteConfig
+
+logger = logging.getLogger(__name__)
+
+EHR_WINDOW_HOURS = 48.0
+"""Both tasks discretise the first 48 h of the stay (a fixed [24, 76] input at timestep 2)."""
+MIMIC_MODALITIES: tuple[str, ...] = ("ehr", "cxr", "rep")
+"""The modality names this MIMIC data layer knows, in the model's default order."""
+
+
+class EpisodeStore(Protocol):
+    """A cache of discretised episodes keyed by the sha256 of the episode CSV's bytes."""
+
+    def get(self, digest: str, path: Path) -> tuple[np.ndarray | None, EpisodeReport] | None:
+        """The cached (array or None, report) for this content, reported at ``path``."""
+        ...
+
+    def put(self, digest: str, array: np.ndarray | None, report: EpisodeReport) -> None:
+        """Remember the outcome of discretising this content."""
+        ...
+
+
+@dataclass
+class IngestResult:
+    """Every listed stay of a site after ingest, and the rows the listfiles rejected."""
+
+    site: str
+    task: str
+    timestep: float
+    window_hours: float
+    modalities: tuple[str, ...]
+    stays: list[IngestedStay]
+    listfile_rejections: list[ListfileRejection] = field(default_factory=list)
+    linking: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str, accepted_only: bool = True) -> list[IngestedStay]:
+        """The stays of one split (by default only those with a usable modality)."""
+        return [s for s in self.stays if s.split == name and (s.accepted or not accepted_only)]
+
+    def reject_modality(self, stay: IngestedStay, modality: str, reason: str, detail: str) -> None:
+        """Turn a usable modality of ``stay`` into a rejection (e.g. an image that fails to
+        decode) and drop its input; the stay is rejected when nothing usable is left."""
+        if modality not in stay.outcomes:
+            raise ValueError(f"stay {stay.stay}: modality {modality!r} is not held by the site")
+        stay.outcomes[modality] = ModalityOutcome("rejected", reason, detail)
+        if modality == "ehr":
+            stay.ehr = None
+        elif modality == "cxr":
+            stay.image_path = None
+        elif modality == "rep":
+            stay.report_text = stay.report_section = None
+
+    def report(self) -> IngestReport:
+        """The ingest report of the stays' current outcomes."""
+        return build_ingest_report(
+            self.site,
+            self.task,
+            self.timestep,
+            self.window_hours,
+            self.modalities,
+            self.stays,
+            self.listfile_rejections,
+            self.linking,
+        )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def episode_stay_ids(stays: pd.DataFrame) -> dict[tuple[int, int], int]:
+    """``(subject_id, episode N) -> stay_id`` from a stays table (see the module docstring)."""
+    subject = pd.to_numeric(stays["subject_id"].astype(str).str.strip(), errors="coerce")
+    stay_id = pd.to_numeric(stays["stay_id"].astype(str).str.strip(), errors="coerce")
+    intime = pd.to_datetime(stays["intime"].astype(str).str.strip(), errors="coerce")
+    frame = pd.DataFrame({"subject": subject, "stay_id": stay_id, "intime": intime})
+    frame = frame.dropna().sort_values(["subject", "intime"], kind="stable")
+    frame["episode"] = frame.groupby("subject").cumcount() + 1
+    return {
+        (int(row.subject), int(row.episode)): int(row.stay_id)
+        for row in frame.itertuples(index=False)
+    }
+
+
+def _check_site(site: SiteConfig) -> tuple[Path, set[str]]:
+    data = site.data
+    held = set(site.modalities)
+    unknown = held - set(MIMIC_MODALITIES)
+    if unknown:
+        raise ValueError(
+            f"site '{site.name}': modalities {sorted(unknown)} are not MIMIC modalities "
+            f"{list(MIMIC_MODALITIES)}"
+        )
+    if data.benchmark_dir is None:
+        raise ValueError(f"site '{site.name}': data.benchmark_dir is not set")
+    for modality, name in (("cxr", "cxr_dir"), ("rep", "reports_dir")):
+        if modality in held and getattr(data, name) is None:
+            raise ValueError(f"site '{site.name}' holds '{modality}' but data.{name} is not set")
+    if held & {"cxr", "rep"}:
+        if data.stays_csv is None:
+            raise ValueError(
+                f"site '{site.name}': data.stays_csv (root/all_stays.csv) is needed to link "
+                "images and reports to stays"
+            )
+        if data.cxr_metadata is None and data.cxr_dir is None:
+            raise ValueError(
+                f"site '{site.name}': data.cxr_metadata (or data.cxr_dir holding it) is needed "
+                "to link reports to stays"
+            )
+    return Path(data.benchmark_dir), held
+
+
+def _discretise(
+    record: StayRecord, timestep: float, store: EpisodeStore | None
+) -> tuple[np.ndarray | None, EpisodeReport, str | None]:
+    digest = file_sha256(record.path) if record.path.is_file() else None
+    if store is not None and digest is not None:
+        cached = store.get(digest, record.path)
+        if cached is not None:
+            return cached[0], cached[1], digest
+    array, _, report = discretize_episode_tolerant(record.path, timestep, end=EHR_WINDOW_HOURS)
+    if store is not None and digest is not None:
+        store.put(digest, array, report)
+    return array, report, digest
+
+
+def _ehr_outcome(array: np.ndarray | None, report: EpisodeReport) -> ModalityOutcome:
+    if report.reject_reason is not None:
+        return ModalityOutcome("rejected", str(report.reject_reason), report.detail)
+    if report.rows_used == 0:
+        return ModalityOutcome(
+            "rejected", "empty_window", f"{report.path}: no rows in the first 48 h"
+        )
+    if report.repairs:
+        repairs = {str(k): v for k, v in sorted(report.repairs.items())}
+        return ModalityOutcome("repaired", ",".join(repairs), report.path, repairs)
+    return ModalityOutcome("used")
+
+
+def _image_outcome(path: Path) -> ModalityOutcome:
+    """Cheap check: the file exists and carries an image header (decoding comes later)."""
+    if not path.is_file():
+        return ModalityOutcome("rejected", "missing_image", f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            if image.width == 0 or image.height == 0:
+                return ModalityOutcome("rejected", "unreadable_image", f"{path}: no pixels")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return ModalityOutcome("rejected", "unreadable_image", f"{path}: {error}")
+    return ModalityOutcome("used")
+
+
+class _Linker:
+    """Stay id resolution and the stay -> image table."""
+
+    def __init__(self, site: SiteConfig, held: set[str]) -> None:
+        self.enabled = bool(held & {"cxr", "rep"})
+        self.images: dict[int, CxrStayImage] = {}
+        self.stay_ids: dict[tuple[int, int], int] = {}
+        self.info: dict[str, Any] = {}
+        if not self.enabled:
+            return
+        data = site.data
+        metadata_path = data.cxr_metadata or find_metadata_file(data.cxr_dir)
+        metadata = read_cxr_metadata(metadata_path)
+        stays = read_stays(data.stays_csv)
+        link = link_stays_to_images(metadata, stays, site.task)
+        self.images = link.by_stay()
+        self.stay_ids = episode_stay_ids(stays)
+        self.info = {
+            "cxr_metadata": str(metadata_path),
+            "stays_csv": str(data.stays_csv),
+            "metadata_rows": metadata.rows_read,
+            "metadata_rejected_by_reason": dict(sorted(metadata.rejections.items())),
+            "stays_rejected_by_reason": dict(sorted(link.rejections.items())),
+            **link.counts,
+        }
+
+    def stay_id(self, record: StayRecord) -> int | None:
+        if record.stay_id is not None:
+            return record.stay_id
+        return self.stay_ids.get((record.subject_id, record.episode))
+
+
+def _link_modalities(
+    stay: IngestedStay, record: StayRecord, site: SiteConfig, held: set[str], linker: _Linker
+) -> None:
+    image = linker.images.get(stay.stay_id) if stay.stay_id is not None else None
+    if stay.stay_id is None:
+        why = "stay_id_unknown"
+        detail = f"subject {record.subject_id} episode {record.episode} not in data.stays_csv"
+    else:
+        why, detail = "no_image_in_window", f"stay_id {stay.stay_id}"
+    if "cxr" in held:
+        if image is None:
+            stay.outcomes["cxr"] = ModalityOutcome("missing", why, detail)
+        else:
+            path = Path(site.data.cxr_dir) / image.path
+            stay.outcomes["cxr"] = _image_outcome(path)
+            stay.image_path = path if stay.outcomes["cxr"].usable else None
+    if image is not None:
+        stay.study_id = image.study_id
+    if "rep" in held:
+        if image is None:
+            stay.outcomes["rep"] = ModalityOutcome("missing", why, detail)
+            return
+        path = Path(site.data.reports_dir) / report_path(image.subject_id, image.study_id)
+        if not path.is_file():
+            stay.outcomes["rep"] = ModalityOutcome("missing", "no_report_file", str(path))
+            return
+        try:
+            text = read_report(path)
+        except ReportRejected as error:
+            stay.outcomes["rep"] = ModalityOutcome("rejected", error.reason, str(error))
+            return
+        stay.outcomes["rep"] = ModalityOutcome("used")
+        stay.report_text, stay.report_section = text.text, text.section
+
+
+def ingest_site(
+    site: SiteConfig,
+    timestep: float = 2.0,
+    *,
+    episode_store: EpisodeStore | None = None,
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Read, link and validate every listed stay of ``site`` (see the module docstring).
+
+    ``episode_store`` (optional) caches discretised episodes by content, so a second ingest
+    reuses them; ``progress`` (optional) is a rich Progress to add a bar to. Raises
+    ``ValueError`` naming the field when the site config lacks a path its modalities need,
+    ``FileNotFoundError``/``OSError`` when a listfile or linking table cannot be read; bad data
+    inside the files never raises, it becomes counted outcomes.
+    """
+    benchmark_dir, held = _check_site(site)
+    task = Task(site.task)
+    order = tuple(name for name in MIMIC_MODALITIES if name in held)
+    listfiles = {}
+    for split in SPLITS:
+        path = benchmark_dir / f"{split}_listfile.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"site '{site.name}': listfile {path} not found")
+        data_dir = benchmark_dir / SPLIT_DIRS[split]
+        listfiles[split] = read_listfile(path, task, data_dir, check_files=False)
+    linker = _Linker(site, held)
+    total = sum(len(listfile.records) for listfile in listfiles.values())
+    bar = progress.add_task(f"ingest {site.name}", total=total) if progress else None
+
+    stays: list[IngestedStay] = []
+    rejections: list[ListfileRejection] = []
+    for split, listfile in listfiles.items():
+        for report in listfile.rejected:
+            name, reason = Path(report.path).name, str(report.reject_reason)
+            rejections.append(ListfileRejection(split, name, reason, report.detail))
+        for record in listfile.records:
+            stay = IngestedStay(
+                split=split,
+                stay=record.stay,
+                subject_id=record.subject_id,
+                episode=record.episode,
+                stay_id=linker.stay_id(record),
+                labels=record.labels,
+            )
+            if "ehr" in held:
+                array, report, stay.ehr_digest = _discretise(record, timestep, episode_store)
+                stay.outcomes["ehr"] = _ehr_outcome(array, report)
+                stay.ehr = array if stay.outcomes["ehr"].usable else None
+            if linker.enabled:
+                _link_modalities(stay, record, site, held, linker)
+            stay.outcomes = {name: stay.outcomes[name] for name in order}
+            stays.append(stay)
+            if progress is not None and bar is not None:
+                progress.advance(bar)
+    with_ids = any(listfile.has_stay_id for listfile in listfiles.values())
+    linking = {"stay_id_source": "listfile" if with_ids else "stays_csv", **linker.info}
+    result = IngestResult(
+        site.name, str(task), timestep, EHR_WINDOW_HOURS, order, stays, rejections, linking
+    )
+    accepted = sum(s.accepted for s in stays)
+    logger.info(
+        "site %s: %d stays listed, %d accepted, %d rejected",
+        site.name,
+        len(stays) + len(rejections),
+        accepted,
+        len(stays) - accepted + len(rejections),
+    )
+    return result

@@ -1,0 +1,173 @@
+"""A site's training data from its feature cache, in the model's modality order.
+
+:func:`load_cached_split` reads ``manifest.json`` and the cached entries written by
+:func:`~omnifuse_model.data.cache.prepare_site` and returns an
+:class:`~omnifuse_model.batch.InMemoryMultimodalDataset` in the layout of
+:mod:`omnifuse_model.batch`:
+
+* inputs ``ehr`` ``[24, 76]`` (normalised with the site's train-split normaliser, or one
+  given, e.g. fitted from federated aggregates), ``cxr`` ``[512]``, ``rep`` ``[150, 768]``
+  float32 (stored as float16) with mask ``rep`` bool ``[150]``;
+* availability bool ``[M]`` in the order of the model's modalities: False (and zero input)
+  for a modality the model has but the site does not hold, or the stay lacks;
+* label float ``[1]`` for in-hospital mortality, ``[25]`` for phenotyping;
+* sample_id: the stay name (``10011_episode1_timeseries.csv``).
+
+Memory: everything is held as float32; a stay costs ~0.47 MB with ``rep`` (150 x 768 x 4 B),
+so a full-MIMIC split of ~15k stays needs ~7 GB. Stays with none of the model's modalities
+available are left out (logged), as the training loop needs at least one per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnifuse_model.batch import InMemoryMultimodalDataset
+from omnifuse_model.config import ModalitySpec
+from omnifuse_model.data.ehr import NUM_FEATURES
+from omnifuse_model.data.ehr_normalizer import EHRNormalizer
+from omnifuse_model.data.feature_store import FeatureStore
+from omnifuse_model.data.ingest_report import SPLITS
+from omnifuse_model.data.manifest import MANIFEST_FILE, NORMALIZER_FILE, read_manifest
+from omnifuse_model.site_config import SiteConfig
+
+logger = logging.getLogger(__name__)
+
+EHR_BINS = 24
+"""48 h at timestep 2 h."""
+# Equal to backbones.RESNET34_FEATURES and backbones.REPORT_TOKENS (tested); not imported from
+# there because that module pulls in torchvision and tokenizers, slow to import for a client.
+RESNET34_FEATURES = 512
+REPORT_TOKENS = 150
+_FIELDS: dict[str, tuple[str, ...]] = {"ehr": ("ehr",), "cxr": ("features",), "rep": ("states",)}
+
+
+def mimic_model_modalities(text_hidden: int = 768) -> list[ModalitySpec]:
+    """The MIMIC modalities as the model sees them: ``ehr`` time series ``[24, 76]``,
+    ``cxr`` ResNet-34 features ``[512]``, ``rep`` BERT token states ``[150, text_hidden]``."""
+    return [
+        ModalitySpec(name="ehr", kind="timeseries", input_dim=NUM_FEATURES, seq_len=EHR_BINS),
+        ModalitySpec(name="cxr", kind="image_features", input_dim=RESNET34_FEATURES),
+        ModalitySpec(name="rep", kind="token_states", input_dim=text_hidden, seq_len=REPORT_TOKENS),
+    ]
+
+
+def load_normalizer(cache_dir: str | Path) -> EHRNormalizer:
+    """The EHR normaliser :func:`prepare_site` fitted on the site's train split."""
+    path = Path(cache_dir) / NORMALIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no EHR normaliser (the train split had no usable EHR when the cache was "
+            "prepared); pass one fitted elsewhere, e.g. from federated aggregates"
+        )
+    return EHRNormalizer.load(path)
+
+
+def _fill(
+    store: FeatureStore,
+    spec: ModalitySpec,
+    keys: list[str | None],
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    where: Path,
+) -> torch.Tensor:
+    """Copy cached entries into ``target`` rows; returns the bool column of rows filled."""
+    filled = torch.tensor([key is not None for key in keys], dtype=torch.bool)
+    wanted = [key for key in keys if key is not None]
+    if not wanted:
+        return filled
+    try:
+        entries = store.load(spec.name, wanted)
+    except KeyError as error:
+        raise ValueError(
+            f"{where}: {error.args[0]}; the cache is incomplete, run `omnifuse prepare` again"
+        ) from None
+    for row, key in enumerate(keys):
+        if key is None:
+            continue
+        entry = entries[key]
+        if entry.failed:
+            raise ValueError(f"{where}: {spec.name} entry {key} is a failure record")
+        value = entry.tensors[_FIELDS[spec.name][0]]
+        if tuple(value.shape) != spec.input_shape:
+            raise ValueError(
+                f"{where}: cached {spec.name} inputs have shape {tuple(value.shape)}, the model's "
+                f"modality '{spec.name}' expects {spec.input_shape}; prepare the cache with "
+                "matching settings or change the model config"
+            )
+        target[row] = value.to(torch.float32)
+        if mask is not None:
+            mask[row] = entry.tensors["mask"]
+    return filled
+
+
+def load_cached_split(
+    site: SiteConfig,
+    split: str,
+    *,
+    modalities: Sequence[ModalitySpec] | None = None,
+    normalizer: EHRNormalizer | None = None,
+) -> InMemoryMultimodalDataset:
+    """The ``split`` (``train``, ``val`` or ``test``) of ``site``'s feature cache.
+
+    ``modalities`` are the model's, in its order (default :func:`mimic_model_modalities` with
+    the cached text width). ``normalizer`` defaults to the cache's own. Raises
+    ``FileNotFoundError`` when the cache is not prepared and ``ValueError`` when it does not
+    fit the site (task) or the model (shapes), naming the file.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    cache_dir = Path(site.cache_dir)
+    manifest = read_manifest(cache_dir)
+    where = cache_dir / MANIFEST_FILE
+    if manifest["task"] != site.task:
+        raise ValueError(
+            f"{where}: prepared for task {manifest['task']!r}, site '{site.name}' has task "
+            f"{site.task!r}; run `omnifuse prepare` again"
+        )
+    if modalities is None:
+        text_hidden = manifest.get("shapes", {}).get("rep", [REPORT_TOKENS, 768])[1]
+        modalities = mimic_model_modalities(text_hidden)
+    stays: list[dict[str, Any]] = manifest["splits"][split]
+    n = len(stays)
+    store = FeatureStore(cache_dir)
+    inputs: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    availability = torch.zeros(n, len(modalities), dtype=torch.bool)
+    for column, spec in enumerate(modalities):
+        inputs[spec.name] = torch.zeros(n, *spec.input_shape)
+        mask = None
+        if spec.kind == "token_states":
+            mask = masks[spec.name] = torch.zeros(n, spec.input_shape[0], dtype=torch.bool)
+        held = spec.name in site.modalities and spec.name in manifest["modalities"]
+        if not held or spec.name not in _FIELDS:
+            continue
+        keys = [stay.get(spec.name) for stay in stays]
+        availability[:, column] = _fill(store, spec, keys, inputs[spec.name], mask, where)
+        if spec.name == "ehr" and availability[:, column].any():
+            scaler = normalizer or load_normalizer(cache_dir)
+            present = availability[:, column]
+            ehr = scaler.transform(inputs["ehr"][present].numpy())
+            inputs["ehr"][present] = torch.from_numpy(ehr)
+    labels = torch.tensor([stay["labels"] for stay in stays], dtype=torch.float32)
+    labels = labels.reshape(n, len(manifest["label_names"]))
+    dataset = InMemoryMultimodalDataset(
+        inputs, availability, labels, masks, [stay["stay"] for stay in stays]
+    )
+    keep = availability.any(dim=1)
+    if not keep.all():
+        logger.info(
+            "site %s, %s: %d of %d stays have none of the model's modalities %s and are left out",
+            site.name,
+            split,
+            int((~keep).sum()),
+            n,
+            [spec.name for spec in modalities],
+        )
+        dataset = dataset.subset(keep.nonzero().squeeze(1))
+    return dataset

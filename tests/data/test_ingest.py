@@ -1,0 +1,243 @@
+"""Ingest: every listed stay accounted for, faults counted per modality, MedFuse linking."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from omnifuse_model.data.ingest import episode_stay_ids, ingest_site
+from omnifuse_model.data.ingest_report import print_ingest_report
+from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+from omnifuse_model.site_config import SiteConfig
+
+IHM = "in-hospital-mortality"
+
+
+def make_site(root: Path, task: str = IHM, modalities: tuple[str, ...] = ("ehr", "cxr", "rep"),
+              **data: Path | None) -> SiteConfig:  # fmt: skip
+    paths = {
+        "benchmark_dir": root / task,
+        "stays_csv": root / "root" / "all_stays.csv",
+        "cxr_dir": root / "mimic-cxr-jpg",
+        "reports_dir": root / "mimic-cxr-reports",
+    } | data
+    return SiteConfig(
+        name="site_a", task=task, modalities=list(modalities), cache_dir=root / "cache",
+        data=paths,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mimic") / "data"
+    write_synthetic_mimic(SyntheticMimicConfig(num_stays=50, seed=3, image_size=32), root, False)
+    return root
+
+
+@pytest.fixture
+def messy_root(tmp_path: Path) -> Path:
+    config = SyntheticMimicConfig(num_stays=50, seed=5, image_size=32, messy_rate=0.4)
+    write_synthetic_mimic(config, tmp_path / "data", False)
+    return tmp_path / "data"
+
+
+def listed_rows(task_dir: Path) -> dict[str, int]:
+    return {
+        split: len((task_dir / f"{split}_listfile.csv").read_text().strip().splitlines()) - 1
+        for split in ("train", "val", "test")
+    }
+
+
+def test_every_stay_is_accounted_for(messy_root: Path) -> None:
+    result = ingest_site(make_site(messy_root))
+    report = result.report()
+    report.check()
+    rows = listed_rows(messy_root / IHM)
+    for split, tally in report.splits.items():
+        assert tally.listed == rows[split]
+        for name in ("ehr", "cxr", "rep"):
+            assert sum(tally.modalities[name].counts.values()) == rows[split]
+    assert len(result.stays) == sum(rows.values())
+    assert all(tuple(stay.outcomes) == ("ehr", "cxr", "rep") for stay in result.stays)
+    totals = report.totals()
+    # The messy writer's faults show up under named reasons, never as silent drops.
+    messy = json.loads((messy_root / "synthetic_summary.json").read_text())["summary"]
+    kinds = {m["kind"] for m in messy["messy_files"] if m["path"].startswith(IHM)}
+    if "truncated_file" in kinds:
+        assert totals["ehr"].reasons["rejected"]["short_row"] >= 1
+    if kinds & {"blank_row", "unsorted_hours", "gcs_total_float", "unknown_spelling"}:
+        assert totals["ehr"].counts["repaired"] >= 1
+    for stay in result.stays:
+        assert (stay.ehr is not None) == stay.outcomes["ehr"].usable
+        assert (stay.image_path is not None) == stay.outcomes["cxr"].usable
+        assert (stay.report_text is not None) == stay.outcomes["rep"].usable
+        if stay.ehr is not None:
+            assert stay.ehr.shape == (24, 76) and stay.ehr.dtype == np.float32
+
+
+def test_linking_matches_the_medfuse_rules(clean_root: Path) -> None:
+    """Stay ids come from stays_csv by episode number; images/reports match the truth."""
+    result = ingest_site(make_site(clean_root))
+    with open(clean_root / "synthetic_stays.csv", newline="") as handle:
+        truth = {row["stay"]: row for row in csv.DictReader(handle)}
+    assert result.linking["stay_id_source"] == "stays_csv"
+    for stay in result.stays:
+        expected = truth[stay.stay]
+        assert stay.stay_id == int(expected["stay_id"])
+        study = expected["ihm_study_id"]
+        assert stay.study_id == (int(study) if study else None)
+        if study:
+            assert stay.image_path is not None
+            assert stay.image_path.name == f"{expected['ihm_dicom_id']}.jpg"
+            assert stay.outcomes["cxr"].status == "used"
+            has_report = expected["ihm_has_report"] == "1"
+            assert (stay.report_text is not None) == has_report
+            if not has_report:
+                assert stay.outcomes["rep"].reason == "no_report_file"
+        else:
+            assert stay.outcomes["cxr"].reason == "no_image_in_window"
+            assert stay.outcomes["rep"].status == "missing"
+        assert stay.labels == (int(expected["mortality"]),)
+
+
+def test_phenotyping_uses_the_first_48_hours(clean_root: Path) -> None:
+    result = ingest_site(make_site(clean_root, task="phenotyping", modalities=("ehr",)))
+    assert result.window_hours == 48.0
+    arrays = [stay.ehr for stay in result.stays if stay.ehr is not None]
+    assert arrays and all(array.shape == (24, 76) for array in arrays)
+    assert all(len(stay.labels) == 25 for stay in result.stays)
+
+
+def test_faults_reject_the_modality_not_the_stay(clean_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    site = make_site(root)
+    full = [s for s in ingest_site(site).stays if len(s.usable_modalities) == 3]
+    assert len(full) >= 3
+    broken_image, empty_report, cut_episode = full[0], full[1], full[2]
+    broken_image.image_path.write_bytes(b"this is not a JPEG")
+    report_file = next((root / "mimic-cxr-reports").rglob(f"s{empty_report.study_id}.txt"))
+    report_file.write_text("                                 FINAL REPORT\n \n")
+    episode = root / IHM / ("test" if cut_episode.split == "test" else "train") / cut_episode.stay
+    lines = episode.read_text().splitlines()
+    episode.write_text("\n".join([*lines[:-1], lines[-1][: len(lines[-1]) // 3]]) + "\n")
+
+    result = ingest_site(site)
+    stays = {stay.stay: stay for stay in result.stays}
+    outcome = stays[broken_image.stay].outcomes["cxr"]
+    assert (outcome.status, outcome.reason) == ("rejected", "unreadable_image")
+    outcome = stays[empty_report.stay].outcomes["rep"]
+    assert (outcome.status, outcome.reason) == ("rejected", "empty_report")
+    outcome = stays[cut_episode.stay].outcomes["ehr"]
+    assert (outcome.status, outcome.reason) == ("rejected", "short_row")
+    for name in (broken_image.stay, empty_report.stay, cut_episode.stay):
+        assert stays[name].accepted and len(stays[name].usable_modalities) == 2
+    report = result.report()
+    totals = report.totals()
+    assert totals["cxr"].reasons["rejected"] == {"unreadable_image": 1}
+    assert totals["rep"].reasons["rejected"] == {"empty_report": 1}
+    assert totals["ehr"].reasons["rejected"] == {"short_row": 1}
+    assert sum(t.rejected for t in report.splits.values()) == 0
+    reasons = {problem["reason"] for problem in report.problems}
+    assert reasons == {"unreadable_image", "empty_report", "short_row"}
+
+    # With nothing else left, the stay itself is rejected, with a reason.
+    only_ehr = ingest_site(make_site(root, modalities=("ehr",)))
+    rejected = [s for s in only_ehr.stays if not s.accepted]
+    assert [s.stay for s in rejected] == [cut_episode.stay]
+    tally = only_ehr.report().splits[cut_episode.split]
+    assert tally.rejected_by_reason == {"no_usable_modality": 1}
+
+
+def test_listfile_rows_that_are_not_stays_are_counted(clean_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    listfile = root / IHM / "val_listfile.csv"
+    lines = listfile.read_text().splitlines()
+    listfile.write_text("\n".join([*lines, lines[1], "not_a_stay.csv,0"]) + "\n")
+    (root / IHM / "train" / lines[1].split(",")[0]).unlink()  # missing file: EHR only
+    report = ingest_site(make_site(root)).report()
+    val = report.splits["val"]
+    assert val.listed == len(lines) - 1 + 2
+    assert val.rejected_by_reason["listfile_duplicate_stay"] == 1
+    assert val.rejected_by_reason["listfile_bad_listfile_row"] == 1
+    assert val.modalities["ehr"].reasons["rejected"]["missing_file"] == 1
+    report.check()
+
+
+def test_stay_ids_by_episode_number() -> None:
+    stays = pd.DataFrame(
+        {
+            "subject_id": ["11", "11", "11", "12", "12"],
+            "stay_id": ["300", "100", "200", "400", "bad"],
+            "intime": ["2100-03-01 00:00:00", "2100-01-01 00:00:00", "2100-02-01 00:00:00",
+                       "2100-01-01 00:00:00", "2100-02-01 00:00:00"],
+            "outtime": [""] * 5,
+        }
+    )  # fmt: skip
+    assert episode_stay_ids(stays) == {(11, 1): 100, (11, 2): 200, (11, 3): 300, (12, 1): 400}
+
+
+def test_config_errors_name_the_field(clean_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.stays_csv"):
+        ingest_site(make_site(clean_root, stays_csv=None))
+    with pytest.raises(ValueError, match=r"data\.reports_dir"):
+        ingest_site(make_site(clean_root, reports_dir=None))
+    with pytest.raises(FileNotFoundError, match="train_listfile.csv"):
+        ingest_site(make_site(clean_root, benchmark_dir=clean_root / "root"))
+
+
+def test_report_json_and_table(clean_root: Path, tmp_path: Path) -> None:
+    report = ingest_site(make_site(clean_root)).report()
+    report.write_json(tmp_path / "ingest.json")
+    data = json.loads((tmp_path / "ingest.json").read_text())
+    assert data["totals"]["cxr"]["missing"] == report.totals()["cxr"].counts["missing"]
+    console = Console(record=True, width=160)
+    print_ingest_report(data, console)
+    text = console.export_text()
+    assert "no_image_in_window" in text and "ehr+cxr+rep" in text
+    for name, split in data["splits"].items():
+        assert name in text and str(split["listed"]) in text
+
+
+def test_medfuse_listfiles_and_report_only_sites(clean_root: Path, tmp_path: Path) -> None:
+    """A listfile's stay_id column is used as is; a site without images still gets reports."""
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    reference = {s.stay: s for s in ingest_site(make_site(clean_root)).stays}
+    for split in ("train", "val", "test"):
+        listfile = root / IHM / f"{split}_listfile.csv"
+        rows = [line.split(",") for line in listfile.read_text().splitlines()[1:]]
+        lines = ["stay,period_length,stay_id,y_true"]
+        lines += [f"{stay},0,{reference[stay].stay_id},{y}" for stay, y in rows]
+        listfile.write_text("\n".join(lines) + "\n")
+    (root / "root" / "all_stays.csv").write_text(
+        (root / "root" / "all_stays.csv").read_text().splitlines()[0] + "\n"
+    )  # no stay can be looked up by episode number any more
+    metadata = clean_root / "mimic-cxr-jpg" / "mimic-cxr-2.0.0-metadata.csv"
+    site = make_site(root, modalities=("ehr", "rep"), cxr_dir=None, cxr_metadata=metadata)
+    with pytest.raises(ValueError, match=r"data\.cxr_dir"):
+        ingest_site(make_site(root, cxr_dir=None))
+    result = ingest_site(site)
+    assert result.linking["stay_id_source"] == "listfile"
+    assert all(stay.stay_id == reference[stay.stay].stay_id for stay in result.stays)
+    assert result.linking["stays_linked"] == 0  # all_stays.csv is empty: no time windows
+
+    # With the stays table back, reports link through the metadata alone (no image files).
+    stays_csv = clean_root / "root" / "all_stays.csv"
+    site = make_site(
+        root, modalities=("ehr", "rep"), cxr_dir=None, cxr_metadata=metadata, stays_csv=stays_csv
+    )
+    result = ingest_site(site)
+    assert tuple(result.stays[0].outcomes) == ("ehr", "rep")
+    assert sum(stay.report_text is not None for stay in result.stays) > 0
+    for stay in result.stays:
+        assert stay.report_text == reference[stay.stay].report_text
+        assert stay.image_path is None
