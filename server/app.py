@@ -22,7 +22,7 @@ from omnifuse_model.config import TrainConfig
 from omnifuse_model.federation_schema import AuditRow, finite_or_none
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.site_config import load_site_config
-from omnifuse_model.site_data import load_site_datasets
+from omnifuse_model.site_data import load_site_test_dataset
 from omnifuse_model.training import evaluate
 from server.audit_log import write_audit
 from server.checkpoint import ServerState, load_latest, save_round
@@ -41,7 +41,9 @@ def _server_evaluator(run: FederationRunConfig, scenario: dict):
     path = Path(test_site)
     site = load_site_config(path if path.is_absolute() else run.scenario_dir / path)
     model_config = run.omnifuse_config()
-    test = load_site_datasets(site, model_config).val
+    test = load_site_test_dataset(site, model_config)
+    if len(test) == 0:
+        raise ValueError(f"server test site {site.name}: the test split is empty")
     config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=0, seed=run.seed)
 
     def evaluate_weights(weights: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
+import tomllib
 from pathlib import Path
 
 from rich.console import Console
@@ -64,6 +67,88 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+
+    values = json.loads(args.config_json) if args.config_json else {}
+    values.update({"num_stays": args.stays, "seed": args.seed})
+    if args.messy_rate is not None:
+        values["messy_rate"] = args.messy_rate
+    summary = write_synthetic_mimic(SyntheticMimicConfig.model_validate(values), Path(args.out))
+    Console().print(
+        f"wrote {args.stays} stays to {args.out} "
+        f"({len(summary.messy_files)} messy files listed in synthetic_summary.json)"
+    )
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from simulation.partition import PartitionConfig, default_site_plans, partition
+
+    if args.config:
+        config = PartitionConfig.model_validate(tomllib.loads(Path(args.config).read_text()))
+    else:
+        config = PartitionConfig(
+            data_dir=Path(args.data),
+            task=args.task,
+            sites=default_site_plans(args.sites, args.size_skew, args.seed),
+            label_alpha=args.alpha,
+            seed=args.seed,
+        )
+    partition(config, Path(args.out))
+    Console().print(f"site views, site configs and scenario.json written to {args.out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from omnifuse_model.data.cache import prepare_site
+    from omnifuse_model.site_config import load_site_config
+    from simulation.preparation import prepare_scenario
+
+    if args.scenario:
+        prepare_scenario(Path(args.scenario), num_workers=args.workers)
+    for path in args.sites:
+        summary = prepare_site(load_site_config(path), num_workers=args.workers)
+        Console().print(f"{path}: {summary.hits} cache hits, {summary.misses} computed")
+    if not args.scenario and not args.sites:
+        raise ValueError("prepare: give site config files or --scenario DIR")
+    return 0
+
+
+def _federate(args: argparse.Namespace) -> int:
+    from simulation.federation import run_federation
+
+    scenario = Path(args.scenario).resolve()
+    sites = json.loads((scenario / "scenario.json").read_text())["site_configs"]
+    pairs = shlex.split(args.run_config, posix=False) if args.run_config else []
+    values: dict[str, object] = tomllib.loads("\n".join(pairs))
+    values.update(
+        {
+            "scenario-dir": str(scenario),
+            "run-dir": str(Path(args.run_dir).resolve()),
+            "num-server-rounds": args.rounds,
+            "min-available-nodes": len(sites),
+            "resume": args.resume,
+        }
+    )
+    work = Path(args.work_dir or Path(args.run_dir).resolve().parent / "flwr").resolve()
+    run_federation(values, num_supernodes=len(sites), work_dir=work)
+    Console().print(f"run written to {args.run_dir} (flwr log: {work / 'flwr_run.log'})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from simulation.demo import DemoConfig, run_demo
+
+    values = {
+        k: v
+        for k, v in (("stays", args.stays), ("sites", args.sites), ("rounds", args.rounds))
+        if v is not None
+    }
+    run_demo(Path(args.out), DemoConfig(**values))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnifuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -76,6 +161,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--seed", type=int, help="override train.seed")
     train.set_defaults(handler=_train)
+
+    synth = commands.add_parser("synth", help="write synthetic data in the real MIMIC layouts")
+    synth.add_argument("--out", required=True, help="new or empty folder")
+    synth.add_argument("--stays", type=int, default=200)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--messy-rate", type=float, help="share of files made messy")
+    synth.add_argument("--config-json", help="SyntheticMimicConfig fields as JSON")
+    synth.set_defaults(handler=_synth)
+
+    part = commands.add_parser("partition", help="split a MIMIC-format dataset into sites")
+    part.add_argument("--data", help="folder with root/, <task>/, mimic-cxr-jpg/, ...")
+    part.add_argument("--out", required=True)
+    part.add_argument(
+        "--task", default="in-hospital-mortality", choices=["in-hospital-mortality", "phenotyping"]
+    )
+    part.add_argument("--sites", type=int, default=3)
+    part.add_argument("--alpha", type=float, help="Dirichlet label skew (smaller = more)")
+    part.add_argument("--size-skew", type=float, default=0.0, help="log-normal size spread")
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--config", help="a PartitionConfig TOML instead of the options above")
+    part.set_defaults(handler=_partition)
+
+    prepare = commands.add_parser("prepare", help="run frozen backbones into feature caches")
+    prepare.add_argument("sites", nargs="*", help="site config TOML files")
+    prepare.add_argument("--scenario", help="every site of a scenario + federated normaliser")
+    prepare.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    prepare.set_defaults(handler=_prepare)
+
+    federate = commands.add_parser("federate", help="`flwr run` a scenario (simulation)")
+    federate.add_argument("--scenario", required=True, help="folder with scenario.json")
+    federate.add_argument("--run-dir", required=True)
+    federate.add_argument("--rounds", type=int, default=3)
+    federate.add_argument("--resume", action="store_true", help="continue from run-dir")
+    federate.add_argument("--run-config", help="more run-config keys: 'k1=v1 k2=\"v2\"'")
+    federate.add_argument("--work-dir", help="SuperLink state, FLWR_HOME and logs")
+    federate.set_defaults(handler=_federate)
+
+    demo = commands.add_parser("demo", help="synth -> partition -> prepare -> flwr run -> audit")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--stays", type=int)
+    demo.add_argument("--sites", type=int)
+    demo.add_argument("--rounds", type=int)
+    demo.set_defaults(handler=_demo)
 
     validate = commands.add_parser("validate-config", help="validate site config TOML files")
     validate.add_argument("files", nargs="+")

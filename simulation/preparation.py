@@ -1,0 +1,97 @@
+"""`omnifuse prepare`: feature caches for one site, or for every site of a scenario.
+
+For a scenario the EHR normaliser is the federation's: each site's train-split aggregates
+(count, sum, sum of squares per column; never a record) are combined into one normaliser,
+exactly what a federated statistics round would compute, and written next to scenario.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from omnifuse_model.data.cache import PrepareSummary, prepare_site
+from omnifuse_model.data.ehr_normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
+from omnifuse_model.data.manifest import AGGREGATES_FILE
+from omnifuse_model.site_config import SiteConfig, load_site_config
+
+NORMALIZER = "ehr_normalizer.json"
+
+
+def _site_paths(scenario_dir: Path) -> tuple[list[Path], Path | None]:
+    scenario = json.loads((scenario_dir / "scenario.json").read_text())
+    sites = [scenario_dir / p for p in scenario["site_configs"]]
+    test = scenario.get("server_test_site")
+    return sites, (scenario_dir / test) if test else None
+
+
+def federated_normalizer(sites: list[SiteConfig]) -> EHRNormalizer:
+    """Combine the sites' train-split EHR aggregates into one normaliser."""
+    parts = []
+    for site in sites:
+        path = Path(site.cache_dir) / AGGREGATES_FILE
+        if path.is_file():
+            parts.append(EHRAggregates.from_dict(json.loads(path.read_text())))
+    if not parts:
+        raise ValueError("no site has EHR aggregates (prepare the sites first)")
+    total = combine_aggregates(parts)
+    return EHRNormalizer.from_aggregates(total.count, total.sums, total.sumsq)
+
+
+def shared_fallback_text_backbone(sites: list[SiteConfig]):
+    """One offline text backbone for the whole simulated federation, or None when every site
+    names a local BERT.
+
+    The fallback's WordPiece vocabulary is trained on report texts; trained per site, token
+    ids (and so features) would mean different things at different sites and the shared
+    report encoder could not be averaged. A simulated federation therefore trains one
+    fallback on the union of the sites' train-split reports. A real deployment configures
+    the same local BERT directory at every hospital instead (docs/DEPLOY.md).
+    """
+    from omnifuse_model.data.backbones import TextBackbone
+    from omnifuse_model.data.ingest import ingest_site
+
+    if all(site.backbones.bert_dir for site in sites if "rep" in site.modalities):
+        return None
+    texts = sorted(
+        {
+            stay.report_text
+            for site in sites
+            if "rep" in site.modalities
+            for stay in ingest_site(site).split("train")
+            if stay.report_text
+        }
+    )
+    if not texts:
+        return None
+    backbone = TextBackbone(None, fallback_texts=texts)
+    return lambda _site_texts: backbone
+
+
+def prepare_scenario(
+    scenario_dir: Path, console: Console | None = None, num_workers: int = 0
+) -> dict[str, PrepareSummary]:
+    """Prepare every site, write the federated normaliser, then the server's test site."""
+    console = console or Console()
+    scenario_dir = Path(scenario_dir)
+    site_paths, test_path = _site_paths(scenario_dir)
+    summaries: dict[str, PrepareSummary] = {}
+    sites = [load_site_config(path) for path in site_paths]
+    text_factory = shared_fallback_text_backbone(sites)
+    for path, site in zip(site_paths, sites, strict=True):
+        console.print(f"[bold]{site.name}[/bold]: {path}")
+        summaries[site.name] = prepare_site(
+            site, num_workers=num_workers, text_backbone=text_factory
+        )
+    normalizer = federated_normalizer(sites)
+    normalizer.save(scenario_dir / NORMALIZER)
+    console.print(f"federated EHR normaliser from {len(sites)} sites: {scenario_dir / NORMALIZER}")
+    if test_path is not None:
+        site = load_site_config(test_path)
+        console.print(f"[bold]{site.name}[/bold] (server test): {test_path}")
+        summaries[site.name] = prepare_site(
+            site, num_workers=num_workers, text_backbone=text_factory
+        )
+    return summaries
