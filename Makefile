@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: setup
-	$(BIN)/omnifuse train --out runs/demo
+	$(BIN)/omnifuse demo --out runs/demo
 
 lint: setup
 	$(BIN)/ruff check .

@@ -30,7 +30,7 @@ from simulation.preparation import prepare_scenario
 class DemoConfig(StrictModel):
     """The embedded default: small enough for a few minutes on 2 cores."""
 
-    stays: int = Field(default=400, gt=0)
+    stays: int = Field(default=800, gt=0)
     sites: int = Field(default=3, gt=0)
     rounds: int = Field(default=3, gt=0)
     local_epochs: int = Field(default=2, gt=0)
