@@ -151,5 +151,8 @@ class TrainConfig(StrictModel):
         default=200, ge=0, description="For metric confidence intervals."
     )
     device: str = Field(default="cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    mixed_precision: bool = Field(
+        default=True, description="bfloat16 autocast on CUDA (no effect on CPU)."
+    )
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers.")
     progress: bool = Field(default=True, description="Show rich progress bars.")

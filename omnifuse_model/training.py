@@ -8,6 +8,7 @@ weights. ``evaluate`` returns metrics with bootstrap intervals plus the audit ag
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -101,6 +102,15 @@ def sample_training_drop(
     return hidden.to(availability.device)
 
 
+def autocast(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when mixed precision is on (bf16 needs no loss scaling);
+    a no-op elsewhere."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and config.mixed_precision:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -132,10 +142,11 @@ def train_epoch(
     for batch in iterate_batches(dataset, config.batch_size, True, generator, config.num_workers):
         batch = batch.to(device)
         drop = sample_training_drop(batch.availability, config.drop_rate, generator)
-        output = model(batch.inputs, batch.availability, batch.masks, batch.labels, drop)
-        loss = output.losses["total"]
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
+        with autocast(config):
+            output = model(batch.inputs, batch.availability, batch.masks, batch.labels, drop)
+            loss = output.losses["total"]
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -159,9 +170,10 @@ def mine_laziness(model: OmniFuse, dataset: Dataset, config: TrainConfig) -> Laz
     miner = LazinessMiner(model.config.modality_names, model.config.tla_reduction)
     for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
-        distances, eligible = model.combination_distances(
-            batch.inputs, batch.availability, batch.labels, batch.masks
-        )
+        with autocast(config):
+            distances, eligible = model.combination_distances(
+                batch.inputs, batch.availability, batch.labels, batch.masks
+            )
         miner.update(distances, eligible)
     return miner.report()
 
@@ -202,8 +214,9 @@ def evaluate(
     n = 0
     for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
-        output = model(batch.inputs, batch.availability, batch.masks)
-        probs.append(model.predict_proba(output.logits).cpu())
+        with autocast(config):
+            output = model(batch.inputs, batch.availability, batch.masks)
+        probs.append(model.predict_proba(output.logits.float()).cpu())
         labels.append(batch.labels.cpu())
         if output.dwfuse_weights is not None:
             weight_sums += output.dwfuse_weights.sum(dim=0).double().cpu()
