@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls of the SuperLink
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:

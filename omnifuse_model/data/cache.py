@@ -32,7 +32,6 @@ only the rest; a complete second run computes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -277,12 +276,12 @@ def prepare_site(
     summary.seconds = time.perf_counter() - started
     write_json_atomic(cache_dir / SUMMARY_FILE, summary.to_dict())
     logger.info(
-        "site %s: feature cache %s ready: %d hits, %d computed (%s)",
+        "site %s: feature cache ready (%d reused, %d computed: %s) in %s",
         site.name,
-        cache_dir,
         summary.hits,
         summary.misses,
-        json.dumps({k: asdict(v) for k, v in stats.items()}),
+        ", ".join(f"{k} {v.misses}/{v.items}" for k, v in stats.items()),
+        cache_dir,
     )
     return summary
 

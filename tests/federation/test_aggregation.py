@@ -195,6 +195,7 @@ def test_strategy_aggregates_real_site_replies(flower_task_identity, model_confi
                 wire.ARRAYS: ArrayRecord(result.state),
                 wire.METRICS: MetricRecord(result.metrics),
                 wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
+                wire.TLA_SUMS: ConfigRecord(wire.encode_tla_sums(result.laziness, 5)),
             }
         )
         replies.append(Message(content=content, reply_to=request))
@@ -217,3 +218,18 @@ def test_strategy_aggregates_real_site_replies(flower_task_identity, model_confi
     assert metrics["num-examples"] == n_a + n_b
     config = strategy.round_config(2, ConfigRecord())
     assert json.loads(str(config[wire.SITE_LAZINESS])).keys() == {"a_full", "b_no_cxr"}
+
+    # global TLA scope: the server merges the sites' sums and sends one combination back
+    global_run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, tla_scope="global")
+    global_strategy = OmniFuseStrategy(global_run, model_config)
+    global_strategy.previous = strategy.previous
+    global_strategy.aggregate_train(1, replies)
+    expected = merge_tla(
+        [wire.encode_tla_sums(r.laziness, 5) for r in results],
+        model_config.modality_names,
+        model_config.tla_reduction,
+    )
+    assert global_strategy.global_laziness == "+".join(expected)
+    sent = global_strategy.round_config(2, ConfigRecord())
+    assert str(sent[wire.LAZY_COMBINATION]) == "+".join(expected)
+    assert str(config[wire.LAZY_COMBINATION]) == ""  # site scope sends none globally
