@@ -82,6 +82,10 @@ class AuditRow(StrictModel):
     imputation_error: dict[str, float | None]
     val_auroc: float | None
     epsilon: float | None = Field(default=None, description="DP epsilon spent so far.")
+    update_status: str = Field(
+        default="accepted",
+        description="Set by the server: 'accepted' or 'rejected:<reason>' (update validation).",
+    )
 
 
 def exact_combination_counts(

@@ -103,6 +103,7 @@ def main(grid: Grid, context: Context) -> None:
             "evaluate_clients": strategy.round_eval_metrics.get(global_round, {}),
             "server": server_metrics,
             "bytes": strategy.round_bytes.get(global_round, {}),
+            "failed_or_rejected": strategy.round_problems.get(global_round, []),
             "wall_seconds": time.perf_counter() - clock["start"],
         }
         clock["start"] = time.perf_counter()

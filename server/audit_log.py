@@ -15,7 +15,15 @@ from omnifuse_model.federation_schema import AuditRow
 
 AUDIT_CSV = "audit.csv"
 AUDIT_JSON = "audit.json"
-BASE_COLUMNS = ["round", "site", "num_examples", "lazy_combination", "val_auroc", "epsilon"]
+BASE_COLUMNS = [
+    "round",
+    "site",
+    "update_status",
+    "num_examples",
+    "lazy_combination",
+    "val_auroc",
+    "epsilon",
+]
 PREFIXES = {
     "availability_counts": "avail.",
     "tla_scores": "tla.",

@@ -35,6 +35,11 @@ class FederationRunConfig(StrictModel):
     server_eval: bool = Field(default=True, description="Evaluate on the scenario's test set.")
     resume: bool = Field(default=False, description="Continue from run_dir's last checkpoint.")
     round_timeout: float = Field(default=3600.0, gt=0)
+    max_update_norm: float = Field(
+        default=1000.0,
+        ge=0,
+        description="Reject a site update farther than this (L2) from the global weights; 0 = off.",
+    )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:

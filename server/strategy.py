@@ -26,6 +26,7 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
 from server.run_config import FederationRunConfig
+from server.update_validation import update_rejection
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class OmniFuseStrategy(FedAvg):
         self.round_bytes: dict[int, dict[str, int]] = {}
         self.round_train_metrics: dict[int, dict[str, float]] = {}
         self.round_eval_metrics: dict[int, dict[str, float]] = {}
+        self.round_problems: dict[int, list[dict]] = {}
 
     # -- helpers --------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -168,18 +170,63 @@ class OmniFuseStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         global_round = self.global_round(server_round)
-        valid, failed = self._check_and_log_replies(list(replies), is_train=True)
+        # validate=False: Flower's own consistency check raises on the first odd reply and
+        # would stop the round; each reply is checked here instead and rejected alone.
+        valid, failed = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        problems = self.round_problems.setdefault(global_round, [])
         for message in failed:
-            log.warning("round %d: site reply failed: %s", global_round, message.error.reason)
-        if not valid:
-            return None, None
-        rows = [wire.decode_audit(m.content[wire.AUDIT]) for m in valid]
-        order = sorted(range(len(valid)), key=lambda i: rows[i].site)
-        valid, rows = [valid[i] for i in order], [rows[i] for i in order]
-        self.round_audit[global_round] = rows
+            reason = message.error.reason
+            log.warning(
+                "round %d: node %d failed: %s", global_round, message.metadata.src_node_id, reason
+            )
+            problems.append(
+                {
+                    "node": message.metadata.src_node_id,
+                    "status": "failed",
+                    "reason": str(reason)[:500],
+                }
+            )
+        accepted, rows, rejected_rows = [], [], []
+        for message in valid:
+            verdict = self._verdict(message)
+            row = verdict[1]
+            if verdict[0] is None:
+                accepted.append(message)
+                rows.append(row)
+                continue
+            log.warning(
+                "round %d: update from %s rejected: %s",
+                global_round,
+                row.site if row else f"node {message.metadata.src_node_id}",
+                verdict[0],
+            )
+            problems.append(
+                {
+                    "node": message.metadata.src_node_id,
+                    "status": "rejected",
+                    "site": row.site if row else None,
+                    "reason": verdict[0],
+                }
+            )
+            if row is not None:
+                rejected_rows.append(
+                    row.model_copy(update={"update_status": f"rejected:{verdict[0]}"})
+                )
+        self.round_audit[global_round] = sorted(rows + rejected_rows, key=lambda r: r.site)
         self.round_bytes.setdefault(global_round, {})["received"] = sum(
-            m.content[wire.ARRAYS].count_bytes() for m in valid
+            m.content[wire.ARRAYS].count_bytes() for m in valid if wire.ARRAYS in m.content
         )
+        if len(accepted) < max(1, self.min_train_nodes):
+            log.warning(
+                "round %d: %d accepted updates, fewer than min-train-nodes %d; the "
+                "global model is kept",
+                global_round,
+                len(accepted),
+                self.min_train_nodes,
+            )
+            return None, None
+        order = sorted(range(len(accepted)), key=lambda i: rows[i].site)
+        valid, rows = [accepted[i] for i in order], [rows[i] for i in order]
         states = [{k: v.numpy() for k, v in m.content[wire.ARRAYS].items()} for m in valid]
         metrics = [dict(m.content[wire.METRICS]) for m in valid]
         averaged = modality_aware_average(
@@ -214,6 +261,25 @@ class OmniFuseStrategy(FedAvg):
             self.round_bytes[global_round]["received"],
         )
         return arrays, MetricRecord(aggregated)
+
+    def _verdict(self, message: Message) -> tuple[str | None, wire.AuditRow | None]:
+        """(rejection reason or None, the reply's audit row when it decodes)."""
+        content = message.content
+        try:
+            row = wire.decode_audit(content[wire.AUDIT])
+        except (KeyError, ValueError) as error:
+            return f"bad_audit:{type(error).__name__}", None
+        if wire.ARRAYS not in content or wire.METRICS not in content:
+            return "missing_records", row
+        state = {k: v.numpy() for k, v in content[wire.ARRAYS].items()}
+        reason = update_rejection(
+            state,
+            self.previous or {},
+            dict(content[wire.METRICS]),
+            self.model_config.modality_names,
+            self.run.max_update_norm or None,
+        )
+        return reason, row
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -7,7 +7,17 @@ is set; this is the one place that works around it (STYLE.md rule 14).
 from __future__ import annotations
 
 import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from client.local_training import RoundInstructions, RoundResult, train_round
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.site_data import load_site_datasets
+from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
 
 
 @pytest.fixture
@@ -17,3 +27,77 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def make_site(name: str, modalities: list[str], seed: int) -> SiteConfig:
+    """A site over feature-level synthetic data (ehr, cxr vectors of width 8)."""
+    synthetic = SyntheticFeatureConfig(
+        modalities=[
+            SyntheticModality(name="ehr", dim=8, signal=1.5, noise=0.5, missing_rate=0.1),
+            SyntheticModality(name="cxr", dim=8, signal=1.0, noise=1.0, missing_rate=0.3),
+        ],
+        seed=seed,
+    )
+    return SiteConfig(
+        name=name,
+        modalities=modalities,
+        data={"source": "synthetic_features", "synthetic": synthetic, "synthetic_sizes": (120, 60)},
+    )
+
+
+@pytest.fixture
+def model_config() -> OmniFuseConfig:
+    return OmniFuseConfig(
+        modalities=[
+            {"name": "ehr", "kind": "vector", "input_dim": 8},
+            {"name": "cxr", "kind": "vector", "input_dim": 8},
+        ],
+        task="binary",
+        d=8,
+        cra_hidden=(16, 8),
+        num_blocks=2,
+    )
+
+
+def reply_content(result: RoundResult) -> RecordDict:
+    """What the ClientApp returns for a round result."""
+    return RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(result.state),
+            wire.METRICS: MetricRecord(result.metrics),
+            wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
+            wire.TLA_SUMS: ConfigRecord(wire.encode_tla_sums(result.laziness, 5)),
+        }
+    )
+
+
+@pytest.fixture
+def train_request(flower_task_identity) -> Message:
+    return Message(
+        content=RecordDict({"config": ConfigRecord()}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+
+
+@pytest.fixture
+def site_round(model_config, train_request):
+    """One real local round at two sites (one without cxr): (global state, results, replies),
+    replies in reverse site order (arrival order must not matter)."""
+    torch.manual_seed(0)
+    global_state = OmniFuse(model_config).state_dict()
+    instructions = RoundInstructions(
+        model_config=model_config,
+        train_config=TrainConfig(epochs=1, batch_size=32, progress=False, bootstrap_samples=0),
+        global_round=1,
+    )
+    results, replies = [], []
+    for site in reversed(
+        [make_site("a_full", ["ehr", "cxr"], 1), make_site("b_no_cxr", ["ehr"], 2)]
+    ):
+        result = train_round(
+            site.name, load_site_datasets(site, model_config), instructions, global_state
+        )
+        results.append(result)
+        replies.append(Message(content=reply_content(result), reply_to=train_request))
+    return global_state, results, replies

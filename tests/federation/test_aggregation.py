@@ -7,15 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 
-from client.local_training import RoundInstructions, train_round
 from omnifuse_model import federation_schema as wire
-from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.model import OmniFuse
-from omnifuse_model.site_config import SiteConfig
-from omnifuse_model.site_data import load_site_datasets
-from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
 from server.run_config import FederationRunConfig
 from server.strategy import (
     OmniFuseStrategy,
@@ -137,68 +133,11 @@ def test_audit_suppression_and_round_trip():
         wire.decode_audit({})
 
 
-def _site(name: str, modalities: list[str], seed: int) -> SiteConfig:
-    synthetic = SyntheticFeatureConfig(
-        modalities=[
-            SyntheticModality(name="ehr", dim=8, signal=1.5, noise=0.5, missing_rate=0.1),
-            SyntheticModality(name="cxr", dim=8, signal=1.0, noise=1.0, missing_rate=0.3),
-        ],
-        seed=seed,
-    )
-    return SiteConfig(
-        name=name,
-        modalities=modalities,
-        data={"source": "synthetic_features", "synthetic": synthetic, "synthetic_sizes": (120, 60)},
-    )
-
-
-@pytest.fixture
-def model_config() -> OmniFuseConfig:
-    return OmniFuseConfig(
-        modalities=[
-            {"name": "ehr", "kind": "vector", "input_dim": 8},
-            {"name": "cxr", "kind": "vector", "input_dim": 8},
-        ],
-        task="binary",
-        d=8,
-        cra_hidden=(16, 8),
-        num_blocks=2,
-    )
-
-
-def test_strategy_aggregates_real_site_replies(flower_task_identity, model_config, tmp_path):
-    torch.manual_seed(0)
-    global_state = OmniFuse(model_config).state_dict()
-    instructions = RoundInstructions(
-        model_config=model_config,
-        train_config=TrainConfig(epochs=1, batch_size=32, progress=False, bootstrap_samples=0),
-        global_round=1,
-    )
-    sites = [_site("a_full", ["ehr", "cxr"], 1), _site("b_no_cxr", ["ehr"], 2)]
+def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_path):
+    global_state, results, replies = site_round
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
     strategy = OmniFuseStrategy(run, model_config)
-    arrays = ArrayRecord({k: v.clone() for k, v in global_state.items()})
-    strategy.previous = {k: v.numpy() for k, v in arrays.items()}
-    request = Message(
-        content=RecordDict({"config": ConfigRecord()}),
-        message_type=MessageType.TRAIN,
-        dst_node_id=1,
-    )
-    replies, results = [], []
-    for site in reversed(sites):  # arrival order must not matter
-        result = train_round(
-            site.name, load_site_datasets(site, model_config), instructions, global_state
-        )
-        results.append(result)
-        content = RecordDict(
-            {
-                wire.ARRAYS: ArrayRecord(result.state),
-                wire.METRICS: MetricRecord(result.metrics),
-                wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
-                wire.TLA_SUMS: ConfigRecord(wire.encode_tla_sums(result.laziness, 5)),
-            }
-        )
-        replies.append(Message(content=content, reply_to=request))
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     aggregated, metrics = strategy.aggregate_train(1, replies)
     state = aggregated.to_torch_state_dict()
     by_site = {r.audit.site: r for r in results}
