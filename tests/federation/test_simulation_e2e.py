@@ -89,3 +89,18 @@ def test_three_sites_two_rounds_then_resume_matches_uninterrupted(tmp_path):
     for key in a:
         assert (a[key] == b[key]).all(), key
     assert [r.model_dump() for r in read_audit(resumed_dir)] == [r.model_dump() for r in rows]
+
+
+def test_a_failing_site_does_not_stop_the_round(tmp_path):
+    _scenario(tmp_path / "scenario")
+    broken = tmp_path / "scenario" / "site_1.toml"  # its data folder does not exist
+    broken.write_text(
+        'name = "site_1"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing_folder"\n'
+    )
+    run_dir = _run(tmp_path, "flwr", rounds=2)
+    history = json.loads((run_dir / "metrics.json").read_text())
+    for round_ in ("1", "2"):
+        problems = history[round_]["failed_or_rejected"]
+        assert [p["status"] for p in problems] == ["failed"]
+        assert problems[0]["reason"]  # Flower's error text of the site's exception
+    assert {r.site for r in read_audit(run_dir)} == {"site_0", "site_2"}
