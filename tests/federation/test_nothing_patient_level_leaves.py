@@ -1,0 +1,135 @@
+"""Every message a ClientApp returns holds only parameter arrays and aggregate metrics:
+no per-sample arrays, no stay or subject identifiers (a MIMIC-format site, real readers)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import evaluate, train
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.data.cache import prepare_site
+from omnifuse_model.data.site_dataset import mimic_model_modalities
+from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_config import SiteConfig
+
+
+@pytest.fixture(scope="module")
+def mimic_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site") / "data"
+    write_synthetic_mimic(
+        SyntheticMimicConfig(num_stays=60, seed=5, image_size=32), root, progress=False
+    )
+    site = SiteConfig(
+        name="hospital_x",
+        modalities=["ehr", "cxr", "rep"],
+        cache_dir=root.parent / "cache",
+        device="cpu",
+        data={
+            "benchmark_dir": root / "in-hospital-mortality",
+            "stays_csv": root / "root" / "all_stays.csv",
+            "cxr_dir": root / "mimic-cxr-jpg",
+            "reports_dir": root / "mimic-cxr-reports",
+        },
+    )
+    prepare_site(site, progress=False)
+    toml = root.parent / "site.toml"
+    toml.write_text(
+        'name = "hospital_x"\nmodalities = ["ehr", "cxr", "rep"]\ncache_dir = "cache"\n'
+        'device = "cpu"\n[data]\nbenchmark_dir = "data/in-hospital-mortality"\n'
+        'stays_csv = "data/root/all_stays.csv"\ncxr_dir = "data/mimic-cxr-jpg"\n'
+        'reports_dir = "data/mimic-cxr-reports"\n'
+    )
+    identifiers = set()
+    for listfile in (root / "in-hospital-mortality").glob("*_listfile.csv"):
+        for line in listfile.read_text().splitlines()[1:]:
+            stay = line.split(",")[0]
+            identifiers |= {stay, stay.split("_")[0]}
+    stays = (root / "root" / "all_stays.csv").read_text().splitlines()
+    identifiers |= {row.split(",")[2] for row in stays[1:]}  # ICUSTAY_IDs
+    return toml, identifiers
+
+
+def _request(message_type: str, config: OmniFuseConfig) -> Message:
+    torch.manual_seed(0)
+    state = OmniFuse(config).state_dict()
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(state),
+            wire.CONFIG: ConfigRecord(
+                {
+                    wire.MODEL_CONFIG: config.model_dump_json(),
+                    wire.TRAIN_CONFIG: json.dumps(
+                        {
+                            "epochs": 1,
+                            "batch_size": 16,
+                            "seed": 0,
+                            "progress": False,
+                            "bootstrap_samples": 0,
+                            "patience": 0,
+                        }
+                    ),
+                    wire.GLOBAL_ROUND: 1,
+                    wire.AUDIT_MIN_COUNT: 5,
+                }
+            ),
+        }
+    )
+    return Message(content=content, message_type=message_type, dst_node_id=1)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_client_replies_hold_only_weights_and_aggregates(flower_task_identity, mimic_site):
+    toml, identifiers = mimic_site
+    assert len(identifiers) > 50  # stay names, subject ids, ICU stay ids of the site
+    config = OmniFuseConfig(
+        modalities=mimic_model_modalities(), task="binary", d=8, cra_hidden=(16, 8), num_blocks=1
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-config": str(toml)},
+        state=RecordDict(),
+        run_config={},
+    )
+    expected = {k: tuple(v.shape) for k, v in OmniFuse(config).state_dict().items()}
+    for handler, kind in ((train, MessageType.TRAIN), (evaluate, MessageType.EVALUATE)):
+        reply = handler(_request(kind, config), context)
+        content = reply.content
+        allowed = {wire.ARRAYS, wire.METRICS, wire.AUDIT, wire.TLA_SUMS}
+        assert set(content.keys()) <= allowed
+        if wire.ARRAYS in content:  # exactly the model's parameters, nothing sample-shaped
+            arrays = {k: tuple(v.shape) for k, v in content[wire.ARRAYS].items()}
+            assert arrays == expected
+        for value in content[wire.METRICS].values():  # scalars only
+            assert isinstance(value, int | float)
+        texts = []
+        for name in (wire.AUDIT, wire.TLA_SUMS):
+            if name in content:
+                record = dict(content[name])
+                assert all(isinstance(v, int | float | str) for v in record.values())
+                texts += _strings(record)
+                if name == wire.AUDIT:
+                    texts += _strings(json.loads(record["row"]))
+        texts += list(content[wire.METRICS].keys())
+        blob = " ".join(texts)
+        leaked = sorted(i for i in identifiers if re.search(rf"(?<!\d){re.escape(i)}(?!\d)", blob))
+        assert not leaked, f"identifiers in a reply: {leaked[:5]}"
+        numbers = [v for v in content[wire.METRICS].values()]
+        assert np.isfinite(numbers).all()
