@@ -14,6 +14,8 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.local_training import RoundInstructions, evaluate_global, train_round
 from omnifuse_model import federation_schema as wire
@@ -71,7 +73,15 @@ def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
     )
 
 
-@app.train()
+def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod, applied only when the server's central-DP wrapper sent a
+    clipping norm (the mod errors on messages without one)."""
+    if KEY_CLIPPING_NORM in msg.content[wire.CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     site = load_site_config(site_config_path(context))
     config = msg.content[wire.CONFIG]

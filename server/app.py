@@ -17,6 +17,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
 
 from omnifuse_model.config import TrainConfig
 from omnifuse_model.federation_schema import AuditRow, finite_or_none
@@ -55,6 +60,24 @@ def _server_evaluator(run: FederationRunConfig, scenario: dict):
     return evaluate_weights
 
 
+def with_central_dp(strategy: OmniFuseStrategy, run: FederationRunConfig, sites: int) -> Strategy:
+    """Wrap the strategy in Flower's fixed-clipping DP wrapper when ``central-dp`` is on.
+
+    The wrapper clips each update (server side, or at the sites via fixedclipping_mod),
+    calls our aggregate_train (which then averages uniformly) and adds Gaussian noise of
+    std noise_multiplier * clipping_norm / sampled sites to the aggregate.
+    """
+    if run.central_dp == "off":
+        return strategy
+    sampled = max(int(sites * run.fraction_train), run.min_train_nodes)
+    wrapper = (
+        DifferentialPrivacyServerSideFixedClipping
+        if run.central_dp == "server"
+        else DifferentialPrivacyClientSideFixedClipping
+    )
+    return wrapper(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, sampled)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = FederationRunConfig.from_flower(context.run_config)
@@ -82,6 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = OmniFuseStrategy(
         run, model_config, state.round, state.site_laziness, state.global_laziness
     )
+    runner = with_central_dp(strategy, run, len(scenario["site_configs"]))
     server_evaluate = _server_evaluator(run, scenario)
     audit_rows = [AuditRow.model_validate(r) for r in state.audit_rows]
     history: dict = dict(state.history)
@@ -121,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
         (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
         return MetricRecord(server_metrics) if server_metrics else None
 
-    strategy.start(
+    runner.start(
         grid=grid,
         initial_arrays=ArrayRecord({k: _array(v) for k, v in weights.items()}),
         num_rounds=remaining,

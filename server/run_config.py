@@ -35,6 +35,15 @@ class FederationRunConfig(StrictModel):
     server_eval: bool = Field(default=True, description="Evaluate on the scenario's test set.")
     resume: bool = Field(default=False, description="Continue from run_dir's last checkpoint.")
     round_timeout: float = Field(default=3600.0, gt=0)
+    central_dp: Literal["off", "server", "client"] = Field(
+        default="off",
+        description=(
+            "Flower's central DP with fixed clipping: clipping on the server or at the sites "
+            "(fixedclipping_mod); Gaussian noise on the aggregate. Forces uniform site weights."
+        ),
+    )
+    dp_noise_multiplier: float = Field(default=1.0, ge=0)
+    dp_clipping_norm: float = Field(default=1.0, gt=0)
     max_update_norm: float = Field(
         default=1000.0,
         ge=0,

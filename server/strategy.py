@@ -37,12 +37,16 @@ def modality_aware_average(
     modality_names: list[str],
     previous: dict[str, np.ndarray] | None,
     modality_aware: bool = True,
+    uniform: bool = False,
 ) -> dict[str, np.ndarray]:
     """Weighted average of site states (all with the same keys).
 
     Parameters of modality m are weighted by ``num-present.m`` (sites without m get weight
     0; when no site trained m the previous global value is kept); all others by
-    ``num-examples``. With ``modality_aware=False`` everything is weighted by sample count.
+    ``num-examples``. With ``modality_aware=False`` everything is weighted by sample count;
+    with ``uniform=True`` every site weighs the same for every parameter (central DP: each
+    site's influence must be bounded by clipping_norm / n for the Gaussian noise to give the
+    stated guarantee).
     """
     if not states:
         raise ValueError("no site states to aggregate")
@@ -51,6 +55,9 @@ def modality_aware_average(
         if list(state) != keys:
             raise ValueError(f"site state {index} has different parameter keys")
     examples = np.array([float(m[wire.NUM_EXAMPLES]) for m in metrics])
+    if uniform:
+        examples = np.ones(len(states))
+        modality_aware = False
     result: dict[str, np.ndarray] = {}
     for key in keys:
         modality = wire.parameter_modality(key, modality_names) if modality_aware else None
@@ -235,6 +242,7 @@ class OmniFuseStrategy(FedAvg):
             self.model_config.modality_names,
             self.previous,
             self.run.modality_aware,
+            uniform=self.run.central_dp != "off",
         )
         for row in rows:
             if row.lazy_combination:
