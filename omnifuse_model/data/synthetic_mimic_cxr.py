@@ -15,23 +15,11 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from omnifuse_model.data.cxr import METADATA_COLUMNS
 from omnifuse_model.data.synthetic_mimic_cohort import StudyPlan
 
-METADATA_HEADER: tuple[str, ...] = (
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-)
-"""Exact header of ``mimic-cxr-2.0.0-metadata.csv``."""
+METADATA_HEADER: tuple[str, ...] = METADATA_COLUMNS
+"""Exact header of ``mimic-cxr-2.0.0-metadata.csv`` (the reader's definition)."""
 
 _VIEW_MEANING = {
     "AP": "antero-posterior",
