@@ -137,6 +137,24 @@ def _federate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from simulation.certificates import make_certificates, make_supernode_keys
+
+    console = Console()
+    if args.deploy_command == "certs":
+        paths = make_certificates(Path(args.out), hosts=tuple(args.host))
+        console.print(f"CA and SuperLink certificate written: {paths}")
+    elif args.deploy_command == "keys":
+        for name in args.names:
+            console.print(f"{name}: {make_supernode_keys(Path(args.out), name)}")
+    else:
+        from simulation.deploy import run_deployment_demo
+
+        result = run_deployment_demo(Path(args.work_dir), Path(args.scenario), rounds=args.rounds)
+        console.print_json(data=json.loads(json.dumps(result, default=str)))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from simulation.demo import DemoConfig, run_demo
 
@@ -197,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     federate.add_argument("--run-config", help="more run-config keys: 'k1=v1 k2=\"v2\"'")
     federate.add_argument("--work-dir", help="SuperLink state, FLWR_HOME and logs")
     federate.set_defaults(handler=_federate)
+
+    deploy = commands.add_parser("deploy", help="TLS certificates, SuperNode keys, loopback demo")
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy_commands.add_parser("certs", help="a consortium CA + SuperLink certificate")
+    certs.add_argument("--out", required=True)
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=["127.0.0.1", "localhost"],
+        help="SuperLink host names / IPs for the certificate (repeatable)",
+    )
+    keys = deploy_commands.add_parser("keys", help="SuperNode authentication key pairs")
+    keys.add_argument("--out", required=True)
+    keys.add_argument("names", nargs="+", help="one key pair per hospital name")
+    local = deploy_commands.add_parser(
+        "demo", help="TLS SuperLink + one authenticated SuperNode per site on 127.0.0.1"
+    )
+    local.add_argument("--scenario", required=True)
+    local.add_argument("--work-dir", required=True)
+    local.add_argument("--rounds", type=int, default=1)
+    deploy.set_defaults(handler=_deploy)
 
     demo = commands.add_parser("demo", help="synth -> partition -> prepare -> flwr run -> audit")
     demo.add_argument("--out", default="runs/demo")

@@ -8,41 +8,24 @@ everything; otherwise Flower would `uv sync` and download a CUDA torch).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from simulation.flower_processes import (
+    REPO_ROOT,
+    flower_bin,
+    flower_env,
+    stop_process,
+    write_run_config,
+)
+
 log = logging.getLogger(__name__)
 
 CONNECTION = "omnifuse-sim"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_run_config(path: Path, values: dict[str, object]) -> Path:
-    """A TOML file of run-config overrides for `flwr run --run-config FILE`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{key} = {_toml_value(v)}\n" for key, v in values.items()))
-    return path
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
@@ -79,18 +62,10 @@ def run_federation(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
     )
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        PYTHONPATH=str(app_dir) + os.pathsep + env.get("PYTHONPATH", ""),
-        # the SuperLink spawns flower-superexec / flwr-simulation by name
-        PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-    )
+    env = flower_env(flwr_home, app_dir)
     superlink_log = work_dir / "superlink.log"
     command = [
-        _bin("flower-superlink"),
+        flower_bin("flower-superlink"),
         "--insecure",
         "--simulation",
         "--isolation",
@@ -116,7 +91,7 @@ def run_federation(
         _wait_healthy(http_port, superlink, superlink_log, 60.0)
         config_file = write_run_config(work_dir / "run_config.toml", run_config)
         run = [
-            _bin("flwr"),
+            flower_bin("flwr"),
             "run",
             str(app_dir),
             CONNECTION,
@@ -138,7 +113,7 @@ def run_federation(
                 check=False,
             )
     finally:
-        _stop(superlink)
+        stop_process(superlink)
     _check_completed(run_config, work_dir, completed.returncode)
     return completed.returncode
 
@@ -160,15 +135,3 @@ def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: 
             f"federation stopped after round {done} of {expected} (flwr run exit code "
             f"{returncode}); log {log_path}:\n{tail}"
         )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it spawned (its own process group)."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
