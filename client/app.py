@@ -18,6 +18,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.local_training import RoundInstructions, evaluate_global, train_round
+from client.privacy import ledger_path
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.site_config import SiteConfig, load_site_config
@@ -70,6 +71,11 @@ def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
         proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
         lazy_combination=tuple(lazy.split("+")) if lazy else None,
         audit_min_count=int(config.get(wire.AUDIT_MIN_COUNT, 5)),
+        privacy=site.privacy,
+        # without the server's plan, the noise is planned for the rounds so far (a budget
+        # reached early rather than overspent)
+        planned_rounds=int(config.get(wire.PLANNED_ROUNDS, config[wire.GLOBAL_ROUND])),
+        privacy_ledger=ledger_path(site.cache_dir, str(config.get(wire.PRIVACY_LEDGER, "default"))),
     )
 
 

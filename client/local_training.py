@@ -1,21 +1,27 @@
 """What a site does in one round, in plain Python (the ClientApp only adapts messages).
 
 Local training reuses ``omnifuse_model.training.fit`` unchanged; FedProx adds its proximal
-term through ``fit``'s ``extra_loss``. The reply holds trainable weights, the counts used for
-(modality-aware) weighting and an audit row of aggregates; nothing per-sample.
+term through ``fit``'s ``extra_loss``; a DP-SGD site trains through ``client.privacy``. The
+reply holds trainable weights, the counts used for (modality-aware) weighting and an audit
+row of aggregates; nothing per-sample. A DP site adds the epsilon it has spent; once its
+budget is spent it trains no more and sends the global weights back with zero counts, so
+they carry no weight in the average.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from client.privacy import PrivacyLedger, PrivacyPlan, planned_epochs, private_fit
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.federation_schema import (
+    EPSILON,
     NUM_EXAMPLES,
     TRAIN_LOSS,
     TRAIN_SECONDS,
@@ -29,8 +35,9 @@ from omnifuse_model.federation_schema import (
 )
 from omnifuse_model.laziness import LazinessReport
 from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_config import PrivacyConfig
 from omnifuse_model.site_data import SiteDatasets
-from omnifuse_model.training import evaluate, fit
+from omnifuse_model.training import FitResult, evaluate, fit
 
 
 @dataclass
@@ -43,6 +50,9 @@ class RoundInstructions:
     proximal_mu: float = 0.0
     lazy_combination: tuple[str, ...] | None = None  # activated during the first epoch
     audit_min_count: int = 5
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the site's DP-SGD settings
+    planned_rounds: int = 1  # the federation's total rounds (DP-SGD plans its noise for them)
+    privacy_ledger: Path | None = None  # where a DP site keeps its accountant across rounds
 
 
 @dataclass
@@ -81,31 +91,42 @@ def train_round(
 ) -> RoundResult:
     """Local epochs from the global weights, then a local validation pass for the audit."""
     started = time.perf_counter()
-    model = build_model(instructions.model_config, global_state)
+    dp = instructions.privacy.dp_sgd
+    model_config = instructions.model_config
+    if dp:
+        model_config = model_config.model_copy(update={"dp_compatible": True})
+    model = build_model(model_config, global_state)
     if instructions.lazy_combination is not None:
         model.set_laziness(LazinessReport(lazy_combination=instructions.lazy_combination))
-    extra = (
-        proximal_term(model, global_state, instructions.proximal_mu)
-        if instructions.proximal_mu > 0
-        else None
-    )
     train_config = instructions.train_config
-    result = fit(model, datasets.train, None, train_config, extra_loss=extra)
+    epsilon = None
+    if dp:
+        result, epsilon = _private_round(site_name, model, datasets, instructions, global_state)
+    else:
+        extra = (
+            proximal_term(model, global_state, instructions.proximal_mu)
+            if instructions.proximal_mu > 0
+            else None
+        )
+        result = fit(model, datasets.train, None, train_config, extra_loss=extra)
     evaluation = evaluate(
         model, datasets.val, train_config.model_copy(update={"bootstrap_samples": 0})
     )
     names = instructions.model_config.modality_names
     availability = _availability(datasets.train)
     num_examples = int(availability.shape[0])
+    trained = result is not None
     metrics: dict[str, float | int] = {
-        NUM_EXAMPLES: num_examples,
-        TRAIN_LOSS: float(result.history[-1].losses.get("total", math.nan)),
+        NUM_EXAMPLES: num_examples if trained else 0,
+        TRAIN_LOSS: float(result.history[-1].losses.get("total", math.nan)) if trained else -1.0,
         TRAIN_SECONDS: time.perf_counter() - started,
         VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
         VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
     }
     for index, name in enumerate(names):
-        metrics[present_key(name)] = int(availability[:, index].sum())
+        metrics[present_key(name)] = int(availability[:, index].sum()) if trained else 0
+    if epsilon is not None:
+        metrics[EPSILON] = epsilon
     threshold = instructions.audit_min_count
     counts = exact_combination_counts(availability.tolist(), names)
     report = model.laziness
@@ -126,9 +147,33 @@ def train_round(
         mean_dwfuse_weight={k: finite_or_none(v) for k, v in evaluation.mean_dwfuse_weight.items()},
         imputation_error={k: finite_or_none(v) for k, v in evaluation.imputation_error.items()},
         val_auroc=finite_or_none(evaluation.metrics.get("auroc")),
+        epsilon=epsilon,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RoundResult(state, metrics, audit, report)
+
+
+def _private_round(
+    site_name: str,
+    model: OmniFuse,
+    datasets: SiteDatasets,
+    instructions: RoundInstructions,
+    global_state: dict[str, Tensor],
+) -> tuple[FitResult | None, float]:
+    """DP-SGD local epochs (``client.privacy``): (the fit or None at budget, epsilon spent)."""
+    if instructions.privacy_ledger is None:
+        raise ValueError(f"site '{site_name}': privacy.dp_sgd is on but no privacy ledger is set")
+    train_config = instructions.train_config
+    plan = PrivacyPlan(
+        total_epochs=planned_epochs(instructions.planned_rounds, train_config.epochs),
+        ledger=PrivacyLedger(instructions.privacy_ledger),
+        global_round=instructions.global_round,
+    )
+    proximal = (global_state, instructions.proximal_mu) if instructions.proximal_mu > 0 else None
+    outcome = private_fit(
+        site_name, model, datasets.train, train_config, instructions.privacy, plan, proximal
+    )
+    return outcome.fit, outcome.epsilon
 
 
 def evaluate_global(

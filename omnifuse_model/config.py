@@ -84,6 +84,15 @@ class OmniFuseConfig(StrictModel):
     tla_distance: Literal["ce", "mae"] = Field(
         default="ce", description="Sample distance D for lazy-combination mining (Eq. 15)."
     )
+    dp_compatible: bool = Field(
+        default=False,
+        description=(
+            "Build the variant that DP-SGD (Opacus) can train: LSTMs are Opacus' DPLSTM "
+            "(same parameter names and function), placeholders e_m(0) are encoded per sample, "
+            "the TLA pass runs over the whole batch under its mask, and every loss is a mean "
+            "of per-sample terms. Same state_dict keys as the default model."
+        ),
+    )
     tla_reduction: Literal["mean", "sum"] = Field(
         default="mean",
         description=(

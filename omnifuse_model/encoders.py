@@ -13,12 +13,67 @@ from torch import Tensor, nn
 from omnifuse_model.config import ModalitySpec
 
 
+def build_lstm(
+    input_size: int, hidden_size: int, num_layers: int, dp_compatible: bool
+) -> nn.Module:
+    """A batch-first LSTM: ``torch.nn.LSTM``, or Opacus' ``DPLSTM`` for DP-SGD.
+
+    DPLSTM computes the same function from parameters of the same names and shapes, built
+    from linear layers whose per-sample gradients Opacus can compute (cuDNN's fused LSTM
+    offers none). Its state dict is made nn.LSTM's, at any depth of the model: the same keys
+    in the same order (Opacus renames them only when the DPLSTM is the root module), so
+    weights move between DP and non-DP sites unchanged.
+    """
+    if not dp_compatible:
+        return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+    from opacus.layers import DPLSTM  # imported only here: opacus is slow to import
+
+    lstm = DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+    # Opacus' own renaming hook returns a new dict, which torch honours at the root only
+    # (and then hands to later hooks): replaced by one that edits the state dict in place.
+    for key, hook in list(lstm._state_dict_hooks.items()):
+        if getattr(hook, "__name__", "") == "filter_out_old_keys":
+            del lstm._state_dict_hooks[key]
+    lstm.register_state_dict_post_hook(_lstm_state_dict)
+    lstm.register_load_state_dict_pre_hook(_lstm_load_state_dict)
+    return lstm
+
+
+def _lstm_state_dict(module: nn.Module, state_dict: dict, prefix: str, _metadata: object) -> None:
+    """DPLSTM's entries under nn.LSTM's names and order (its internal names dropped)."""
+    values = {name: state_dict.pop(prefix + name) for name in module.new_to_old}
+    for name in module.old_to_new:
+        state_dict.pop(prefix + name, None)
+    order = [
+        f"{kind}_l{layer}"
+        for layer in range(module.num_layers)
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    ]
+    for name in order:
+        if name in values:
+            state_dict[prefix + name] = values[name]
+
+
+def _lstm_load_state_dict(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """Load nn.LSTM's keys into DPLSTM: its internal names alias the same parameters."""
+    for old, new in module.old_to_new.items():
+        if prefix + new in state_dict and prefix + old not in state_dict:
+            state_dict[prefix + old] = state_dict[prefix + new]
+
+
 class TimeSeriesEncoder(nn.Module):
     """MedFuse-style 2-layer LSTM over [B, T, F]; the last hidden state -> [B, d]."""
 
-    def __init__(self, input_dim: int, d: int, dropout: float = 0.0, layers: int = 2) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        d: int,
+        dropout: float = 0.0,
+        layers: int = 2,
+        dp_compatible: bool = False,
+    ) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(input_dim, d, num_layers=layers, batch_first=True)
+        self.lstm = build_lstm(input_dim, d, layers, dp_compatible)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -66,10 +121,12 @@ class TokenStateEncoder(nn.Module):
         return self.net(pooled)
 
 
-def build_encoder(spec: ModalitySpec, d: int, dropout: float) -> nn.Module:
-    """The trainable encoder for one modality spec."""
+def build_encoder(
+    spec: ModalitySpec, d: int, dropout: float, dp_compatible: bool = False
+) -> nn.Module:
+    """The trainable encoder for one modality spec (DPLSTM when ``dp_compatible``)."""
     if spec.kind == "timeseries":
-        return TimeSeriesEncoder(spec.input_dim, d, dropout)
+        return TimeSeriesEncoder(spec.input_dim, d, dropout, dp_compatible=dp_compatible)
     if spec.kind == "image_features":
         return ImageFeatureEncoder(spec.input_dim, d, dropout)
     if spec.kind == "token_states":
@@ -78,25 +135,42 @@ def build_encoder(spec: ModalitySpec, d: int, dropout: float) -> nn.Module:
 
 
 class ModalityEncoders(nn.Module):
-    """All M encoders; returns true embeddings and the missing placeholders (Eq. 1-3)."""
+    """All M encoders; returns true embeddings and the missing placeholders (Eq. 1-3).
 
-    def __init__(self, specs: list[ModalitySpec], d: int, dropout: float) -> None:
+    With ``per_sample_placeholders`` (the DP-SGD variant) e_m(0) is encoded once per sample
+    of the batch: every encoder call then sees the batch's B rows, and the placeholder a
+    sample uses is computed in that sample's own row, as per-sample gradients need.
+    """
+
+    def __init__(
+        self,
+        specs: list[ModalitySpec],
+        d: int,
+        dropout: float,
+        dp_compatible: bool = False,
+    ) -> None:
         super().__init__()
         self.specs = list(specs)
-        self.encoders = nn.ModuleDict({s.name: build_encoder(s, d, dropout) for s in specs})
+        self.per_sample_placeholders = dp_compatible
+        self.encoders = nn.ModuleDict(
+            {s.name: build_encoder(s, d, dropout, dp_compatible) for s in specs}
+        )
 
-    def placeholders(self, device: torch.device) -> Tensor:
-        """v_m^miss = e_m(0) for every modality, [M, d] (Eq. 2-3).
+    def placeholders(self, device: torch.device, batch: int | None = None) -> Tensor:
+        """v_m^miss = e_m(0) for every modality (Eq. 2-3): [M, d], or [B, M, d] for a batch.
 
         e_m is a deterministic function of its input outside dropout, so one all-zero sample
-        per modality gives the placeholder of every missing sample in the batch.
+        per modality gives the placeholder of every missing sample in the batch; with
+        ``batch`` a zero batch of that size is encoded instead (one row per sample).
         """
         rows = []
         for spec in self.specs:
-            zero = torch.zeros((1, *spec.input_shape), device=device)
-            mask = torch.zeros((1, spec.seq_len or 1), dtype=torch.bool, device=device)
-            rows.append(self.encoders[spec.name](zero, mask)[0])
-        return torch.stack(rows)
+            size = 1 if batch is None else batch
+            zero = torch.zeros((size, *spec.input_shape), device=device)
+            mask = torch.zeros((size, spec.seq_len or 1), dtype=torch.bool, device=device)
+            encoded = self.encoders[spec.name](zero, mask)
+            rows.append(encoded[0] if batch is None else encoded)
+        return torch.stack(rows, dim=0 if batch is None else 1)
 
     def forward(
         self,
@@ -112,11 +186,13 @@ class ModalityEncoders(nn.Module):
             masks: name -> bool [B, L] token masks for 'token_states' modalities.
 
         Returns:
-            (embeddings [B, M, d] with placeholders at absent positions, placeholders [M, d]).
+            (embeddings [B, M, d] with placeholders at absent positions, placeholders [M, d],
+            or [B, M, d] with ``per_sample_placeholders``).
         """
         masks = masks or {}
         device = availability.device
-        missing = self.placeholders(device)
+        batch = availability.shape[0] if self.per_sample_placeholders else None
+        missing = self.placeholders(device, batch)
         columns = []
         for index, spec in enumerate(self.specs):
             if spec.name not in inputs:
@@ -133,5 +209,5 @@ class ModalityEncoders(nn.Module):
             shaped = present.view(-1, *[1] * (x.dim() - 1))
             x = torch.where(shaped, x, torch.zeros((), dtype=x.dtype, device=x.device))
             encoded = self.encoders[spec.name](x, masks.get(spec.name))
-            columns.append(torch.where(present, encoded, missing[index]))
+            columns.append(torch.where(present, encoded, missing[..., index, :]))
         return torch.stack(columns, dim=1), missing

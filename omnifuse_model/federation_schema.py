@@ -32,6 +32,8 @@ SITE_LAZINESS = "site-laziness"  # JSON {site name: '+'-joined lazy combination}
 TLA_SCOPE = "tla-scope"  # 'site' or 'global'
 PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's own key)
 AUDIT_MIN_COUNT = "audit-min-count"
+PLANNED_ROUNDS = "planned-rounds"  # the run's total rounds: DP-SGD sites plan their noise for them
+PRIVACY_LEDGER = "privacy-ledger"  # id of the run's privacy ledger at DP sites (same on resume)
 
 # -- client -> server metric keys ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"
@@ -39,6 +41,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"  # wall time of the site's local training + audit pass
 VAL_AUROC = "val-auroc"
 VAL_AUPRC = "val-auprc"
+EPSILON = "epsilon"  # DP-SGD sites only: epsilon spent so far in the run (Opacus' accountant)
 
 
 def present_key(modality: str) -> str:

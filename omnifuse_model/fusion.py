@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from omnifuse_model.config import FusionKind
+from omnifuse_model.encoders import build_lstm
 
 
 def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
@@ -112,11 +113,19 @@ class SEGateFusion(nn.Module):
 class LSTMFusion(nn.Module):
     """MedFuse-style fusion: the modality embeddings as a length-M sequence through an LSTM;
     the last hidden state -> linear classifier. With imputation every position holds a
-    completed embedding; without it, absent positions hold the placeholder e_m(0)."""
+    completed embedding; without it, absent positions hold the placeholder e_m(0).
+    ``dp_compatible``: Opacus' DPLSTM (see ``encoders.build_lstm``)."""
 
-    def __init__(self, num_modalities: int, d: int, num_classes: int, dropout: float) -> None:
+    def __init__(
+        self,
+        num_modalities: int,
+        d: int,
+        num_classes: int,
+        dropout: float,
+        dp_compatible: bool = False,
+    ) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(d, d, batch_first=True)
+        self.lstm = build_lstm(d, d, 1, dp_compatible)
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(d, num_classes)
 
@@ -134,9 +143,16 @@ BASELINE_FUSIONS: dict[str, type[nn.Module]] = {
 
 
 def build_baseline_fusion(
-    kind: FusionKind, num_modalities: int, d: int, num_classes: int, dropout: float
+    kind: FusionKind,
+    num_modalities: int,
+    d: int,
+    num_classes: int,
+    dropout: float,
+    dp_compatible: bool = False,
 ) -> nn.Module:
     """A baseline fusion head by name (not 'dwfuse', which the model wires itself)."""
     if kind not in BASELINE_FUSIONS:
         raise ValueError(f"fusion: unknown baseline '{kind}', expected {sorted(BASELINE_FUSIONS)}")
+    if kind == "lstm":
+        return LSTMFusion(num_modalities, d, num_classes, dropout, dp_compatible)
     return BASELINE_FUSIONS[kind](num_modalities, d, num_classes, dropout)

@@ -66,6 +66,21 @@ class CascadeResidualAutoencoder(nn.Module):
             latents.append(latent)
         return CascadeOutput(output=v + total, latents=torch.cat(latents, dim=1))
 
+    def latents_only(self, v: Tensor) -> Tensor:
+        """concat(s_1, ..., s_K) [B, K * latent_dim] without the last block's decoder.
+
+        For passes that use only the joint embedding (DP-SGD's TLA pass): a layer whose
+        output does not reach the loss would leave Opacus without its per-sample gradient.
+        """
+        total = torch.zeros_like(v)
+        latents = []
+        for block in self.blocks[:-1]:
+            delta, latent = block(v + total)
+            total = total + delta
+            latents.append(latent)
+        latents.append(self.blocks[-1].encoder(v + total))
+        return torch.cat(latents, dim=1)
+
 
 def masked_mse(prediction: Tensor, target: Tensor, slot_mask: Tensor) -> Tensor:
     """Mean squared error over the modality slots that have a target.
@@ -80,3 +95,15 @@ def masked_mse(prediction: Tensor, target: Tensor, slot_mask: Tensor) -> Tensor:
     per_slot = (prediction - target).pow(2).mean(dim=-1)
     weight = slot_mask.to(per_slot.dtype)
     return (per_slot * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def per_sample_masked_mse(prediction: Tensor, target: Tensor, slot_mask: Tensor) -> Tensor:
+    """Each sample's mean squared error over its own slots that have a target, [B].
+
+    The DP-SGD variant of ``masked_mse`` (whose normaliser counts slots over the whole
+    batch): its batch mean is a mean of per-sample terms. A sample without any target
+    slot contributes 0.
+    """
+    per_slot = (prediction - target).pow(2).mean(dim=-1)
+    weight = slot_mask.to(per_slot.dtype)
+    return (per_slot * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.encoders import ModalityEncoders
 from omnifuse_model.fusion import DWFuseHeads, build_baseline_fusion, dwfuse_weights
-from omnifuse_model.imputation import CascadeOutput, CascadeResidualAutoencoder, masked_mse
+from omnifuse_model.imputation import (
+    CascadeOutput,
+    CascadeResidualAutoencoder,
+    masked_mse,
+    per_sample_masked_mse,
+)
 from omnifuse_model.laziness import (
     Combination,
     LazinessReport,
@@ -74,7 +79,7 @@ class OmniFuse(nn.Module):
         super().__init__()
         self.config = config
         names, d, m = config.modality_names, config.d, config.num_modalities
-        self.encoders = ModalityEncoders(config.modalities, d, config.dropout)
+        self.encoders = ModalityEncoders(config.modalities, d, config.dropout, config.dp_compatible)
         self.forward_cra = (
             CascadeResidualAutoencoder(m * d, config.num_blocks, config.cra_hidden)
             if config.use_forward_imputation
@@ -94,7 +99,7 @@ class OmniFuse(nn.Module):
         else:
             self.heads = None
             self.fusion_head = build_baseline_fusion(
-                config.fusion, m, d, config.num_classes, config.dropout
+                config.fusion, m, d, config.num_classes, config.dropout, config.dp_compatible
             )
         self.register_buffer("_combination_masks", combination_masks(names), persistent=False)
         self.laziness: LazinessReport | None = None
@@ -122,7 +127,10 @@ class OmniFuse(nn.Module):
 
     # -- the forward path -------------------------------------------------------------------
     def _predict(self, embeddings: Tensor, available: Tensor, placeholders: Tensor) -> _Prediction:
-        """Input triplet -> forward imputation -> completed embeddings -> predictions."""
+        """Input triplet -> forward imputation -> completed embeddings -> predictions.
+
+        placeholders: [M, d], or [B, M, d] per sample (``dp_compatible``).
+        """
         batch, num_modalities, d = embeddings.shape
         slots = torch.where(available.unsqueeze(-1), embeddings, placeholders)
         v = slots.flatten(1)
@@ -141,6 +149,20 @@ class OmniFuse(nn.Module):
             logits = self.fusion_head(completed)
             modality_logits = None
         return _Prediction(v, cascade, completed, logits, modality_logits)
+
+    def _joint_logits(self, embeddings: Tensor, available: Tensor, placeholders: Tensor) -> Tensor:
+        """The joint prediction o [B, C] alone, calling only the layers it depends on.
+
+        Equal to ``_predict(...).logits``; under DP-SGD a layer called in a step must reach
+        the loss (Opacus pairs each call's inputs with its output gradient), so DWFuse's
+        per-modality heads and the cascade's last decoder are left out here.
+        """
+        if self.heads is None:
+            return self._predict(embeddings, available, placeholders).logits
+        slots = torch.where(available.unsqueeze(-1), embeddings, placeholders)
+        if self.forward_cra is None:
+            return self.heads.joint_head(slots.flatten(1))
+        return self.heads.joint_head(self.forward_cra.latents_only(slots.flatten(1)))
 
     def forward(
         self,
@@ -208,7 +230,10 @@ class OmniFuse(nn.Module):
             # modality absent from the data has no truth and leaves the loss (masked).
             target = torch.where(used.unsqueeze(-1), placeholders, embeddings).detach()
             imputed = prediction.forward.output.view_as(embeddings)
-            losses["forward"] = masked_mse(imputed, target, availability)
+            if cfg.dp_compatible:  # a mean of per-sample terms (see _tla)
+                losses["forward"] = per_sample_masked_mse(imputed, target, availability).mean()
+            else:
+                losses["forward"] = masked_mse(imputed, target, availability)
             total = total + losses["forward"]
             if self.backward_cra is not None:
                 cycle = self.backward_cra(prediction.forward.output).output
@@ -231,17 +256,40 @@ class OmniFuse(nn.Module):
         total = total + cfg.lambda2 * losses["fusion"]
         lazy = self._lazy_mask()
         if cfg.use_tla and lazy is not None:
-            holds = availability[:, lazy].all(dim=1)  # Mask(s), Eq. 16
-            if bool(holds.any()):
-                lazy_used = lazy.unsqueeze(0).expand(int(holds.sum()), -1)
-                lazy_prediction = self._predict(embeddings[holds], lazy_used, placeholders)
-                per_sample = per_sample_loss(lazy_prediction.logits, labels[holds], task)
-                losses["tla"] = tla_loss(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
-            else:
-                losses["tla"] = total.new_zeros(())
+            losses["tla"] = self._tla(embeddings, availability, placeholders, labels, lazy)
             total = total + cfg.lambda3 * losses["tla"]
         losses["total"] = total
         return losses
+
+    def _tla(
+        self,
+        embeddings: Tensor,
+        availability: Tensor,
+        placeholders: Tensor,
+        labels: Tensor,
+        lazy: Tensor,
+    ) -> Tensor:
+        """L_TLA (Eq. 16-17): the loss of predictions from the lazy combination alone.
+
+        Default: predict only the samples that hold the combination, mean over them. With
+        ``dp_compatible`` every sample is predicted (each module call sees the whole batch,
+        as Opacus' per-sample gradients need) and the masked sum is divided by the batch
+        size: a count of holding samples as normaliser would couple the samples' gradients.
+        """
+        holds = availability[:, lazy].all(dim=1)  # Mask(s), Eq. 16
+        task = self.config.task
+        if self.config.dp_compatible:
+            lazy_used = lazy.unsqueeze(0).expand(embeddings.shape[0], -1)
+            per_sample = per_sample_loss(
+                self._joint_logits(embeddings, lazy_used, placeholders), labels, task
+            )
+            return (per_sample * holds.to(per_sample.dtype)).mean()
+        if not bool(holds.any()):
+            return embeddings.new_zeros(())
+        lazy_used = lazy.unsqueeze(0).expand(int(holds.sum()), -1)
+        lazy_prediction = self._predict(embeddings[holds], lazy_used, placeholders)
+        per_sample = per_sample_loss(lazy_prediction.logits, labels[holds], task)
+        return tla_loss(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
 
     @torch.no_grad()
     def combination_distances(
@@ -265,6 +313,8 @@ class OmniFuse(nn.Module):
         combos = self._combination_masks  # [C, M]
         num_combos, batch = combos.shape[0], embeddings.shape[0]
         repeated = embeddings.unsqueeze(0).expand(num_combos, -1, -1, -1).flatten(0, 1)
+        if placeholders.dim() == 3:  # per-sample placeholders [B, M, d]
+            placeholders = placeholders.unsqueeze(0).expand(num_combos, -1, -1, -1).flatten(0, 1)
         used = combos.unsqueeze(1).expand(-1, batch, -1).flatten(0, 1)
         logits = self._predict(repeated, used, placeholders).logits
         repeated_labels = labels.unsqueeze(0).expand(num_combos, *labels.shape).flatten(0, 1)

@@ -71,12 +71,23 @@ class LocalTrainingConfig(StrictModel):
 
 
 class PrivacyConfig(StrictModel):
-    """Local DP-SGD settings (Opacus)."""
+    """Local DP-SGD settings (Opacus); the budget covers the whole federated run."""
 
-    dp_sgd: bool = False
-    target_epsilon: float = Field(default=8.0, gt=0)
-    target_delta: float = Field(default=1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    dp_sgd: bool = Field(default=False, description="Train locally with DP-SGD (Opacus).")
+    target_epsilon: float = Field(
+        default=8.0, gt=0, description="Epsilon the site may spend over the whole run."
+    )
+    target_delta: float = Field(
+        default=1e-5, gt=0, lt=1, description="Delta; keep it below 1 / training samples."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clipping norm.")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp",
+        description=(
+            "Opacus accountant: 'rdp' (Renyi DP: a safe upper bound, fast enough to check "
+            "the budget every round) or 'prv' (tighter, slower)."
+        ),
+    )
 
 
 class SiteConfig(StrictModel):

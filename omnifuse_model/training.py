@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from omnifuse_model.metrics import classification_report
 from omnifuse_model.model import OmniFuse
 
 ExtraLoss = Callable[[OmniFuse], Tensor]
+# One epoch's training batches, given the run's generator (e.g. DP-SGD's Poisson sampling).
+BatchSource = Callable[[torch.Generator], Iterable[Batch]]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -131,15 +133,22 @@ def train_epoch(
     generator: torch.Generator,
     extra_loss: ExtraLoss | None = None,
     progress: Progress | None = None,
+    batches: Iterable[Batch] | None = None,
 ) -> dict[str, float]:
-    """One epoch over ``dataset``; returns the mean of every named loss."""
+    """One epoch over ``dataset``; returns the mean of every named loss.
+
+    ``batches`` replaces the shuffled in-order batches of ``dataset`` (e.g. DP-SGD's
+    Poisson-sampled ones).
+    """
     model.train()
     device = torch.device(config.device)
     sums: dict[str, float] = {}
     steps = 0
     total_batches = math.ceil(len(dataset) / config.batch_size)
     task = progress.add_task("train", total=total_batches, info="") if progress else None
-    for batch in iterate_batches(dataset, config.batch_size, True, generator, config.num_workers):
+    if batches is None:
+        batches = iterate_batches(dataset, config.batch_size, True, generator, config.num_workers)
+    for batch in batches:
         batch = batch.to(device)
         drop = sample_training_drop(batch.availability, config.drop_rate, generator)
         with autocast(config):
@@ -292,6 +301,9 @@ def fit(
     config: TrainConfig,
     run_dir: str | Path | None = None,
     extra_loss: ExtraLoss | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: BatchSource | None = None,
+    keep_best: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``train_data``; early-stop on ``val_data`` AUROC.
 
@@ -299,11 +311,20 @@ def fit(
         extra_loss: optional term added to every step's loss (e.g. FedProx's proximal term).
         run_dir: when given, the run's config, per-epoch metrics and the best checkpoint are
             written there (config.json, metrics.json, checkpoint/).
+        optimizer: the optimizer to step (default: Adam over the model's parameters with
+            ``config.lr`` and ``config.weight_decay``); DP-SGD passes Opacus' DPOptimizer.
+        batches: each epoch's training batches (default: ``train_data`` shuffled).
+        keep_best: restore the best epoch's weights at the end (default); False keeps the
+            last epoch's, without early stopping (DP-SGD: choosing an epoch by a non-private
+            score would use the training data outside the privacy accounting).
     """
     generator = seed_everything(config.seed)
     device = torch.device(config.device)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
     history: list[EpochRecord] = []
     best_state, best_auroc, best_epoch, since_best = None, -math.inf, 0, 0
     stopped_early = False
@@ -312,7 +333,14 @@ def fit(
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
             losses = train_epoch(
-                model, train_data, optimizer, config, generator, extra_loss, progress
+                model,
+                train_data,
+                optimizer,
+                config,
+                generator,
+                extra_loss,
+                progress,
+                batches(generator) if batches is not None else None,
             )
             train_seconds = time.perf_counter() - start
             start = time.perf_counter()
@@ -334,7 +362,7 @@ def fit(
             score = val_metrics.get("auroc", math.nan)
             if math.isnan(score) and val_data is None:
                 score = -losses.get("total", math.inf)  # no validation: keep the last epoch
-            if score > best_auroc or best_state is None:
+            if score > best_auroc or best_state is None or not keep_best:
                 best_auroc, best_epoch, since_best = score, epoch, 0
                 best_state = (copy.deepcopy(model.state_dict()), model.laziness)
             else:

@@ -12,6 +12,7 @@ Subclasses Flower's FedAvg and overrides its hooks only (no copy of ``start``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -141,6 +142,10 @@ class OmniFuseStrategy(FedAvg):
         config[wire.GLOBAL_ROUND] = global_round
         config[wire.TLA_SCOPE] = self.run.tla_scope
         config[wire.AUDIT_MIN_COUNT] = self.run.audit_min_count
+        config[wire.PLANNED_ROUNDS] = self.run.num_server_rounds
+        # one privacy ledger per run directory: the same across resumes of the run
+        run_dir = str(self.run.run_dir.resolve()).encode()
+        config[wire.PRIVACY_LEDGER] = hashlib.sha256(run_dir).hexdigest()[:16]
         config[wire.SITE_LAZINESS] = json.dumps(self.site_laziness)
         config[wire.LAZY_COMBINATION] = (
             self.global_laziness if self.run.tla_scope == "global" else ""
@@ -301,7 +306,11 @@ class OmniFuseStrategy(FedAvg):
 
 
 def weighted_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over sites; undefined values (-1) are skipped."""
+    """Sample-weighted mean of each metric over sites; undefined values (-1) are skipped.
+
+    Counts are summed; DP epsilon (reported by DP-SGD sites only) is the largest any site
+    has spent.
+    """
     result: dict[str, float] = {
         wire.NUM_EXAMPLES: float(sum(m[wire.NUM_EXAMPLES] for m in metrics))
     }
@@ -309,6 +318,9 @@ def weighted_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
     for key in sorted(keys):
         if key.startswith("num-present."):
             result[key] = float(sum(m.get(key, 0) for m in metrics))
+            continue
+        if key == wire.EPSILON:
+            result[key] = float(max(m[key] for m in metrics if key in m))
             continue
         pairs = [(m[key], m[wire.NUM_EXAMPLES]) for m in metrics if key in m and m[key] != -1.0]
         total = sum(w for _, w in pairs)
