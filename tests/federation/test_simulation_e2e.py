@@ -41,7 +41,7 @@ def _scenario(directory: Path) -> Path:
 
 def _run(tmp: Path, name: str, rounds: int, resume: bool = False) -> Path:
     run_dir = tmp / "run"
-    config = {
+    config: dict[str, object] = {
         "scenario-dir": str(tmp / "scenario"),
         "run-dir": str(run_dir),
         "num-server-rounds": rounds,
@@ -104,3 +104,50 @@ def test_a_failing_site_does_not_stop_the_round(tmp_path):
         assert [p["status"] for p in problems] == ["failed"]
         assert problems[0]["reason"]  # Flower's error text of the site's exception
     assert {r.site for r in read_audit(run_dir)} == {"site_0", "site_2"}
+
+
+def test_an_interrupted_server_resumes_from_its_last_checkpoint(tmp_path):
+    """Kill the process running the ServerApp (SIGKILL to flwr-simulation) once round 1 is
+    checkpointed, then resume: the run finishes with every round exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from simulation.flower_processes import _descendants
+
+    _scenario(tmp_path / "scenario")
+    run_dir = tmp_path / "run"
+    script = (
+        "import sys; from pathlib import Path; from simulation.federation import run_federation;"
+        f"run_federation({{'scenario-dir': {str(tmp_path / 'scenario')!r}, "
+        f"'run-dir': {str(run_dir)!r}, 'num-server-rounds': 3, 'seed': 3, "
+        "'local-epochs': 3}, 3, "
+        f"Path({str(tmp_path / 'first')!r}), timeout=600)"
+    )
+    harness = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and time.monotonic() < deadline and harness.poll() is None:
+        time.sleep(0.5)
+    assert latest.is_file(), "round 1 never checkpointed"
+    servers = [
+        pid
+        for pid in _descendants(harness.pid)
+        if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert servers, "no flwr-simulation process found under the harness"
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(harness.pid, signal.SIGINT)  # the harness then stops the SuperLink it started
+    harness.wait(timeout=120)
+    done = int(latest.read_text().split("_")[-1])
+    assert done < 3, "interrupted too late to test a resume"
+    _run(tmp_path, "second", rounds=3, resume=True)
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert set(history) == {"1", "2", "3"}
+    rows = read_audit(run_dir)
+    assert sorted((r.round, r.site) for r in rows) == [
+        (r, f"site_{i}") for r in (1, 2, 3) for i in range(3)
+    ]
