@@ -153,9 +153,10 @@ class OmniFuse(nn.Module):
     def _joint_logits(self, embeddings: Tensor, available: Tensor, placeholders: Tensor) -> Tensor:
         """The joint prediction o [B, C] alone, calling only the layers it depends on.
 
-        Equal to ``_predict(...).logits``; under DP-SGD a layer called in a step must reach
-        the loss (Opacus pairs each call's inputs with its output gradient), so DWFuse's
-        per-modality heads and the cascade's last decoder are left out here.
+        Equal to ``_predict(...).logits`` at less cost: DWFuse's per-modality heads and the
+        cascade's last decoder are left out (the TLA pass and mining need only o; under
+        DP-SGD a layer called in a step must also reach the loss, as Opacus pairs each
+        call's inputs with its output gradient).
         """
         if self.heads is None:
             return self._predict(embeddings, available, placeholders).logits
@@ -287,8 +288,8 @@ class OmniFuse(nn.Module):
         if not bool(holds.any()):
             return embeddings.new_zeros(())
         lazy_used = lazy.unsqueeze(0).expand(int(holds.sum()), -1)
-        lazy_prediction = self._predict(embeddings[holds], lazy_used, placeholders)
-        per_sample = per_sample_loss(lazy_prediction.logits, labels[holds], task)
+        lazy_logits = self._joint_logits(embeddings[holds], lazy_used, placeholders)
+        per_sample = per_sample_loss(lazy_logits, labels[holds], task)
         return tla_loss(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
 
     @torch.no_grad()
@@ -301,8 +302,9 @@ class OmniFuse(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Sample distances D(yhat_i, y) for every combination (mining, Eq. 15).
 
-        Each sample is predicted once per combination with only that combination's
-        modalities as input (the rest placeholders, imputed); encoders run once.
+        Each sample is predicted once per combination it holds, with only that
+        combination's modalities as input (the rest placeholders, imputed); encoders run
+        once. Distances of combinations a sample does not hold are 0 and not eligible.
 
         Returns:
             (distances [B, C], eligible bool [B, C]): eligible where the sample holds every
@@ -311,19 +313,20 @@ class OmniFuse(nn.Module):
         availability = availability.to(torch.bool)
         embeddings, placeholders = self.encoders(inputs, availability, masks)
         combos = self._combination_masks  # [C, M]
-        num_combos, batch = combos.shape[0], embeddings.shape[0]
-        repeated = embeddings.unsqueeze(0).expand(num_combos, -1, -1, -1).flatten(0, 1)
-        if placeholders.dim() == 3:  # per-sample placeholders [B, M, d]
-            placeholders = placeholders.unsqueeze(0).expand(num_combos, -1, -1, -1).flatten(0, 1)
-        used = combos.unsqueeze(1).expand(-1, batch, -1).flatten(0, 1)
-        logits = self._predict(repeated, used, placeholders).logits
-        repeated_labels = labels.unsqueeze(0).expand(num_combos, *labels.shape).flatten(0, 1)
-        if self.config.tla_distance == "ce":
-            distance = per_sample_loss(logits, repeated_labels, self.config.task)
-        else:
-            distance = mean_absolute_error(logits, repeated_labels, self.config.task)
         eligible = (availability.unsqueeze(1) | ~combos.unsqueeze(0)).all(dim=2)  # [B, C]
-        return distance.view(num_combos, batch).T, eligible
+        # Only (sample, combination) pairs that count are predicted: a sample lacking one of
+        # a combination's modalities is not scored for it (its distance stays 0).
+        rows, columns = eligible.nonzero(as_tuple=True)
+        if placeholders.dim() == 3:  # per-sample placeholders [B, M, d]
+            placeholders = placeholders[rows]
+        logits = self._joint_logits(embeddings[rows], combos[columns], placeholders)
+        if self.config.tla_distance == "ce":
+            scored = per_sample_loss(logits, labels[rows], self.config.task)
+        else:
+            scored = mean_absolute_error(logits, labels[rows], self.config.task)
+        distance = torch.zeros(eligible.shape, dtype=scored.dtype, device=scored.device)
+        distance[rows, columns] = scored
+        return distance, eligible
 
     def predict_proba(self, logits: Tensor) -> Tensor:
         """Probabilities [B, C] of the joint logits."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -75,6 +76,11 @@ def iterate_batches(
     yield from loader
 
 
+@functools.lru_cache(maxsize=8)
+def _index_combinations(num_modalities: int) -> Tensor:
+    return combination_masks([str(i) for i in range(num_modalities)])
+
+
 def sample_training_drop(
     availability: Tensor, drop_rate: float, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -91,7 +97,7 @@ def sample_training_drop(
         bool [B, M], True where a present modality is hidden.
     """
     batch, num_modalities = availability.shape
-    combos = combination_masks([str(i) for i in range(num_modalities)])  # [C, M]
+    combos = _index_combinations(num_modalities)  # [C, M]
     present = availability.cpu()
     subset = (~combos.unsqueeze(0) | present.unsqueeze(1)).all(dim=2)  # combo within present
     proper = subset & (combos.sum(1).unsqueeze(0) < present.sum(1, keepdim=True))
