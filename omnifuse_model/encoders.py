@@ -152,6 +152,7 @@ class ModalityEncoders(nn.Module):
         super().__init__()
         self.specs = list(specs)
         self.per_sample_placeholders = dp_compatible
+        self.d = d
         self.encoders = nn.ModuleDict(
             {s.name: build_encoder(s, d, dropout, dp_compatible) for s in specs}
         )
@@ -203,11 +204,38 @@ class ModalityEncoders(nn.Module):
                     f"modality '{spec.name}': expected input shape [B, {spec.input_shape}], "
                     f"got {tuple(x.shape)}"
                 )
+            encoded = self._encode(spec.name, x, masks.get(spec.name), availability[:, index])
             present = availability[:, index : index + 1]
-            # Zero absent rows first: their content is ignored, and NaN there would poison
-            # the encoder's gradients through torch.where's zero branch.
-            shaped = present.view(-1, *[1] * (x.dim() - 1))
-            x = torch.where(shaped, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            encoded = self.encoders[spec.name](x, masks.get(spec.name))
             columns.append(torch.where(present, encoded, missing[..., index, :]))
         return torch.stack(columns, dim=1), missing
+
+    def _encode(self, name: str, x: Tensor, mask: Tensor | None, present: Tensor) -> Tensor:
+        """e_m over a batch [B, d]; rows where the modality is absent hold any finite values.
+
+        The content of absent rows must not reach the result or its gradients (NaN there
+        would poison the weights' gradients even through torch.where's unused branch). Every
+        encoder treats rows independently (no batch statistics), so:
+        - without autograd, all rows are encoded as they are: an absent row's output, NaN or
+          not, stays in its row and is replaced by the placeholder (no copy of the inputs);
+        - with autograd, only the present rows are encoded (the token states of a batch are
+          ~100 MB: selecting rows costs less than zeroing them and the encoder does less);
+        - with per-sample placeholders (DP-SGD) every call must see all B rows, so absent
+          rows are zeroed first.
+        """
+        encoder = self.encoders[name]
+        if self.per_sample_placeholders:
+            shaped = present.view(-1, *[1] * (x.dim() - 1))
+            x = torch.where(shaped, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            return encoder(x, mask)
+        if not torch.is_grad_enabled():
+            return encoder(x, mask)
+        rows = present.nonzero().squeeze(1)
+        if len(rows) == 0:  # nothing to encode; every row becomes the placeholder
+            return x.new_zeros((len(present), self.d))
+        if len(rows) == len(present):
+            return encoder(x, mask)
+        selected = encoder(
+            x.index_select(0, rows), mask.index_select(0, rows) if mask is not None else None
+        )
+        out = selected.new_zeros((len(present), selected.shape[1]))
+        return out.index_copy(0, rows, selected)

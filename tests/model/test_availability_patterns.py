@@ -199,3 +199,75 @@ def test_non_finite_content_at_absent_positions_is_ignored(make_config, make_bat
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             assert torch.isfinite(parameter.grad).all(), f"non-finite gradient in {name}"
+
+
+def _nan_at_absent(config, batch, availability):
+    poisoned = {name: x.clone() for name, x in batch.inputs.items()}
+    for index, spec in enumerate(config.modalities):
+        poisoned[spec.name][~availability[:, index]] = float("nan")
+    return poisoned
+
+
+@pytest.mark.parametrize("dp_compatible", [False, True], ids=["default", "dp_compatible"])
+def test_absent_content_changes_nothing_with_or_without_autograd(
+    make_config, make_batch, all_patterns, dp_compatible
+):
+    """The three encoding paths (no autograd: all rows as they are; autograd: present rows
+    only; DP: zeroed rows) give the embeddings of all-zero absent inputs, NaN or not."""
+    torch.manual_seed(0)
+    config = make_config(4, dp_compatible=dp_compatible)
+    model = OmniFuse(config).eval()  # no dropout: the paths must agree exactly
+    availability = all_patterns(4)
+    batch = make_batch(config, availability)
+    poisoned = _nan_at_absent(config, batch, availability)
+
+    reference, _ = model.encoders(batch.inputs, availability, batch.masks)
+    with torch.no_grad():
+        no_grad, _ = model.encoders(poisoned, availability, batch.masks)
+    with_grad, _ = model.encoders(poisoned, availability, batch.masks)
+
+    assert torch.isfinite(reference).all()
+    torch.testing.assert_close(no_grad, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_grad, reference, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        predicted = model(poisoned, availability, batch.masks).logits
+    torch.testing.assert_close(predicted, model(**batch.forward_kwargs()).logits.detach())
+
+
+def test_encoding_present_rows_only_gives_the_per_row_gradients(make_config, make_batch):
+    """Autograd path: encoding the present rows alone equals encoding each row by itself."""
+    torch.manual_seed(0)
+    config = make_config(3)
+    model = OmniFuse(config).eval()
+    availability = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    batch = make_batch(config, availability)
+    encoders = model.encoders
+
+    embeddings, _ = encoders(batch.inputs, availability, batch.masks)
+    embeddings.pow(2).sum().backward()
+    batched = {n: p.grad.clone() for n, p in encoders.named_parameters()}
+
+    encoders.zero_grad()
+    for row in range(len(availability)):
+        single = {name: x[row : row + 1] for name, x in batch.inputs.items()}
+        masks = {name: m[row : row + 1] for name, m in batch.masks.items()}
+        embedded, _ = encoders(single, availability[row : row + 1], masks)
+        embedded.pow(2).sum().backward()
+    for name, parameter in encoders.named_parameters():
+        torch.testing.assert_close(parameter.grad, batched[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_modality_absent_from_the_whole_batch_is_not_encoded(make_config, make_batch):
+    torch.manual_seed(0)
+    config = make_config(3)
+    model = OmniFuse(config)
+    availability = torch.tensor([[1, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    batch = make_batch(config, availability)
+
+    embeddings, placeholders = model.encoders(batch.inputs, availability, batch.masks)
+    embeddings.sum().backward()
+
+    torch.testing.assert_close(embeddings[:, 1], placeholders[1].expand(2, -1))
+    absent_encoder = model.encoders.encoders[config.modality_names[1]]
+    # its parameters learn only through the placeholder e_m(0)
+    assert all(p.grad is not None for p in absent_encoder.parameters() if p.dim() >= 2)
