@@ -185,7 +185,10 @@ def evaluate_global(
     """Federated evaluation of the global model on the site's validation split."""
     model = build_model(model_config, state)
     evaluation = evaluate(
-        model, datasets.val, train_config.model_copy(update={"bootstrap_samples": 0})
+        model,
+        datasets.val,
+        train_config.model_copy(update={"bootstrap_samples": 0}),
+        imputation_error=False,
     )
     return {
         NUM_EXAMPLES: len(datasets.val),

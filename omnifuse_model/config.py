@@ -138,6 +138,14 @@ class TrainConfig(StrictModel):
 
     epochs: int = Field(default=20, gt=0)
     batch_size: int = Field(default=64, gt=0)
+    eval_batch_size: int = Field(
+        default=256,
+        gt=0,
+        description=(
+            "Batch size of the passes without gradients (evaluation, TLA mining): samples are "
+            "predicted independently, so it changes no result, only the per-batch overhead."
+        ),
+    )
     lr: float = Field(default=1e-3, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     seed: int = Field(default=0, ge=0)

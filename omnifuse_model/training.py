@@ -188,7 +188,7 @@ def mine_laziness(model: OmniFuse, dataset: Dataset, config: TrainConfig) -> Laz
     model.eval()
     device = torch.device(config.device)
     miner = LazinessMiner(model.config.modality_names, model.config.tla_reduction)
-    for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
+    for batch in iterate_batches(dataset, config.eval_batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
         with autocast(config):
             distances, eligible = model.combination_distances(
@@ -212,14 +212,20 @@ class EvaluationResult:
 
 @torch.no_grad()
 def evaluate(
-    model: OmniFuse, dataset: Dataset, config: TrainConfig, seed: int | None = None
+    model: OmniFuse,
+    dataset: Dataset,
+    config: TrainConfig,
+    seed: int | None = None,
+    imputation_error: bool = True,
 ) -> EvaluationResult:
     """Predict every sample and report AUROC/AUPRC (bootstrap CIs), mean DWFuse weight and
     imputation error per modality.
 
     Imputation error of modality m: the mean squared distance between its true embedding and
     the forward imputation made when m alone is hidden, over samples holding m and at least
-    one other modality (NaN without forward imputation or such samples).
+    one other modality (NaN without forward imputation or such samples). It costs one more
+    forward pass per modality; ``imputation_error=False`` skips it (all NaN), for passes that
+    need the metrics alone (validation for early stopping, federated evaluation).
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset is empty")
@@ -232,7 +238,7 @@ def evaluate(
     error_counts = torch.zeros(len(names), dtype=torch.long)
     present_counts = torch.zeros(len(names), dtype=torch.long)
     n = 0
-    for batch in iterate_batches(dataset, config.batch_size, num_workers=config.num_workers):
+    for batch in iterate_batches(dataset, config.eval_batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
         with autocast(config):
             output = model(batch.inputs, batch.availability, batch.masks)
@@ -242,7 +248,7 @@ def evaluate(
             weight_sums += output.dwfuse_weights.sum(dim=0).double().cpu()
         present_counts += batch.availability.sum(dim=0).cpu()
         n += len(batch)
-        if model.forward_cra is not None:
+        if imputation_error and model.forward_cra is not None:
             for m in range(len(names)):
                 holds = batch.availability[:, m] & (batch.availability.sum(dim=1) > 1)
                 if not bool(holds.any()):
@@ -364,7 +370,10 @@ def fit(
             val_metrics: dict[str, float] = {}
             if val_data is not None and len(val_data) > 0:
                 val_metrics = evaluate(
-                    model, val_data, config.model_copy(update={"bootstrap_samples": 0})
+                    model,
+                    val_data,
+                    config.model_copy(update={"bootstrap_samples": 0}),
+                    imputation_error=False,
                 ).metrics
             record = EpochRecord(
                 epoch, losses, val_metrics, laziness, train_seconds, mining_seconds

@@ -198,13 +198,14 @@ class OmniFuseStrategy(FedAvg):
                     "reason": str(reason)[:500],
                 }
             )
-        accepted, rows, rejected_rows = [], [], []
+        accepted, rows, states, rejected_rows = [], [], [], []
         for message in valid:
             verdict = self._verdict(message)
             row = verdict[1]
             if verdict[0] is None:
                 accepted.append(message)
                 rows.append(row)
+                states.append(verdict[2])
                 continue
             log.warning(
                 "round %d: update from %s rejected: %s",
@@ -239,7 +240,7 @@ class OmniFuseStrategy(FedAvg):
             return None, None
         order = sorted(range(len(accepted)), key=lambda i: rows[i].site)
         valid, rows = [accepted[i] for i in order], [rows[i] for i in order]
-        states = [{k: v.numpy() for k, v in m.content[wire.ARRAYS].items()} for m in valid]
+        states = [states[i] for i in order]
         metrics = [dict(m.content[wire.METRICS]) for m in valid]
         averaged = modality_aware_average(
             states,
@@ -275,15 +276,17 @@ class OmniFuseStrategy(FedAvg):
         )
         return arrays, MetricRecord(aggregated)
 
-    def _verdict(self, message: Message) -> tuple[str | None, wire.AuditRow | None]:
-        """(rejection reason or None, the reply's audit row when it decodes)."""
+    def _verdict(
+        self, message: Message
+    ) -> tuple[str | None, wire.AuditRow | None, dict[str, np.ndarray] | None]:
+        """(rejection reason or None, the reply's audit row when it decodes, its weights)."""
         content = message.content
         try:
             row = wire.decode_audit(content[wire.AUDIT])
         except (KeyError, ValueError) as error:
-            return f"bad_audit:{type(error).__name__}", None
+            return f"bad_audit:{type(error).__name__}", None, None
         if wire.ARRAYS not in content or wire.METRICS not in content:
-            return "missing_records", row
+            return "missing_records", row, None
         state = {k: v.numpy() for k, v in content[wire.ARRAYS].items()}
         reason = update_rejection(
             state,
@@ -292,7 +295,7 @@ class OmniFuseStrategy(FedAvg):
             self.model_config.modality_names,
             self.run.max_update_norm or None,
         )
-        return reason, row
+        return reason, row, state
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -15,7 +15,7 @@ from omnifuse_model.synthetic import (
     SyntheticModality,
     make_synthetic_features,
 )
-from omnifuse_model.training import evaluate, fit, sample_training_drop
+from omnifuse_model.training import evaluate, fit, mine_laziness, sample_training_drop
 
 SMALL = {"d": 16, "cra_hidden": (32, 16, 8), "num_blocks": 2}
 
@@ -156,3 +156,30 @@ def test_evaluate_reports_audit_aggregates():
         name: int(data.availability[:, i].sum()) for i, name in enumerate("abc")
     }
     assert result.metrics["auroc_low"] <= result.metrics["auroc"] <= result.metrics["auroc_high"]
+
+
+def test_evaluation_batch_size_and_skipped_imputation_error_change_no_metric():
+    data_config, data = _data(n=300)
+    model = _model(data_config)
+    full = evaluate(model, data, _train(eval_batch_size=7))
+    large = evaluate(model, data, _train(eval_batch_size=512))
+    metrics_only = evaluate(model, data, _train(), imputation_error=False)
+
+    for result in (large, metrics_only):
+        assert result.metrics == pytest.approx(full.metrics, abs=1e-12)
+        assert result.mean_dwfuse_weight == pytest.approx(full.mean_dwfuse_weight, abs=1e-6)
+        torch.testing.assert_close(
+            torch.from_numpy(result.probabilities), torch.from_numpy(full.probabilities)
+        )
+    assert large.imputation_error == pytest.approx(full.imputation_error, rel=1e-5)
+    assert all(math.isnan(e) for e in metrics_only.imputation_error.values())
+
+
+def test_mining_does_not_depend_on_the_evaluation_batch_size():
+    data_config, data = _data(n=300)
+    model = _model(data_config)
+    small = mine_laziness(model, data, _train(eval_batch_size=5))
+    large = mine_laziness(model, data, _train(eval_batch_size=1000))
+    assert small.lazy_combination == large.lazy_combination
+    assert small.counts == large.counts
+    assert small.scores == pytest.approx(large.scores, rel=1e-5)
