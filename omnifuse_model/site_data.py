@@ -24,15 +24,22 @@ class SiteDatasets:
 def _absent_outside_site(
     data: InMemoryMultimodalDataset, model_config: OmniFuseConfig, site: SiteConfig
 ) -> InMemoryMultimodalDataset:
-    """Mark modalities the site does not hold as absent (and zero their inputs)."""
+    """A copy with the modalities the site does not hold marked absent (inputs zeroed) and
+    the samples left with none dropped; ``data`` itself is not changed."""
     held = torch.tensor([name in site.modalities for name in model_config.modality_names])
     availability = data.availability & held
-    keep = availability.any(dim=1)
-    data.availability = availability
+    keep = availability.any(dim=1).nonzero().squeeze(1)
+    inputs = {}
     for index, name in enumerate(model_config.modality_names):
         column = availability[:, index].view(-1, *[1] * (data.inputs[name].dim() - 1))
-        data.inputs[name] = data.inputs[name] * column
-    return data.subset(keep.nonzero().squeeze(1))
+        inputs[name] = (data.inputs[name] * column)[keep]
+    return InMemoryMultimodalDataset(
+        inputs,
+        availability[keep],
+        data.labels[keep],
+        {name: mask[keep] for name, mask in data.masks.items()},
+        [data.sample_ids[i] for i in keep.tolist()],
+    )
 
 
 def _check_modalities(site: SiteConfig, model_config: OmniFuseConfig) -> None:
