@@ -117,3 +117,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     state = msg.content[wire.ARRAYS].to_torch_state_dict()
     metrics = evaluate_global(datasets, instructions.model_config, state, instructions.train_config)
     return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server's warm-up before round 1 (simulation): an empty answer. Its only job is to
+    have the node's ClientApp loaded (imports done) before the first timed round."""
+    return Message(content=RecordDict(), reply_to=msg)

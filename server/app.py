@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -84,15 +93,44 @@ def with_central_dp(strategy: OmniFuseStrategy, run: FederationRunConfig, sites:
     return wrapper(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, sampled)
 
 
+def warm_up(grid: Grid, timeout: float) -> dict[str, float | int]:
+    """Simulation: one empty query per node before round 1, so that the engine's start-up
+    (Ray, the ClientApp actors importing torch) is timed on its own, not inside round 1.
+
+    Returns the seconds it took and how many nodes answered; written to ``startup.json``.
+    Training does not depend on it (a node that fails here is simply not counted).
+    """
+    started = time.perf_counter()
+    nodes = list(grid.get_node_ids())
+    messages = [
+        Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answered = sum(1 for reply in replies if not reply.has_error())
+    return {
+        "startup_seconds": time.perf_counter() - started,
+        "nodes": len(nodes),
+        "answered": answered,
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = FederationRunConfig.from_flower(context.run_config)
+    startup = None
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = SIMULATION_PULL_INTERVAL
+        startup = warm_up(grid, run.round_timeout)
     scenario = run.scenario()
     model_config = run.omnifuse_config()
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "run_config.json").write_text(run.model_dump_json(indent=2))
+    if startup is not None:
+        log.info(
+            "simulation start-up: %.1f s (%d nodes)", startup["startup_seconds"], startup["nodes"]
+        )
+        (run.run_dir / "startup.json").write_text(json.dumps(startup, indent=2))
     loaded = load_latest(run.run_dir) if run.resume else None
     if loaded is not None:
         weights, state = loaded

@@ -25,7 +25,9 @@ deployed; samples left with none are dropped).
 
 Overhead: per round, ``wall_seconds`` (the server's round clock: train phase, federated
 evaluation, server-side test evaluation, and the previous round's checkpoint write) over
-``train-seconds-sum`` (the sites' local training plus their audit validation pass).
+``train-seconds-sum`` (the sites' local training plus their audit validation pass). The
+simulation engine's start-up (Ray, the ClientApp actors importing torch) is timed on its own
+before round 1 (the ServerApp's warm-up query, ``startup.json``) and reported separately.
 Flower's Ray backend gives each simulated client 2 CPUs by default, so on a 2-core machine
 clients run one after another and the ratio cannot fall below 1.
 """
@@ -199,6 +201,8 @@ def run_scenario(config: BenchmarkConfig, num_sites: int, seed: int, root: Path)
     run_dir = root / f"sites{num_sites}" / f"seed{seed}" / "run"
     history = _federate(config, scenario_dir, run_dir, num_sites, seed)
     seconds = {"federated": time.perf_counter() - clock}
+    startup_file = run_dir / "startup.json"
+    startup = json.loads(startup_file.read_text()) if startup_file.is_file() else None
     best_round = max(history, key=lambda r: history[r]["evaluate_clients"].get("val-auroc", -1))
 
     clock = time.perf_counter()
@@ -236,6 +240,7 @@ def run_scenario(config: BenchmarkConfig, num_sites: int, seed: int, root: Path)
         "central_auroc_best_val": central_best,
         "local": local,
         "seconds": seconds,
+        "startup": startup,
         "metrics": history,
     }
 

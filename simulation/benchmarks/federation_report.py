@@ -77,6 +77,10 @@ def summarize(runs: list[dict]) -> dict:
             "ratio_round_1": statistics.fmean(rs[0]["ratio"] for rs in rows),
             "ratio_rounds_2_on": _ratio(steady) if steady else None,
             "ratio_all_rounds": _ratio(every),
+            # the engine's start-up (Ray, actors importing torch), timed before round 1
+            "startup_seconds": statistics.fmean(r["startup"]["startup_seconds"] for r in group)
+            if all(r.get("startup") for r in group)
+            else None,
             # what a round costs beyond local training, per client (rounds 2..R)
             "overhead_seconds_per_client": statistics.median(
                 (r["wall_seconds"] - r["train_seconds_sum"]) / num_sites for r in steady
@@ -145,9 +149,15 @@ def print_report(result: dict, console: Console) -> None:
         console.print(table)
     overhead = _table(
         "Simulation overhead: round wall time / Σ client training time",
-        "sites|round 1|rounds 2..R|all rounds|extra s per client-round",
+        "sites|start-up s (before round 1)|round 1|rounds 2..R|all rounds|extra s per client-round",
     )
-    keys = ("ratio_round_1", "ratio_rounds_2_on", "ratio_all_rounds", "overhead_seconds_per_client")
+    keys = (
+        "startup_seconds",
+        "ratio_round_1",
+        "ratio_rounds_2_on",
+        "ratio_all_rounds",
+        "overhead_seconds_per_client",
+    )
     for num_sites, s in summary.items():
         overhead.add_row(num_sites, *[_f(s[k], 2) for k in keys])
     console.print(overhead)

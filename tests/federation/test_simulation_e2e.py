@@ -78,6 +78,10 @@ def test_three_sites_two_rounds_then_resume_matches_uninterrupted(tmp_path):
     no_cxr = next(r for r in rows if r.site == "site_2")
     assert no_cxr.availability_counts["cxr"] == 0
     assert (run_dir / "audit.csv").read_text().startswith("round,site,")
+    # the engine's start-up was timed before round 1, every node answering the warm-up
+    startup = json.loads((run_dir / "startup.json").read_text())
+    assert startup["nodes"] == startup["answered"] == 3
+    assert startup["startup_seconds"] > 0
 
     # interrupted after round 1, then resumed to round 2, with the same seed
     interrupted = tmp_path / "interrupted"
