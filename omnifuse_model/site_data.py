@@ -28,18 +28,12 @@ def _absent_outside_site(
     the samples left with none dropped; ``data`` itself is not changed."""
     held = torch.tensor([name in site.modalities for name in model_config.modality_names])
     availability = data.availability & held
-    keep = availability.any(dim=1).nonzero().squeeze(1)
     inputs = {}
     for index, name in enumerate(model_config.modality_names):
         column = availability[:, index].view(-1, *[1] * (data.inputs[name].dim() - 1))
-        inputs[name] = (data.inputs[name] * column)[keep]
-    return InMemoryMultimodalDataset(
-        inputs,
-        availability[keep],
-        data.labels[keep],
-        {name: mask[keep] for name, mask in data.masks.items()},
-        [data.sample_ids[i] for i in keep.tolist()],
-    )
+        inputs[name] = data.inputs[name] * column
+    view = InMemoryMultimodalDataset(inputs, availability, data.labels, data.masks, data.sample_ids)
+    return view.subset(availability.any(dim=1).nonzero().squeeze(1))
 
 
 def _check_modalities(site: SiteConfig, model_config: OmniFuseConfig) -> None:

@@ -56,18 +56,15 @@ def iterate_batches(
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
             # In order: slices are views (no copy of the ~100 MB of token states per batch).
-            index = (
-                order[start : start + batch_size] if shuffle else slice(start, start + batch_size)
-            )
+            index = rows if shuffle else slice(start, start + batch_size)
             yield Batch(
                 inputs={k: v[index] for k, v in dataset.inputs.items()},
                 masks={k: v[index] for k, v in dataset.masks.items()},
                 availability=dataset.availability[index],
                 labels=dataset.labels[index],
-                sample_ids=[
-                    dataset.sample_ids[i] for i in order[start : start + batch_size].tolist()
-                ],
+                sample_ids=[dataset.sample_ids[i] for i in rows.tolist()],
             )
         return
     loader = DataLoader(
