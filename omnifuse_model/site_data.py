@@ -9,8 +9,8 @@ from torch.utils.data import Dataset
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.data.ehr_normalizer import EHRNormalizer
-from omnifuse_model.data.site_dataset import load_cached_split
+from omnifuse_model.data.ehr.normalizer import EHRNormalizer
+from omnifuse_model.data.features.site_dataset import load_cached_split
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.synthetic import make_synthetic_features
 
@@ -50,7 +50,7 @@ def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDa
 
     ``synthetic_features``: generated feature-level data. ``feature_cache``: the train and val
     splits of the site's prepared feature cache (:func:`load_cached_split`; run
-    :func:`~omnifuse_model.data.cache.prepare_site` first).
+    :func:`~omnifuse_model.data.features.cache.prepare_site` first).
     """
     _check_modalities(site, model_config)
     if site.data.source == "synthetic_features":

@@ -68,7 +68,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+    from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
     values = json.loads(args.config_json) if args.config_json else {}
     values.update({"num_stays": args.stays, "seed": args.seed})
@@ -101,7 +101,7 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from omnifuse_model.data.cache import prepare_site
+    from omnifuse_model.data.features.cache import prepare_site
     from omnifuse_model.site_config import load_site_config
     from simulation.preparation import prepare_scenario
 

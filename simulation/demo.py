@@ -17,14 +17,14 @@ from rich.console import Console
 from rich.rule import Rule
 
 from omnifuse_model.config import StrictModel
-from omnifuse_model.data.synthetic_mimic import (
+from simulation.federation import run_federation
+from simulation.partition import PartitionConfig, default_site_plans, partition
+from simulation.preparation import prepare_scenario
+from simulation.synthetic_mimic.writer import (
     ModalitySignal,
     SyntheticMimicConfig,
     write_synthetic_mimic,
 )
-from simulation.federation import run_federation
-from simulation.partition import PartitionConfig, default_site_plans, partition
-from simulation.preparation import prepare_scenario
 
 
 class DemoConfig(StrictModel):

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel
-from omnifuse_model.data.reports import report_path
+from omnifuse_model.data.reports.sections import report_path
 from omnifuse_model.site_config import BackboneConfig, MimicTask
 
 MODALITIES = ("ehr", "cxr", "rep")
@@ -287,7 +287,7 @@ def _write_site(
 
 def mimic_model_config(task: str, d: int) -> OmniFuseConfig:
     """The federation's model for MIMIC: ehr 24 x 76, cxr ResNet34 512, rep 150 x 768."""
-    from omnifuse_model.data.site_dataset import mimic_model_modalities
+    from omnifuse_model.data.features.site_dataset import mimic_model_modalities
 
     multilabel = task == "phenotyping"
     return OmniFuseConfig(

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from omnifuse_model.data.cache import PrepareSummary, prepare_site
-from omnifuse_model.data.ehr_normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
-from omnifuse_model.data.manifest import AGGREGATES_FILE
+from omnifuse_model.data.ehr.normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
+from omnifuse_model.data.features.cache import PrepareSummary, prepare_site
+from omnifuse_model.data.features.manifest import AGGREGATES_FILE
 from omnifuse_model.site_config import SiteConfig, load_site_config
 
 NORMALIZER = "ehr_normalizer.json"
@@ -50,7 +50,7 @@ def shared_fallback_text_backbone(sites: list[SiteConfig]):
     fallback on the union of the sites' train-split reports. A real deployment configures
     the same local BERT directory at every hospital instead (docs/DEPLOY.md).
     """
-    from omnifuse_model.data.backbones import TextBackbone
+    from omnifuse_model.data.features.backbones import TextBackbone
     from omnifuse_model.data.ingest import ingest_site
 
     if all(site.backbones.bert_dir for site in sites if "rep" in site.modalities):

@@ -9,14 +9,14 @@ the site holds:
   stay (``end = period_length``); here the phenotype labels still describe the whole stay but
   the model sees its first 48 h, as for in-hospital mortality;
 * ``cxr``: links the stay to its chest X-ray as MedFuse does
-  (:func:`~omnifuse_model.data.cxr.link_stays_to_images`: latest ``AP`` image in
+  (:func:`~omnifuse_model.data.cxr.images.link_stays_to_images`: latest ``AP`` image in
   ``[intime, intime + 48 h]`` for in-hospital mortality, ``[intime, outtime]`` for
   phenotyping), and checks that the file exists and has a readable image header. The full
-  decode happens in :func:`~omnifuse_model.data.cache.prepare_site`, which records a decode
+  decode happens in :func:`~omnifuse_model.data.features.cache.prepare_site`, which records a decode
   failure (e.g. a truncated JPEG) as a rejection in the same report;
 * ``rep``: reads the report of the linked image's study,
   ``reports_dir/files/pXX/pSUBJECT/sSTUDY.txt`` (FINDINGS, else IMPRESSION, else the last
-  paragraph; :func:`~omnifuse_model.data.reports.read_report`).
+  paragraph; :func:`~omnifuse_model.data.reports.sections.read_report`).
 
 The stay id that links a stay to images is the listfile's ``stay_id`` column (MedFuse
 listfiles) when present; otherwise it is looked up in ``stays_csv`` by subject and episode
@@ -42,15 +42,15 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 
-from omnifuse_model.data.cxr import (
+from omnifuse_model.data.cxr.images import (
     CxrStayImage,
     find_metadata_file,
     link_stays_to_images,
     read_cxr_metadata,
     read_stays,
 )
-from omnifuse_model.data.ehr_episodes import EpisodeReport, discretize_episode_tolerant
-from omnifuse_model.data.ehr_listfiles import SPLIT_DIRS, StayRecord, Task, read_listfile
+from omnifuse_model.data.ehr.episodes import EpisodeReport, discretize_episode_tolerant
+from omnifuse_model.data.ehr.listfiles import SPLIT_DIRS, StayRecord, Task, read_listfile
 from omnifuse_model.data.ingest_report import (
     SPLITS,
     IngestedStay,
@@ -59,7 +59,7 @@ from omnifuse_model.data.ingest_report import (
     ModalityOutcome,
     build_ingest_report,
 )
-from omnifuse_model.data.reports import ReportRejected, read_report, report_path
+from omnifuse_model.data.reports.sections import ReportRejected, read_report, report_path
 from omnifuse_model.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)

@@ -3,10 +3,11 @@
     python -m simulation.benchmarks.extraction [--stays 240] [--batch 32] [--workers 0 1 2]
         [--image-size 512] [--upscale-to 0] [--repeats 2] [--out benchmark_results/extraction.json]
 
-Pipeline: :func:`~omnifuse_model.data.cache.prepare_site` on a fresh cache, i.e. ingest, then
-the ``cxr`` pass (hash, read, decode, resize, normalise, collate, ResNet-34 trunk, write shards)
-and the ``rep`` pass (tokenise, BERT, float16 check, write shards); the per-modality seconds
-of its :class:`~omnifuse_model.data.cache.PrepareSummary` separate the two passes from ingest.
+Pipeline: :func:`~omnifuse_model.data.features.cache.prepare_site` on a fresh cache, i.e. ingest,
+then the ``cxr`` pass (hash, read, decode, resize, normalise, collate, ResNet-34 trunk, write
+shards) and the ``rep`` pass (tokenise, BERT, float16 check, write shards); the per-modality seconds
+of its :class:`~omnifuse_model.data.features.cache.PrepareSummary` separate the two passes from
+ingest.
 Both backbones are built once beforehand and handed to ``prepare_site`` (so neither pass
 pays for building a model, loading ``transformers`` or training the fallback's tokenizer;
 that setup is reported on its own). Bare: the same backbones on ready inputs, the same number
@@ -42,11 +43,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from omnifuse_model.data.backbones import TextBackbone, build_resnet34_trunk
-from omnifuse_model.data.cache import prepare_site
+from omnifuse_model.data.features.backbones import TextBackbone, build_resnet34_trunk
+from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.ingest import ingest_site
-from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
 from omnifuse_model.site_config import BackboneConfig, SiteConfig
+from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 TARGET_RATIO = 0.8
 TASK = "phenotyping"

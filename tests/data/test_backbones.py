@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.models import resnet18, resnet34
 
-from omnifuse_model.data.backbones import (
+from omnifuse_model.data.features.backbones import (
     BackboneWeightsError,
     TextBackbone,
     build_resnet34_trunk,
@@ -35,7 +35,7 @@ def one_thread():
 
 
 def test_random_trunk_warns_and_is_frozen(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="omnifuse_model.data.backbones"):
+    with caplog.at_level(logging.WARNING, logger="omnifuse_model.data.features.backbones"):
         trunk = build_resnet34_trunk(None, seed=3)
     assert "not meaningful" in caplog.text
     assert trunk.identity == "resnet34:random-init-seed-3"
@@ -118,7 +118,7 @@ def test_fallback_states_and_masks(fallback: TextBackbone) -> None:
 
 
 def test_fallback_is_deterministic_and_identified(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="omnifuse_model.data.backbones"):
+    with caplog.at_level(logging.WARNING, logger="omnifuse_model.data.features.backbones"):
         first = TextBackbone(fallback_texts=CHINESE, fallback_hidden_size=32, fallback_heads=2)
     assert "not meaningful" in caplog.text
     second = TextBackbone(fallback_texts=CHINESE, fallback_hidden_size=32, fallback_heads=2)

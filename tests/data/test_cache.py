@@ -13,16 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.data.backbones import REPORT_TOKENS, RESNET34_FEATURES, TextBackbone
-from omnifuse_model.data.cache import prepare_site
-from omnifuse_model.data.ehr_normalizer import EHRNormalizer, compute_aggregates
-from omnifuse_model.data.feature_store import CacheLockedError, FeatureStore, entry_key
+from omnifuse_model.data.ehr.normalizer import EHRNormalizer, compute_aggregates
+from omnifuse_model.data.features.backbones import REPORT_TOKENS, RESNET34_FEATURES, TextBackbone
+from omnifuse_model.data.features.cache import prepare_site
+from omnifuse_model.data.features.site_dataset import load_cached_split, mimic_model_modalities
+from omnifuse_model.data.features.store import CacheLockedError, FeatureStore, entry_key
 from omnifuse_model.data.ingest import ingest_site
-from omnifuse_model.data.site_dataset import load_cached_split, mimic_model_modalities
-from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.site_data import load_site_datasets, load_site_test_dataset
 from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
+from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 IHM = "in-hospital-mortality"
 TEXT_HIDDEN = 16

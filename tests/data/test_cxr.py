@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from omnifuse_model.data.cxr import (
+from omnifuse_model.data.cxr.images import (
     ImageReadError,
     cxr_image_path,
     find_metadata_file,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from omnifuse_model.data.ehr import (
+from omnifuse_model.data.ehr.discretizer import (
     CATEGORY_VALUES,
     CHANNEL_OFFSETS,
     CHANNELS,

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from omnifuse_model.data.ehr import FEATURE_HEADER, discretize_episode
-from omnifuse_model.data.ehr_episodes import (
+from omnifuse_model.data.ehr.discretizer import FEATURE_HEADER, discretize_episode
+from omnifuse_model.data.ehr.episodes import (
     EpisodeReport,
     EpisodeStatus,
     RejectReason,

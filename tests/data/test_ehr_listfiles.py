@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from omnifuse_model.data.ehr_episodes import RejectReason
-from omnifuse_model.data.ehr_listfiles import (
+from omnifuse_model.data.ehr.episodes import RejectReason
+from omnifuse_model.data.ehr.listfiles import (
     PHENOTYPE_LABELS,
     StayRecord,
     Task,

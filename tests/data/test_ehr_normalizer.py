@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from omnifuse_model.data.ehr import CONTINUOUS_COLUMNS, discretize_episode
-from omnifuse_model.data.ehr_normalizer import (
+from omnifuse_model.data.ehr.discretizer import CONTINUOUS_COLUMNS, discretize_episode
+from omnifuse_model.data.ehr.normalizer import (
     STD_FLOOR,
     EHRAggregates,
     EHRNormalizer,

@@ -14,8 +14,8 @@ from rich.console import Console
 
 from omnifuse_model.data.ingest import episode_stay_ids, ingest_site
 from omnifuse_model.data.ingest_report import print_ingest_report
-from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
 from omnifuse_model.site_config import SiteConfig
+from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 IHM = "in-hospital-mortality"
 

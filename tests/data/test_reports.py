@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omnifuse_model.data.reports import (
+from omnifuse_model.data.reports.sections import (
     ReportRejected,
     normalize_section_name,
     read_report,

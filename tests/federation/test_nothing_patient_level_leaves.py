@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client.app import evaluate, train
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.data.cache import prepare_site
-from omnifuse_model.data.site_dataset import mimic_model_modalities
-from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+from omnifuse_model.data.features.cache import prepare_site
+from omnifuse_model.data.features.site_dataset import mimic_model_modalities
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.site_config import SiteConfig
+from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnifuse_model.data.ehr_listfiles import read_task_split
-from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
+from omnifuse_model.data.ehr.listfiles import read_task_split
 from omnifuse_model.site_config import load_site_config
 from simulation.partition import (
     PartitionConfig,
@@ -19,6 +18,7 @@ from simulation.partition import (
     default_site_plans,
     partition,
 )
+from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ Repairs (lossless, or dropping only what carries no data or could never be binne
 ``whitespace_cell`` and ``nonfinite_value`` (both read as not charted).
 Everything else rejects the episode with a :class:`RejectReason`.
 
-Invariant: an episode that :func:`~omnifuse_model.data.ehr.discretize_episode` accepts is
-returned unchanged and with status ``used``, except that non-finite values (``"nan"``,
-``"inf"``, beyond float32) are read as not charted unless ``drop_nonfinite=False``.
+Invariant: an episode that
+:func:`~omnifuse_model.data.ehr.discretizer.discretize_episode` accepts is returned
+unchanged and with status ``used``, except that non-finite values (``"nan"``, ``"inf"``,
+beyond float32) are read as not charted unless ``drop_nonfinite=False``.
 Cells of rows outside the window are never inspected, as in the reference.
 """
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from omnifuse_model.data.ehr import (
+from omnifuse_model.data.ehr.discretizer import (
     CATEGORY_VALUES,
     CHANNELS,
     EPISODE_HEADER,
@@ -342,8 +343,9 @@ def discretize_episode_tolerant(
     """Discretise one episode like the benchmark, repairing or rejecting bad data by name.
 
     Returns ``(array or None, FEATURE_HEADER, report)``: the ``[N_bins, 76]`` float32 array
-    of :func:`~omnifuse_model.data.ehr.discretize_rows` for a used or repaired episode, None
-    for a rejected one. Raises only for invalid arguments (timestep, end), never for bad data.
+    of :func:`~omnifuse_model.data.ehr.discretizer.discretize_rows` for a used or repaired
+    episode, None for a rejected one. Raises only for invalid arguments (timestep, end),
+    never for bad data.
     """
     check_timestep(timestep)
     if end is not None and not (math.isfinite(end) and end >= 0):

@@ -1,6 +1,7 @@
 """The feature cache's manifest: which cached entries make up each split of a site.
 
-``<cache_dir>/manifest.json`` (written by :func:`~omnifuse_model.data.cache.prepare_site`)::
+``<cache_dir>/manifest.json`` (written by
+:func:`~omnifuse_model.data.features.cache.prepare_site`)::
 
     {"format": "omnifuse-feature-manifest", "version": 1, "site": ..., "task": ...,
      "preprocessing_version": ..., "modalities": ["ehr", "cxr", "rep"],
@@ -23,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from omnifuse_model.data.ehr_listfiles import IHM_LABELS, PHENOTYPE_LABELS
-from omnifuse_model.data.feature_store import PREPROCESSING_VERSION
+from omnifuse_model.data.ehr.listfiles import IHM_LABELS, PHENOTYPE_LABELS
+from omnifuse_model.data.features.store import PREPROCESSING_VERSION
 from omnifuse_model.data.ingest_report import SPLITS
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """The ``cxr`` pass of feature preparation: images -> frozen trunk features, overlapped.
 
-Images are hashed and decoded (:func:`~omnifuse_model.data.cxr.load_cxr_image`) in
+Images are hashed and decoded (:func:`~omnifuse_model.data.cxr.images.load_cxr_image`) in
 ``torch.utils.data.DataLoader`` workers; an image whose key is already cached is recognised in
 the worker and not decoded. The main thread runs the trunk under ``torch.inference_mode()``;
 batch k+1 is launched on the device before batch k's features are copied back, and each batch
@@ -20,8 +20,8 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from omnifuse_model.data.cxr import IMAGE_SIZE, ImageReadError, load_cxr_image
-from omnifuse_model.data.feature_store import FeatureStore, ModalityStats, entry_key
+from omnifuse_model.data.cxr.images import IMAGE_SIZE, ImageReadError, load_cxr_image
+from omnifuse_model.data.features.store import FeatureStore, ModalityStats, entry_key
 from omnifuse_model.data.ingest import IngestResult, file_sha256
 
 

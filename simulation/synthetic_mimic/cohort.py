@@ -25,8 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-from omnifuse_model.data.ehr_listfiles import PHENOTYPE_LABELS
-from omnifuse_model.data.synthetic_mimic_config import SyntheticMimicConfig
+from omnifuse_model.data.ehr.listfiles import PHENOTYPE_LABELS
+from simulation.synthetic_mimic.config import SyntheticMimicConfig
 
 LATENT_FACTORS: tuple[str, ...] = ("severity", "respiratory", "cardiac", "metabolic")
 MODALITIES: tuple[str, ...] = ("ehr", "cxr", "report")

@@ -12,7 +12,7 @@
   MedFuse's linking rules should find), and ``synthetic_summary.json``: config and summary.
 
 Labels (in-hospital mortality, 25 phenotypes) and every modality derive from one latent risk per
-stay (:mod:`~omnifuse_model.data.synthetic_mimic_cohort`); per-modality ``signal``/``noise`` set
+stay (:mod:`~simulation.synthetic_mimic.cohort`); per-modality ``signal``/``noise`` set
 how much each modality shows of it. The same config gives byte-identical files.
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from omnifuse_model.data import synthetic_mimic_ehr as ehr_writer
-from omnifuse_model.data.ehr_listfiles import PHENOTYPE_LABELS
-from omnifuse_model.data.synthetic_mimic_cohort import (
+from omnifuse_model.data.ehr.listfiles import PHENOTYPE_LABELS
+from simulation.synthetic_mimic import ehr as ehr_writer
+from simulation.synthetic_mimic.cohort import (
     IHM_HOURS,
     LATENT_FACTORS,
     StayPlan,
@@ -38,7 +38,7 @@ from omnifuse_model.data.synthetic_mimic_cohort import (
     SubjectPlan,
     plan_cohort,
 )
-from omnifuse_model.data.synthetic_mimic_config import (
+from simulation.synthetic_mimic.config import (
     MESSY_KINDS,
     MessyFile,
     MessyKind,
@@ -48,14 +48,14 @@ from omnifuse_model.data.synthetic_mimic_config import (
     SyntheticMimicConfig,
     SyntheticMimicSummary,
 )
-from omnifuse_model.data.synthetic_mimic_cxr import (
+from simulation.synthetic_mimic.cxr import (
     METADATA_HEADER,
     encode_jpeg,
     image_path,
     metadata_rows,
     render_cxr,
 )
-from omnifuse_model.data.synthetic_mimic_text import render_report, without_leading_spaces
+from simulation.synthetic_mimic.text import render_report, without_leading_spaces
 
 __all__ = [
     "MESSY_KINDS",

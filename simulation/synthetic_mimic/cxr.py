@@ -15,8 +15,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from omnifuse_model.data.cxr import METADATA_COLUMNS
-from omnifuse_model.data.synthetic_mimic_cohort import StudyPlan
+from omnifuse_model.data.cxr.images import METADATA_COLUMNS
+from simulation.synthetic_mimic.cohort import StudyPlan
 
 METADATA_HEADER: tuple[str, ...] = METADATA_COLUMNS
 """Exact header of ``mimic-cxr-2.0.0-metadata.csv`` (the reader's definition)."""

@@ -22,12 +22,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from omnifuse_model.data.synthetic_mimic import (
+from simulation.synthetic_mimic.ehr import gcs_scores
+from simulation.synthetic_mimic.writer import (
     SyntheticMimicConfig,
     SyntheticMimicSummary,
     write_synthetic_mimic,
 )
-from omnifuse_model.data.synthetic_mimic_ehr import gcs_scores
 
 STAYS_HEADER = (
     "SUBJECT_ID,HADM_ID,ICUSTAY_ID,LAST_CAREUNIT,DBSOURCE,INTIME,OUTTIME,LOS,ADMITTIME,DISCHTIME,"

@@ -2,7 +2,7 @@
 
 :func:`prepare_site` runs :func:`~omnifuse_model.data.ingest.ingest_site`, then every frozen
 backbone once per distinct input, batched, under ``torch.inference_mode()``, and writes
-(METHOD.md section 1; store layout in :mod:`~omnifuse_model.data.feature_store`)::
+(METHOD.md section 1; store layout in :mod:`~omnifuse_model.data.features.store`)::
 
     <cache_dir>/features/{ehr,cxr,rep}/*.safetensors   sharded entries, content-addressed
     <cache_dir>/manifest.json          per split and stay: labels and each modality's entry key
@@ -44,21 +44,16 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from omnifuse_model.data.backbones import TextBackbone, build_resnet34_trunk
-from omnifuse_model.data.ehr import NUM_FEATURES, num_bins
-from omnifuse_model.data.ehr_normalizer import EHRNormalizer, compute_aggregates
-from omnifuse_model.data.episode_cache import EpisodeCache
-from omnifuse_model.data.feature_store import (
-    PREPROCESSING_VERSION,
-    FeatureStore,
-    ModalityStats,
-    entry_key,
-    text_sha256,
+from omnifuse_model.data.ehr.discretizer import NUM_FEATURES, num_bins
+from omnifuse_model.data.ehr.normalizer import EHRNormalizer, compute_aggregates
+from omnifuse_model.data.features.backbones import TextBackbone, build_resnet34_trunk
+from omnifuse_model.data.features.episode_cache import EpisodeCache
+from omnifuse_model.data.features.image_features import (
+    ImageBackbone,
+    image_identity,
+    prepare_images,
 )
-from omnifuse_model.data.image_features import ImageBackbone, image_identity, prepare_images
-from omnifuse_model.data.ingest import EHR_WINDOW_HOURS, IngestResult, ingest_site
-from omnifuse_model.data.ingest_report import SPLITS
-from omnifuse_model.data.manifest import (
+from omnifuse_model.data.features.manifest import (
     AGGREGATES_FILE,
     INGEST_REPORT_FILE,
     MANIFEST_FILE,
@@ -67,6 +62,15 @@ from omnifuse_model.data.manifest import (
     build_manifest,
     write_json_atomic,
 )
+from omnifuse_model.data.features.store import (
+    PREPROCESSING_VERSION,
+    FeatureStore,
+    ModalityStats,
+    entry_key,
+    text_sha256,
+)
+from omnifuse_model.data.ingest import EHR_WINDOW_HOURS, IngestResult, ingest_site
+from omnifuse_model.data.ingest_report import SPLITS
 from omnifuse_model.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -207,7 +211,7 @@ def prepare_site(
     ``image_backbone`` defaults to the ResNet-34 trunk of ``site.backbones.resnet34_weights``;
     ``text_backbone`` is a factory called with the train split's report texts, defaulting to
     :class:`TextBackbone` over ``site.backbones.bert_dir`` (or its fallback). Raises
-    :class:`~omnifuse_model.data.feature_store.CacheLockedError` when another process is
+    :class:`~omnifuse_model.data.features.store.CacheLockedError` when another process is
     preparing the same cache, ``ValueError`` for an unusable configuration.
     """
     if batch_size < 1 or num_workers < 0:

@@ -2,7 +2,7 @@
 
 Ingest asks :class:`EpisodeCache` (its ``EpisodeStore``) before discretising an episode; an
 entry holds the raw ``[bins, 76]`` array (none for a rejected episode) and, in its record, the
-:class:`~omnifuse_model.data.ehr_episodes.EpisodeReport`, so a second run neither discretises
+:class:`~omnifuse_model.data.ehr.episodes.EpisodeReport`, so a second run neither discretises
 nor loses the repairs and rejections it must report. Keys hash the discretiser settings
 (:attr:`EpisodeCache.identity`) and the sha256 of the episode CSV's bytes.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnifuse_model.data.ehr_episodes import EpisodeReport, RejectReason, RepairReason
-from omnifuse_model.data.feature_store import FeatureStore, ModalityStats, entry_key
+from omnifuse_model.data.ehr.episodes import EpisodeReport, RejectReason, RepairReason
+from omnifuse_model.data.features.store import FeatureStore, ModalityStats, entry_key
 from omnifuse_model.data.ingest import EHR_WINDOW_HOURS
 
 

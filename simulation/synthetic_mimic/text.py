@@ -20,8 +20,8 @@ import textwrap
 
 import numpy as np
 
-from omnifuse_model.data.synthetic_mimic_cohort import StudyPlan
-from omnifuse_model.data.synthetic_mimic_cxr import study_description
+from simulation.synthetic_mimic.cohort import StudyPlan
+from simulation.synthetic_mimic.cxr import study_description
 
 REPORT_TITLE = " " * 33 + "FINAL REPORT"
 LINE_WIDTH = 79

@@ -14,7 +14,7 @@ with ``resources/discretizer_config.json``) for ``impute_strategy='previous'``,
 
 Everything here is strict: an input the reference rejects raises ``ValueError``. The tolerant
 path for real-world files, with named and counted repairs and rejections, is
-:mod:`omnifuse_model.data.ehr_episodes`.
+:mod:`omnifuse_model.data.ehr.episodes`.
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def discretize_episode(
     ``end=48`` (24 bins at timestep 2, 48 at timestep 1), phenotyping ``end=period_length``.
     The header must be exactly :data:`EPISODE_HEADER` and every row must have 18 fields.
     Any defect raises ``ValueError`` naming the file, line or column and value; for counted
-    repairs instead use :func:`omnifuse_model.data.ehr_episodes.discretize_episode_tolerant`.
+    repairs instead use :func:`omnifuse_model.data.ehr.episodes.discretize_episode_tolerant`.
     """
     header, rows, lines = read_episode_csv(path)
     problem = header_mismatch(header)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from omnifuse_model.data.ehr import CONTINUOUS_COLUMNS, FEATURE_HEADER, NUM_FEATURES
+from omnifuse_model.data.ehr.discretizer import CONTINUOUS_COLUMNS, FEATURE_HEADER, NUM_FEATURES
 
 STD_FLOOR = 1e-7
 _FORMAT = "omnifuse-ehr-normalizer"

@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from omnifuse_model.data.ehr import CHANNELS, EPISODE_HEADER, EPS
-from omnifuse_model.data.synthetic_mimic_cohort import IHM_HOURS, StayPlan, SubjectPlan
+from omnifuse_model.data.ehr.discretizer import CHANNELS, EPISODE_HEADER, EPS
+from simulation.synthetic_mimic.cohort import IHM_HOURS, StayPlan, SubjectPlan
 
 HEADER_LINE = ",".join(EPISODE_HEADER)
 _COL = {channel: i for i, channel in enumerate(CHANNELS)}

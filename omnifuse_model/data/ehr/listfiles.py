@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from omnifuse_model.data.ehr_episodes import EpisodeReport, RejectReason
+from omnifuse_model.data.ehr.episodes import EpisodeReport, RejectReason
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Configuration and summary of the synthetic MIMIC writer (:mod:`.synthetic_mimic`).
+"""Configuration and summary of the synthetic MIMIC writer (:mod:`.writer`).
 
 Every planted effect is a field of :class:`SyntheticMimicConfig`: cohort size and splits, how
 strongly labels depend on the latent risk, per-modality signal and noise (a modality with

@@ -1,7 +1,7 @@
 """A site's training data from its feature cache, in the model's modality order.
 
 :func:`load_cached_split` reads ``manifest.json`` and the cached entries written by
-:func:`~omnifuse_model.data.cache.prepare_site` and returns an
+:func:`~omnifuse_model.data.features.cache.prepare_site` and returns an
 :class:`~omnifuse_model.batch.InMemoryMultimodalDataset` in the layout of
 :mod:`omnifuse_model.batch`:
 
@@ -29,11 +29,11 @@ import torch
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import ModalitySpec
-from omnifuse_model.data.ehr import NUM_FEATURES
-from omnifuse_model.data.ehr_normalizer import EHRNormalizer
-from omnifuse_model.data.feature_store import FeatureStore
+from omnifuse_model.data.ehr.discretizer import NUM_FEATURES
+from omnifuse_model.data.ehr.normalizer import EHRNormalizer
+from omnifuse_model.data.features.manifest import MANIFEST_FILE, NORMALIZER_FILE, read_manifest
+from omnifuse_model.data.features.store import FeatureStore
 from omnifuse_model.data.ingest_report import SPLITS
-from omnifuse_model.data.manifest import MANIFEST_FILE, NORMALIZER_FILE, read_manifest
 from omnifuse_model.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""MIMIC-CXR free-text radiology reports: where they live and which sections the model reads."""
