@@ -229,36 +229,21 @@ def evaluate(
     model.eval()
     device = torch.device(config.device)
     names = model.config.modality_names
-    probs, labels = [], []
-    weight_sums = torch.zeros(len(names), dtype=torch.float64)
-    error_sums = torch.zeros(len(names), dtype=torch.float64)
-    error_counts = torch.zeros(len(names), dtype=torch.long)
-    present_counts = torch.zeros(len(names), dtype=torch.long)
-    n = 0
+    sums = _EvaluationSums.zeros(len(names))
     for batch in iterate_batches(dataset, config.eval_batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
         with autocast(config):
             output = model(batch.inputs, batch.availability, batch.masks)
-        probs.append(model.predict_proba(output.logits.float()).cpu())
-        labels.append(batch.labels.cpu())
+        sums.probabilities.append(model.predict_proba(output.logits.float()).cpu())
+        sums.labels.append(batch.labels.cpu())
         if output.dwfuse_weights is not None:
-            weight_sums += output.dwfuse_weights.sum(dim=0).double().cpu()
-        present_counts += batch.availability.sum(dim=0).cpu()
-        n += len(batch)
+            sums.weights += output.dwfuse_weights.sum(dim=0).double().cpu()
+        sums.present += batch.availability.sum(dim=0).cpu()
+        sums.samples += len(batch)
         if imputation_error and model.forward_cra is not None:
-            for m in range(len(names)):
-                holds = batch.availability[:, m] & (batch.availability.sum(dim=1) > 1)
-                if not bool(holds.any()):
-                    continue
-                hide = torch.zeros_like(batch.availability)
-                hide[:, m] = True
-                hidden = model(batch.inputs, batch.availability, batch.masks, drop=hide)
-                truth = output.completed[:, m]
-                error = (hidden.completed[:, m] - truth).pow(2).mean(dim=1)
-                error_sums[m] += float(error[holds].sum())
-                error_counts[m] += int(holds.sum())
-    probabilities = torch.cat(probs).numpy()
-    label_array = torch.cat(labels).numpy()
+            _add_imputation_errors(model, batch, output.completed, sums)
+    probabilities = torch.cat(sums.probabilities).numpy()
+    label_array = torch.cat(sums.labels).numpy()
     metrics = classification_report(
         label_array,
         probabilities,
@@ -266,21 +251,69 @@ def evaluate(
         config.bootstrap_samples,
         config.seed if seed is None else seed,
     )
-    has_weights = model.heads is not None and n > 0
     return EvaluationResult(
         metrics=metrics,
-        mean_dwfuse_weight={
-            name: float(weight_sums[i] / n) if has_weights else math.nan
-            for i, name in enumerate(names)
-        },
-        imputation_error={
-            name: float(error_sums[i] / error_counts[i]) if error_counts[i] > 0 else math.nan
-            for i, name in enumerate(names)
-        },
-        availability_counts={name: int(present_counts[i]) for i, name in enumerate(names)},
+        **sums.per_modality(names, has_weights=model.heads is not None),
         probabilities=probabilities,
         labels=label_array,
     )
+
+
+@dataclass
+class _EvaluationSums:
+    """Running sums of one evaluation pass (per modality: DWFuse weight, imputation error)."""
+
+    weights: Tensor
+    errors: Tensor
+    error_counts: Tensor
+    present: Tensor
+    samples: int = 0
+    probabilities: list[Tensor] = field(default_factory=list)
+    labels: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, modalities: int) -> _EvaluationSums:
+        return cls(
+            weights=torch.zeros(modalities, dtype=torch.float64),
+            errors=torch.zeros(modalities, dtype=torch.float64),
+            error_counts=torch.zeros(modalities, dtype=torch.long),
+            present=torch.zeros(modalities, dtype=torch.long),
+        )
+
+    def per_modality(self, names: list[str], has_weights: bool) -> dict[str, dict]:
+        """Mean DWFuse weight, mean imputation error (NaN when undefined), present counts."""
+        n = self.samples
+        return {
+            "mean_dwfuse_weight": {
+                name: float(self.weights[i] / n) if has_weights and n > 0 else math.nan
+                for i, name in enumerate(names)
+            },
+            "imputation_error": {
+                name: float(self.errors[i] / self.error_counts[i])
+                if self.error_counts[i] > 0
+                else math.nan
+                for i, name in enumerate(names)
+            },
+            "availability_counts": {name: int(self.present[i]) for i, name in enumerate(names)},
+        }
+
+
+def _add_imputation_errors(
+    model: OmniFuse, batch: Batch, completed: Tensor, sums: _EvaluationSums
+) -> None:
+    """Hide each modality m alone and add the squared distance between its forward
+    imputation and its true embedding (``completed[:, m]``), over samples holding m and at
+    least one other modality."""
+    for m in range(len(model.config.modality_names)):
+        holds = batch.availability[:, m] & (batch.availability.sum(dim=1) > 1)
+        if not bool(holds.any()):
+            continue
+        hide = torch.zeros_like(batch.availability)
+        hide[:, m] = True
+        hidden = model(batch.inputs, batch.availability, batch.masks, drop=hide)
+        error = (hidden.completed[:, m] - completed[:, m]).pow(2).mean(dim=1)
+        sums.errors[m] += float(error[holds].sum())
+        sums.error_counts[m] += int(holds.sum())
 
 
 @dataclass
@@ -333,69 +366,110 @@ def fit(
             score would use the training data outside the privacy accounting).
     """
     generator = seed_everything(config.seed)
-    device = torch.device(config.device)
-    model.to(device)
+    model.to(torch.device(config.device))
     if optimizer is None:
         optimizer = torch.optim.Adam(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
     history: list[EpochRecord] = []
-    best_state, best_auroc, best_epoch, since_best = None, -math.inf, 0, 0
+    best = _BestEpoch(keep_best=keep_best)
     stopped_early = False
     with _progress(config.progress) as progress:
         epochs = progress.add_task("epochs", total=config.epochs, info="")
         for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            losses = train_epoch(
-                model,
-                train_data,
-                optimizer,
-                config,
-                generator,
-                extra_loss,
-                progress,
-                batches(generator) if batches is not None else None,
-            )
-            train_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            laziness = None
-            if model.config.use_tla:
-                report = mine_laziness(model, train_data, config)
-                model.set_laziness(report)
-                laziness = report.to_dict()
-            mining_seconds = time.perf_counter() - start
-            val_metrics: dict[str, float] = {}
-            if val_data is not None and len(val_data) > 0:
-                val_metrics = evaluate(
-                    model,
-                    val_data,
-                    config.model_copy(update={"bootstrap_samples": 0}),
-                    imputation_error=False,
-                ).metrics
-            record = EpochRecord(
-                epoch, losses, val_metrics, laziness, train_seconds, mining_seconds
-            )
+            record = _run_epoch(
+                epoch, model, train_data, val_data, config, optimizer, generator, extra_loss,
+                progress, batches(generator) if batches is not None else None,
+            )  # fmt: skip
             history.append(record)
-            score = val_metrics.get("auroc", math.nan)
+            score = record.val_metrics.get("auroc", math.nan)
             if math.isnan(score) and val_data is None:
-                score = -losses.get("total", math.inf)  # no validation: keep the last epoch
-            if score > best_auroc or best_state is None or not keep_best:
-                best_auroc, best_epoch, since_best = score, epoch, 0
-                best_state = (copy.deepcopy(model.state_dict()), model.laziness)
-            else:
-                since_best += 1
+                score = -record.losses.get("total", math.inf)  # no validation: keep the last
+            best.update(epoch, score, model)
             progress.update(epochs, advance=1, info=f"val AUROC {score:.4f}")
-            if config.patience and since_best >= config.patience:
+            if config.patience and best.since_best >= config.patience:
                 stopped_early = True
                 break
-    model.load_state_dict(best_state[0])
-    model.set_laziness(best_state[1])
+    best.restore(model)
     result = FitResult(
-        history, best_epoch, best_auroc if val_data is not None else math.nan, stopped_early
+        history, best.epoch, best.score if val_data is not None else math.nan, stopped_early
     )
     if run_dir is not None:
         write_run(run_dir, model, config, result)
     return result
+
+
+def _run_epoch(
+    epoch: int,
+    model: OmniFuse,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    extra_loss: ExtraLoss | None,
+    progress: Progress,
+    batches: Iterable[Batch] | None,
+) -> EpochRecord:
+    """One epoch: train, mine the lazy combination (TLA), validate; each part timed."""
+    losses, train_seconds = _timed(
+        train_epoch, model, train_data, optimizer, config, generator, extra_loss, progress, batches
+    )
+    laziness, mining_seconds = _timed(_mine_epoch, model, train_data, config)
+    val_metrics = _validation_metrics(model, val_data, config)
+    return EpochRecord(epoch, losses, val_metrics, laziness, train_seconds, mining_seconds)
+
+
+def _timed(function, *args):
+    """(function(*args), seconds it took)."""
+    start = time.perf_counter()
+    value = function(*args)
+    return value, time.perf_counter() - start
+
+
+def _mine_epoch(model: OmniFuse, train_data: Dataset, config: TrainConfig) -> dict | None:
+    """TLA's per-epoch mining (Eq. 15): set the lazy combination for the next epoch."""
+    if not model.config.use_tla:
+        return None
+    report = mine_laziness(model, train_data, config)
+    model.set_laziness(report)
+    return report.to_dict()
+
+
+def _validation_metrics(
+    model: OmniFuse, val_data: Dataset | None, config: TrainConfig
+) -> dict[str, float]:
+    """Metrics alone (no bootstrap, no imputation error) on the validation split, if any."""
+    if val_data is None or len(val_data) == 0:
+        return {}
+    return evaluate(
+        model,
+        val_data,
+        config.model_copy(update={"bootstrap_samples": 0}),
+        imputation_error=False,
+    ).metrics
+
+
+@dataclass
+class _BestEpoch:
+    """Early stopping's memory: the best epoch's score, weights and lazy combination."""
+
+    keep_best: bool = True
+    score: float = -math.inf
+    epoch: int = 0
+    since_best: int = 0
+    state: tuple | None = None
+
+    def update(self, epoch: int, score: float, model: OmniFuse) -> None:
+        if score > self.score or self.state is None or not self.keep_best:
+            self.score, self.epoch, self.since_best = score, epoch, 0
+            self.state = (copy.deepcopy(model.state_dict()), model.laziness)
+        else:
+            self.since_best += 1
+
+    def restore(self, model: OmniFuse) -> None:
+        model.load_state_dict(self.state[0])
+        model.set_laziness(self.state[1])
 
 
 def write_run(

@@ -249,7 +249,6 @@ def _weight_cell(entry: dict) -> str:
 def build_tables(data: dict) -> dict[str, ReportTable]:
     """Rendered tables from the report's data, keyed by name."""
     sites, rounds, modalities = data["sites"], data["rounds"], data["modalities"]
-    k = data["min_count"]
     tables = {
         "lazy_timeline": ReportTable(
             "Lazy modality combination per site and round",
@@ -261,57 +260,9 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
             ["site", *modalities],
             [[s, *(_weight_cell(data["dwfuse_weight"][s][m]) for m in modalities)] for s in sites],
         ),
+        "availability": _availability_table(data),
+        "round_metrics": _round_metrics_table(data["round_metrics"]),
     }
-    combos = [
-        c
-        for c in data["combinations"]
-        if any(c in a["counts"] for a in data["availability"].values())
-    ]
-    availability = data["availability"]
-    tables["availability"] = ReportTable(
-        "Training samples per modality combination (each site's last round)",
-        ["site", "round", "samples", *combos],
-        [
-            [
-                s,
-                str(availability[s]["round"]),
-                _count(availability[s]["num_examples"], True, k),
-                *(
-                    _count(availability[s]["counts"].get(c), c in availability[s]["counts"], k)
-                    for c in combos
-                ),
-            ]
-            for s in sites
-        ],
-        f"Cells with fewer than {k} samples are suppressed (shown as '<{k}'); "
-        "'-' = combination not reported.",
-    )
-    tables["round_metrics"] = ReportTable(
-        "Global metrics per round",
-        [
-            "round",
-            "sites",
-            "mean local val AUROC",
-            "federated val AUROC",
-            "server test AUROC",
-            "bytes sent",
-            "bytes received",
-            "wall s",
-        ],
-        [
-            [
-                str(m["round"]),
-                str(m["sites_reporting"]),
-                _num(m["mean_local_val_auroc"]),
-                _num(m["federated_val_auroc"]),
-                _num(m["server_test_auroc"]),
-                _bytes(m["bytes_sent"]),
-                _bytes(m["bytes_received"]),
-                _num(m["wall_seconds"], 1),
-            ]
-            for m in data["round_metrics"]
-        ],
-    )
     imputation = data["imputation_error"]
     tables["imputation_error"] = ReportTable(
         "Imputation error per modality (each site's last round)",
@@ -332,6 +283,54 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
             [[s, *(_num(v, 2) for v in data["epsilon"][s])] for s in sites],
         )
     return tables
+
+
+def _availability_table(data: dict) -> ReportTable:
+    """Training samples per exact modality combination, each site's last round."""
+    k, availability = data["min_count"], data["availability"]
+    combos = [
+        c for c in data["combinations"] if any(c in a["counts"] for a in availability.values())
+    ]
+    rows = []
+    for s in data["sites"]:
+        site = availability[s]
+        cells = [_count(site["counts"].get(c), c in site["counts"], k) for c in combos]
+        rows.append([s, str(site["round"]), _count(site["num_examples"], True, k), *cells])
+    return ReportTable(
+        "Training samples per modality combination (each site's last round)",
+        ["site", "round", "samples", *combos],
+        rows,
+        f"Cells with fewer than {k} samples are suppressed (shown as '<{k}'); "
+        "'-' = combination not reported.",
+    )
+
+
+def _round_metrics_table(round_metrics: list[dict]) -> ReportTable:
+    """One row per round: sites reporting, AUROCs, bytes and wall time."""
+    columns = [
+        "round",
+        "sites",
+        "mean local val AUROC",
+        "federated val AUROC",
+        "server test AUROC",
+        "bytes sent",
+        "bytes received",
+        "wall s",
+    ]
+    rows = [
+        [
+            str(m["round"]),
+            str(m["sites_reporting"]),
+            _num(m["mean_local_val_auroc"]),
+            _num(m["federated_val_auroc"]),
+            _num(m["server_test_auroc"]),
+            _bytes(m["bytes_sent"]),
+            _bytes(m["bytes_received"]),
+            _num(m["wall_seconds"], 1),
+        ]
+        for m in round_metrics
+    ]
+    return ReportTable("Global metrics per round", columns, rows)
 
 
 # -- entry points ----------------------------------------------------------------------------

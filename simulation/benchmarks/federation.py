@@ -213,22 +213,10 @@ def run_scenario(config: BenchmarkConfig, num_sites: int, seed: int, root: Path)
     seconds["central"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    local = []
-    for site, data in zip(sites, site_data, strict=True):
-        model = _train(config, data.train, seed)
-        own_site = test_site.model_copy(update={"modalities": site.modalities})
-        own = load_site_datasets(own_site, model_config).val
-        local.append(
-            {
-                "site": site.name,
-                "modalities": site.modalities,
-                "train": len(data.train),
-                "val": len(data.val),
-                "auroc": _auroc(model, test, seed),
-                "auroc_own_modalities": _auroc(model, own, seed),
-                "auroc_best_val": _auroc(_train(config, data.train, seed, data.val), test, seed),
-            }
-        )
+    local = [
+        _local_only(config, site, data, test_site, test, seed)
+        for site, data in zip(sites, site_data, strict=True)
+    ]
     seconds["local"] = time.perf_counter() - clock
     return {
         "num_sites": num_sites,
@@ -242,6 +230,25 @@ def run_scenario(config: BenchmarkConfig, num_sites: int, seed: int, root: Path)
         "seconds": seconds,
         "startup": startup,
         "metrics": history,
+    }
+
+
+def _local_only(
+    config: BenchmarkConfig, site, data, test_site, test, seed: int
+) -> dict[str, object]:
+    """A site trained alone, scored on the shared test set and on the test set restricted to
+    its own modalities (its last epoch, and its best-validation epoch)."""
+    model = _train(config, data.train, seed)
+    own_site = test_site.model_copy(update={"modalities": site.modalities})
+    own = load_site_datasets(own_site, config.omnifuse_config()).val
+    return {
+        "site": site.name,
+        "modalities": site.modalities,
+        "train": len(data.train),
+        "val": len(data.val),
+        "auroc": _auroc(model, test, seed),
+        "auroc_own_modalities": _auroc(model, own, seed),
+        "auroc_best_val": _auroc(_train(config, data.train, seed, data.val), test, seed),
     }
 
 
