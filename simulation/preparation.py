@@ -13,7 +13,12 @@ from pathlib import Path
 from rich.console import Console
 
 from omnifuse_model.data.cache import PrepareSummary, prepare_site
-from omnifuse_model.data.ehr_normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
+from omnifuse_model.data.ehr_normalizer import (
+    EHRAggregates,
+    EHRNormalizer,
+    check_plausible_aggregates,
+    combine_aggregates,
+)
 from omnifuse_model.data.manifest import AGGREGATES_FILE
 from omnifuse_model.site_config import SiteConfig, load_site_config
 
@@ -28,12 +33,19 @@ def _site_paths(scenario_dir: Path) -> tuple[list[Path], Path | None]:
 
 
 def federated_normalizer(sites: list[SiteConfig]) -> EHRNormalizer:
-    """Combine the sites' train-split EHR aggregates into one normaliser."""
+    """Combine the sites' train-split EHR aggregates into one normaliser.
+
+    Each site's aggregates must be possible from plausible values only
+    (:func:`~omnifuse_model.data.ehr_normalizer.check_plausible_aggregates`); otherwise a
+    ``ValueError`` names the site, the variable and the expected range.
+    """
     parts = []
     for site in sites:
         path = Path(site.cache_dir) / AGGREGATES_FILE
         if path.is_file():
-            parts.append(EHRAggregates.from_dict(json.loads(path.read_text())))
+            part = EHRAggregates.from_dict(json.loads(path.read_text()))
+            check_plausible_aggregates(part, f"site '{site.name}' ({path})")
+            parts.append(part)
     if not parts:
         raise ValueError("no site has EHR aggregates (prepare the sites first)")
     total = combine_aggregates(parts)

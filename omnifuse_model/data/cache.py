@@ -46,7 +46,11 @@ from torch import Tensor
 
 from omnifuse_model.data.backbones import TextBackbone, build_resnet34_trunk
 from omnifuse_model.data.ehr import NUM_FEATURES, num_bins
-from omnifuse_model.data.ehr_normalizer import EHRNormalizer, compute_aggregates
+from omnifuse_model.data.ehr_normalizer import (
+    EHRNormalizer,
+    check_plausible_aggregates,
+    compute_aggregates,
+)
 from omnifuse_model.data.episode_cache import EpisodeCache
 from omnifuse_model.data.feature_store import (
     PREPROCESSING_VERSION,
@@ -184,6 +188,7 @@ def _fit_normalizer(result: IngestResult, cache_dir: Path) -> int | None:
             logger.warning("site %s: fewer than 2 train EHR bins, no normaliser", result.site)
         return None
     aggregates = compute_aggregates(arrays)
+    check_plausible_aggregates(aggregates, f"site '{result.site}', train split")
     normalizer = EHRNormalizer.from_aggregates(aggregates.count, aggregates.sums, aggregates.sumsq)
     write_json_atomic(cache_dir / NORMALIZER_FILE, normalizer.to_dict())
     write_json_atomic(

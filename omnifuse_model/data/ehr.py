@@ -142,6 +142,36 @@ NORMAL_VALUES: Mapping[str, str] = MappingProxyType(
 )
 """Raw strings imputed before a channel's first observation."""
 
+PLAUSIBLE_RANGES: Mapping[str, tuple[float, float, str]] = MappingProxyType(
+    {
+        "Diastolic blood pressure": (0.0, 300.0, "mmHg"),
+        "Fraction inspired oxygen": (0.1, 1.0, "fraction"),
+        "Glucose": (5.0, 2500.0, "mg/dL"),
+        "Heart Rate": (0.0, 350.0, "beats/min"),
+        "Height": (50.0, 275.0, "cm"),
+        "Mean blood pressure": (0.0, 300.0, "mmHg"),
+        "Oxygen saturation": (0.0, 100.0, "%"),
+        "Respiratory rate": (0.0, 150.0, "breaths/min"),
+        "Systolic blood pressure": (0.0, 400.0, "mmHg"),
+        "Temperature": (14.0, 47.0, "degC"),
+        "Weight": (1.0, 700.0, "kg"),
+        "pH": (4.0, 10.0, "pH units"),
+    }
+)
+"""Physiologically plausible ``(low, high, unit)`` of each continuous channel, inclusive, in
+the units mimic3-benchmarks converts to (Temperature in degrees C, Weight in kg, Height in cm,
+FiO2 as a fraction). Deliberately wide: they catch unit slips and sentinel values (``-1e30``,
+``99999``), not abnormal patients; pH spans urine pH (4-9), which the benchmark maps to the
+same variable (design/MIMIC_FORMATS.md section 1a). A value outside its range is read as not
+charted (:mod:`omnifuse_model.data.ehr_episodes`), so the discretiser's imputation applies and
+the normaliser's statistics never see it."""
+
+
+def plausible_range_text(channel: str) -> str:
+    """``"[low, high] unit"`` of a continuous channel, for reports and errors."""
+    low, high, unit = PLAUSIBLE_RANGES[channel]
+    return f"[{low:g}, {high:g}] {unit}"
+
 
 def _value_header() -> tuple[str, ...]:
     names: list[str] = []

@@ -10,12 +10,16 @@ Repairs (lossless, or dropping only what carries no data or could never be binne
 ``hours_before_window`` (rows whose bin would be negative, i.e. t <= -timestep),
 ``hours_after_last_bin``, ``category_variant`` (``"15.0"`` -> ``"15"``, ``"0"`` -> ``"0.0"``,
 ``"confused"`` -> ``"Confused"``, when exactly one vocabulary entry matches),
-``whitespace_cell`` and ``nonfinite_value`` (both read as not charted).
+``whitespace_cell``, ``nonfinite_value`` and ``implausible_value`` (a value outside the
+channel's :data:`~omnifuse_model.data.ehr.PLAUSIBLE_RANGES`, e.g. a weight of ``-1e30``; all
+three are read as not charted, so the discretiser's imputation fills the bin; implausible
+values are also counted per channel in :attr:`EpisodeReport.implausible`).
 Everything else rejects the episode with a :class:`RejectReason`.
 
 Invariant: an episode that :func:`~omnifuse_model.data.ehr.discretize_episode` accepts is
 returned unchanged and with status ``used``, except that non-finite values (``"nan"``,
-``"inf"``, beyond float32) are read as not charted unless ``drop_nonfinite=False``.
+``"inf"``, beyond float32) and implausible values are read as not charted unless
+``drop_nonfinite=False``.
 Cells of rows outside the window are never inspected, as in the reference.
 """
 
@@ -39,6 +43,7 @@ from omnifuse_model.data.ehr import (
     EPISODE_HEADER,
     EPS,
     FEATURE_HEADER,
+    PLAUSIBLE_RANGES,
     bin_index,
     check_timestep,
     discretize_rows,
@@ -83,6 +88,7 @@ class RepairReason(StrEnum):
     CATEGORY_VARIANT = "category_variant"
     WHITESPACE_CELL = "whitespace_cell"
     NONFINITE_VALUE = "nonfinite_value"
+    IMPLAUSIBLE_VALUE = "implausible_value"
 
 
 class EpisodeStatus(StrEnum):
@@ -103,6 +109,8 @@ class EpisodeReport:
     repairs: dict[RepairReason, int] = field(default_factory=dict)
     rows_read: int = 0
     rows_used: int = 0
+    implausible: dict[str, int] = field(default_factory=dict)
+    """Channel -> values read as not charted because they lie outside its plausible range."""
 
     @property
     def status(self) -> EpisodeStatus:
@@ -133,6 +141,7 @@ class EpisodeReport:
             "repairs": {str(k): v for k, v in sorted(self.repairs.items())},
             "rows_read": self.rows_read,
             "rows_used": self.rows_used,
+            "implausible": dict(sorted(self.implausible.items())),
         }
 
 
@@ -326,10 +335,21 @@ def _clean_cells(row: list[str], line: int, report: EpisodeReport, drop_nonfinit
                 f"{report.path}: line {line}, column {channel!r}: {cell!r} is not a number",
             )
             return False
-        if drop_nonfinite and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        if not drop_nonfinite:
+            continue
+        if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
             row[k] = ""
             report.add_repair(RepairReason.NONFINITE_VALUE)
+        elif not _plausible(channel, value):
+            row[k] = ""
+            report.add_repair(RepairReason.IMPLAUSIBLE_VALUE)
+            report.implausible[channel] = report.implausible.get(channel, 0) + 1
     return True
+
+
+def _plausible(channel: str, value: float) -> bool:
+    bounds = PLAUSIBLE_RANGES.get(channel)
+    return bounds is None or bounds[0] <= value <= bounds[1]
 
 
 def discretize_episode_tolerant(

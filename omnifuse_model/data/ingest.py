@@ -332,6 +332,7 @@ def ingest_site(
                 array, report, stay.ehr_digest = _discretise(record, timestep, episode_store)
                 stay.outcomes["ehr"] = _ehr_outcome(array, report)
                 stay.ehr = array if stay.outcomes["ehr"].usable else None
+                stay.implausible = dict(report.implausible)
             if linker.enabled:
                 _link_modalities(stay, record, site, held, linker)
             stay.outcomes = {name: stay.outcomes[name] for name in order}
