@@ -74,6 +74,8 @@ class RejectReason(StrEnum):
     INVALID_EPISODE = "invalid_episode"
     BAD_LISTFILE_ROW = "bad_listfile_row"
     DUPLICATE_STAY = "duplicate_stay"
+    STAY_IN_TWO_SPLITS = "stay_in_two_splits"
+    SUBJECT_IN_TWO_SPLITS = "subject_in_two_splits"
 
 
 class RepairReason(StrEnum):
