@@ -27,7 +27,9 @@ backbone once per distinct input, batched, under ``torch.inference_mode()``, and
   train split's reports only; its identity (which hashes those texts) is part of the keys.
 
 An interrupted run keeps every shard it finished (atomic renames) and the next run computes
-only the rest; a complete second run computes nothing.
+only the rest; a complete second run computes nothing. Every run first checks each shard's
+SHA-256 (its file name): a corrupted one is moved aside, listed in the summary's
+``corrupt_shards`` and its entries computed again.
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class PrepareSummary:
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     normalizer_bins: int | None = None
     seconds: float = 0.0
+    corrupt_shards: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Modality -> {shard name: problem} of shards that failed their checksum and were moved
+    aside (``<name>.corrupt``); their entries were computed again."""
 
     @property
     def hits(self) -> int:
@@ -197,6 +202,39 @@ def _fit_normalizer(result: IngestResult, cache_dir: Path) -> int | None:
     return bins
 
 
+def _prepare_images(
+    site: SiteConfig,
+    store: FeatureStore,
+    result: IngestResult,
+    image_backbone: ImageBackbone | None,
+    options: dict[str, Any],
+    stats: ModalityStats,
+    bars: Progress,
+) -> tuple[str, dict[str, str]]:
+    """The ``cxr`` pass; returns (identity, image path -> key)."""
+    clock = time.perf_counter()
+    device = options.pop("device")
+    trunk = image_backbone or build_resnet34_trunk(site.backbones.resnet34_weights)
+    if isinstance(trunk, torch.nn.Module):
+        trunk = trunk.to(device).eval()
+    options |= {"pin_memory": device.type == "cuda"}
+    options["prefetch_factor"] = 4 if options["num_workers"] else None
+    keys = prepare_images(store, result, trunk, device, options, stats, bars)
+    stats.seconds = time.perf_counter() - clock
+    return image_identity(trunk), keys
+
+
+def _split_counts(result: IngestResult, modalities: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {
+        split: {"stays": len(result.split(split))}
+        | {
+            f"with_{m}": sum(m in s.usable_modalities for s in result.split(split))
+            for m in modalities
+        }
+        for split in SPLITS
+    }
+
+
 def prepare_site(
     site: SiteConfig,
     progress: bool = True,
@@ -211,7 +249,9 @@ def prepare_site(
 
     ``image_backbone`` defaults to the ResNet-34 trunk of ``site.backbones.resnet34_weights``;
     ``text_backbone`` is a factory called with the train split's report texts, defaulting to
-    :class:`TextBackbone` over ``site.backbones.bert_dir`` (or its fallback). Raises
+    :class:`TextBackbone` over ``site.backbones`` (or its fallback). Shards that fail their
+    checksum are moved aside first (listed in ``corrupt_shards``) and their entries computed
+    again. Raises
     :class:`~omnifuse_model.data.feature_store.CacheLockedError` when another process is
     preparing the same cache, ``ValueError`` for an unusable configuration.
     """
@@ -226,6 +266,10 @@ def prepare_site(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     with store.lock(), Progress(*columns, disable=not progress) as bars:
+        for modality in stats:
+            bad = store.verify(modality)
+            if bad:
+                summary.corrupt_shards[modality] = bad
         clock = time.perf_counter()
         episodes = EpisodeCache(store, timestep, stats.get("ehr", ModalityStats()))
         try:
@@ -236,48 +280,28 @@ def prepare_site(
             stats["ehr"].seconds = time.perf_counter() - clock
             summary.identities["ehr"] = episodes.identity
         summary.normalizer_bins = _fit_normalizer(result, cache_dir)
-
         image_keys: dict[str, str] = {}
         if "cxr" in stats:
-            clock = time.perf_counter()
-            trunk = image_backbone or build_resnet34_trunk(site.backbones.resnet34_weights)
-            if isinstance(trunk, torch.nn.Module):
-                trunk = trunk.to(device).eval()
-            loader_options = {
-                "batch_size": batch_size,
-                "num_workers": num_workers,
-                "pin_memory": device.type == "cuda",
-                "prefetch_factor": 4 if num_workers else None,
-            }
-            image_keys = prepare_images(
-                store, result, trunk, device, loader_options, stats["cxr"], bars
+            options = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+            summary.identities["cxr"], image_keys = _prepare_images(
+                site, store, result, image_backbone, options, stats["cxr"], bars
             )
-            stats["cxr"].seconds = time.perf_counter() - clock
-            summary.identities["cxr"] = image_identity(trunk)
-
         text_keys: dict[str, str] = {}
         shapes = {"ehr": [num_bins(EHR_WINDOW_HOURS, timestep), NUM_FEATURES]}
         if "rep" in stats:
             clock = time.perf_counter()
             factory = text_backbone or _default_text_factory(site, str(device))
-            identity, text_keys, shapes["rep"] = _prepare_reports(
+            summary.identities["rep"], text_keys, shapes["rep"] = _prepare_reports(
                 store, result, factory, batch_size, stats["rep"], bars
             )
             stats["rep"].seconds = time.perf_counter() - clock
-            summary.identities["rep"] = identity
-
-        report = result.report()
-        report.write_json(cache_dir / INGEST_REPORT_FILE)
+        result.report().write_json(cache_dir / INGEST_REPORT_FILE)
         manifest = build_manifest(
             result, summary.identities, episodes, image_keys, text_keys, shapes
         )
         write_json_atomic(cache_dir / MANIFEST_FILE, manifest)
     summary.modalities = stats
-    summary.splits = {
-        split: {"stays": len(result.split(split))}
-        | {f"with_{m}": sum(m in s.usable_modalities for s in result.split(split)) for m in stats}
-        for split in SPLITS
-    }
+    summary.splits = _split_counts(result, list(stats))
     summary.seconds = time.perf_counter() - started
     write_json_atomic(cache_dir / SUMMARY_FILE, summary.to_dict())
     logger.info(

@@ -16,7 +16,12 @@ from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.backbones import REPORT_TOKENS, RESNET34_FEATURES, TextBackbone
 from omnifuse_model.data.cache import prepare_site
 from omnifuse_model.data.ehr_normalizer import EHRNormalizer, compute_aggregates
-from omnifuse_model.data.feature_store import CacheLockedError, FeatureStore, entry_key
+from omnifuse_model.data.feature_store import (
+    CacheLockedError,
+    CorruptShardError,
+    FeatureStore,
+    entry_key,
+)
 from omnifuse_model.data.ingest import ingest_site
 from omnifuse_model.data.site_dataset import load_cached_split, mimic_model_modalities
 from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synthetic_mimic
@@ -282,10 +287,43 @@ def test_store_skips_unreadable_shards_and_locks(root: Path, caplog) -> None:
     (site.cache_dir / "features" / "ehr" / "garbage.safetensors").write_bytes(b"\x00" * 10)
     summary = prepare(site)
     assert summary.modalities["ehr"].misses == 0
-    assert "unreadable feature shard" in caplog.text
+    assert "garbage.safetensors: corrupted feature shard moved aside" in caplog.text
+    assert summary.corrupt_shards == {
+        "ehr": {"garbage.safetensors": "its name is not a SHA-256 (written before shards "
+                "carried checksums)"}
+    }  # fmt: skip
     store = FeatureStore(site.cache_dir)
     with store.lock(), pytest.raises(CacheLockedError, match="another process"):
         prepare(site)
+
+
+@pytest.mark.parametrize("modality", ["ehr", "cxr"])
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated"])
+def test_a_corrupted_shard_is_detected_and_recomputed(root: Path, modality: str, damage: str):
+    site = make_site(root, modalities=("ehr", "cxr"))
+    first = prepare(site)
+    before = {split: load_cached_split(site, split) for split in ("train", "val", "test")}
+    shard = sorted((site.cache_dir / "features" / modality).glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    if damage == "random_bytes":  # the header still parses: the values would be garbage
+        noise = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+        shard.write_bytes(data[:-64] + noise)
+    else:
+        shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}.*omnifuse prepare"):
+        for split in ("train", "val", "test"):  # training-time load: a clear error
+            load_cached_split(site, split)
+
+    summary = prepare(site)
+    assert list(summary.corrupt_shards) == [modality]
+    assert shard.name in summary.corrupt_shards[modality]
+    assert shard.with_name(shard.name + ".corrupt").is_file()
+    redone = summary.modalities[modality]
+    assert redone.items == first.modalities[modality].items and redone.misses > 0  # no hit
+    for split in ("train", "val", "test"):
+        dataset = load_cached_split(site, split)
+        assert torch.equal(dataset.inputs[modality], before[split].inputs[modality])
+    assert prepare(site).corrupt_shards == {}
 
 
 def test_round_trip_with_default_backbones(tmp_path: Path) -> None:
