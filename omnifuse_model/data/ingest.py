@@ -41,13 +41,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 
 from omnifuse_model.data.cxr import (
     CxrStayImage,
+    ImageReadError,
     find_metadata_file,
     link_stays_to_images,
+    open_cxr_image,
     read_cxr_metadata,
     read_stays,
 )
@@ -217,15 +218,12 @@ def _ehr_outcome(array: np.ndarray | None, report: EpisodeReport) -> ModalityOut
 
 
 def _image_outcome(path: Path) -> ModalityOutcome:
-    """Cheap check: the file exists and carries an image header (decoding comes later)."""
-    if not path.is_file():
-        return ModalityOutcome("rejected", "missing_image", f"{path}: no such file")
+    """Cheap check of the header (size, bombs); decoding comes later."""
     try:
-        with Image.open(path) as image:
-            if image.width == 0 or image.height == 0:
-                return ModalityOutcome("rejected", "unreadable_image", f"{path}: no pixels")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        return ModalityOutcome("rejected", "unreadable_image", f"{path}: {error}")
+        with open_cxr_image(path):
+            pass
+    except ImageReadError as error:
+        return ModalityOutcome("rejected", error.reason, f"{path}: {error.detail}")
     return ModalityOutcome("used")
 
 

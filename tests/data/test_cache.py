@@ -281,6 +281,29 @@ def test_decode_failures_are_counted_and_remembered(root: Path) -> None:
             assert summary.modalities["cxr"].misses == 0 and trunk.seen == 0
 
 
+def test_a_decompression_bomb_is_one_rejection_not_a_crash(root: Path, jpeg_declaring) -> None:
+    site = make_site(root)
+    linked = [s for s in ingest_site(site).stays if s.image_path is not None]
+    bomb, cut = linked[0], linked[1]
+    jpeg_declaring(bomb.image_path, 30000, 30000)
+    data = cut.image_path.read_bytes()
+    cut.image_path.write_bytes(data[: len(data) // 2])  # header fine, fails when decoded
+    summary = prepare(site, num_workers=1)
+    report = json.loads((site.cache_dir / "ingest_report.json").read_text())
+    assert report["totals"]["cxr"]["rejected_by_reason"] == {
+        "oversized_image": 1, "unreadable_image": 1
+    }  # fmt: skip
+    problems = {p["stay"]: p for p in report["problems"] if p["modality"] == "cxr"}
+    assert problems[bomb.stay]["reason"] == "oversized_image"
+    assert (
+        "DecompressionBomb" in problems[bomb.stay]["detail"]
+        or "pixels" in (problems[bomb.stay]["detail"])
+    )
+    assert problems[cut.stay]["reason"] == "unreadable_image"
+    images = summary.modalities["cxr"]
+    assert (images.items, images.failed) == (len({s.image_path for s in linked}) - 1, 1)
+
+
 def test_store_skips_unreadable_shards_and_locks(root: Path, caplog) -> None:
     site = make_site(root, modalities=("ehr",))
     prepare(site)
