@@ -56,22 +56,39 @@ def shared_fallback_text_backbone(sites: list[SiteConfig]):
     """One offline text backbone for the whole simulated federation, or None when every site
     names a local BERT.
 
-    The fallback's WordPiece vocabulary is trained on report texts; trained per site, token
-    ids (and so features) would mean different things at different sites and the shared
-    report encoder could not be averaged. A simulated federation therefore trains one
-    fallback on the union of the sites' train-split reports. A real deployment configures
-    the same local BERT directory at every hospital instead (docs/DEPLOY.md).
+    The fallback's WordPiece vocabulary defines what token ids (and so features) mean; with a
+    different vocabulary per site the shared report encoder could not be averaged. So the
+    sites without a local BERT share one fallback: over their ``backbones.wordpiece_vocab``
+    file when they name one (every site naming one must name the same vocabulary, else
+    ``ValueError``; sites naming none get it too), else over a vocabulary built from the
+    union of the sites' train-split reports. A real deployment configures the same local BERT
+    directory (or vocab.txt) at every hospital instead (docs/DEPLOY.md).
     """
-    from omnifuse_model.data.backbones import TextBackbone
+    from omnifuse_model.data.backbones import TextBackbone, read_wordpiece_vocabulary
     from omnifuse_model.data.ingest import ingest_site
 
-    if all(site.backbones.bert_dir for site in sites if "rep" in site.modalities):
+    fallback_sites = [s for s in sites if "rep" in s.modalities and not s.backbones.bert_dir]
+    if not fallback_sites:
         return None
+    files = [
+        (site.name, site.backbones.wordpiece_vocab)
+        for site in fallback_sites
+        if site.backbones.wordpiece_vocab is not None
+    ]
+    if files:
+        distinct = {tuple(read_wordpiece_vocabulary(path)) for _, path in files}
+        if len(distinct) > 1:
+            named = ", ".join(f"{name}: {path}" for name, path in files)
+            raise ValueError(
+                f"sites name different WordPiece vocabularies (backbones.wordpiece_vocab of "
+                f"{named}); a federation's report encoder needs one vocabulary at every site"
+            )
+        backbone = TextBackbone(None, fallback_vocab=files[0][1])
+        return lambda _site_texts: backbone
     texts = sorted(
         {
             stay.report_text
-            for site in sites
-            if "rep" in site.modalities
+            for site in fallback_sites
             for stay in ingest_site(site).split("train")
             if stay.report_text
         }

@@ -23,8 +23,9 @@ backbone once per distinct input, batched, under ``torch.inference_mode()``, and
   and the sha256 of the selected report text. States are stored as float16 to halve the
   disk (BERT hidden states lie far inside float16's range; its relative rounding error is at
   most 2^-11; a value that overflows is an error, not an inf) and read back as float32. Without a
-  local BERT (``backbones.bert_dir``) the fallback's WordPiece tokenizer is trained on the
-  train split's reports only; its identity (which hashes those texts) is part of the keys.
+  local BERT (``backbones.bert_dir``) the fallback's WordPiece vocabulary is the site's
+  ``backbones.wordpiece_vocab`` file or else is built (deterministically) from the train
+  split's reports only; its identity (which hashes the vocabulary) is part of the keys.
 
 An interrupted run keeps every shard it finished (atomic renames) and the next run computes
 only the rest; a complete second run computes nothing. Every run first checks each shard's
@@ -172,12 +173,18 @@ def _prepare_reports(
 # --------------------------------------------------------------------------- prepare
 
 
-def _default_text_factory(site: SiteConfig, device: str) -> TextBackboneFactory:
+def default_text_factory(site: SiteConfig, device: str = "cpu") -> TextBackboneFactory:
+    """The site's report backbone: its local BERT (``backbones.bert_dir``), else the offline
+    fallback over its ``backbones.wordpiece_vocab`` file, else over a vocabulary built from
+    the train split's reports."""
+
     def build(train_texts: Sequence[str]) -> TextEncoder:
-        bert_dir = site.backbones.bert_dir
-        return TextBackbone(
-            bert_dir, fallback_texts=None if bert_dir else train_texts, device=device
-        )
+        backbones = site.backbones
+        if backbones.bert_dir is not None:
+            return TextBackbone(backbones.bert_dir, device=device)
+        if backbones.wordpiece_vocab is not None:
+            return TextBackbone(fallback_vocab=backbones.wordpiece_vocab, device=device)
+        return TextBackbone(fallback_texts=train_texts, device=device)
 
     return build
 
@@ -249,7 +256,7 @@ def prepare_site(
 
     ``image_backbone`` defaults to the ResNet-34 trunk of ``site.backbones.resnet34_weights``;
     ``text_backbone`` is a factory called with the train split's report texts, defaulting to
-    :class:`TextBackbone` over ``site.backbones`` (or its fallback). Shards that fail their
+    :func:`default_text_factory` for the site. Shards that fail their
     checksum are moved aside first (listed in ``corrupt_shards``) and their entries computed
     again. Raises
     :class:`~omnifuse_model.data.feature_store.CacheLockedError` when another process is
@@ -290,7 +297,7 @@ def prepare_site(
         shapes = {"ehr": [num_bins(EHR_WINDOW_HOURS, timestep), NUM_FEATURES]}
         if "rep" in stats:
             clock = time.perf_counter()
-            factory = text_backbone or _default_text_factory(site, str(device))
+            factory = text_backbone or default_text_factory(site, str(device))
             summary.identities["rep"], text_keys, shapes["rep"] = _prepare_reports(
                 store, result, factory, batch_size, stats["rep"], bars
             )
@@ -321,5 +328,6 @@ __all__ = [
     "PrepareSummary",
     "TextBackboneFactory",
     "TextEncoder",
+    "default_text_factory",
     "prepare_site",
 ]

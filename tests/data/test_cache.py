@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.data.backbones import REPORT_TOKENS, RESNET34_FEATURES, TextBackbone
+from omnifuse_model.data.backbones import (
+    REPORT_TOKENS,
+    RESNET34_FEATURES,
+    TextBackbone,
+    vocabulary_sha256,
+    wordpiece_vocabulary,
+)
 from omnifuse_model.data.cache import prepare_site
 from omnifuse_model.data.ehr_normalizer import EHRNormalizer, compute_aggregates
 from omnifuse_model.data.feature_store import (
@@ -28,6 +34,7 @@ from omnifuse_model.data.synthetic_mimic import SyntheticMimicConfig, write_synt
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.site_data import load_site_datasets, load_site_test_dataset
 from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
+from simulation.preparation import shared_fallback_text_backbone
 
 IHM = "in-hospital-mortality"
 TEXT_HIDDEN = 16
@@ -347,6 +354,40 @@ def test_a_corrupted_shard_is_detected_and_recomputed(root: Path, modality: str,
         dataset = load_cached_split(site, split)
         assert torch.equal(dataset.inputs[modality], before[split].inputs[modality])
     assert prepare(site).corrupt_shards == {}
+
+
+def test_a_different_report_vocabulary_is_a_cache_miss(root: Path) -> None:
+    site = make_site(root, modalities=("rep",))
+    texts = [s.report_text for s in ingest_site(site).split("train") if s.report_text]
+    vocabulary = wordpiece_vocabulary(texts, 300)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    site.backbones.wordpiece_vocab = vocab
+    first = prepare_site(site, progress=False, batch_size=8)  # the site config's vocab.txt
+    assert vocabulary_sha256(vocabulary)[:16] in first.identities["rep"]
+    again = prepare_site(site, progress=False, batch_size=8)
+    assert again.modalities["rep"].misses == 0
+    vocab.write_text("\n".join([*vocabulary, "cardiomegaly"]) + "\n", encoding="utf-8")
+    changed = prepare_site(site, progress=False, batch_size=8)
+    assert changed.identities["rep"] != first.identities["rep"]
+    rep = changed.modalities["rep"]
+    assert rep.items > 0 and rep.misses == rep.items
+
+
+def test_a_simulated_federation_shares_the_configured_vocabulary(root: Path) -> None:
+    vocabulary = wordpiece_vocabulary(["no acute findings", "small left effusion"], 300)
+    paths = [root / "a.txt", root / "b.txt", root / "c.txt"]
+    for path, extra in zip(paths, ([], [], ["cardiomegaly"]), strict=True):
+        path.write_text("\n".join([*vocabulary, *extra]) + "\n", encoding="utf-8")
+    sites = [make_site(root, cache=f"cache{k}", modalities=("rep",)) for k in range(3)]
+    for site, path in zip(sites, (paths[0], paths[1], None), strict=True):
+        site.backbones.wordpiece_vocab = path
+    factory = shared_fallback_text_backbone(sites)  # same content, one site without a file
+    assert factory is not None
+    assert vocabulary_sha256(vocabulary)[:16] in factory(["ignored"]).identity
+    sites[2].backbones.wordpiece_vocab = paths[2]
+    with pytest.raises(ValueError, match="different WordPiece vocabularies"):
+        shared_fallback_text_backbone(sites)
 
 
 def test_round_trip_with_default_backbones(tmp_path: Path) -> None:
