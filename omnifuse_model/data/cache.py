@@ -242,6 +242,32 @@ def _split_counts(result: IngestResult, modalities: Sequence[str]) -> dict[str, 
     }
 
 
+def _verify_and_ingest(
+    site: SiteConfig,
+    store: FeatureStore,
+    summary: PrepareSummary,
+    stats: dict[str, ModalityStats],
+    timestep: float,
+    bars: Progress,
+) -> tuple[IngestResult, EpisodeCache]:
+    """Move corrupted shards aside, ingest (episodes through the cache), fit the normaliser."""
+    for modality in stats:
+        bad = store.verify(modality)
+        if bad:
+            summary.corrupt_shards[modality] = bad
+    clock = time.perf_counter()
+    episodes = EpisodeCache(store, timestep, stats.get("ehr", ModalityStats()))
+    try:
+        result = ingest_site(site, timestep, episode_store=episodes, progress=bars)
+    finally:
+        episodes.flush()
+    if "ehr" in stats:
+        stats["ehr"].seconds = time.perf_counter() - clock
+        summary.identities["ehr"] = episodes.identity
+    summary.normalizer_bins = _fit_normalizer(result, store.root)
+    return result, episodes
+
+
 def prepare_site(
     site: SiteConfig,
     progress: bool = True,
@@ -273,20 +299,7 @@ def prepare_site(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     with store.lock(), Progress(*columns, disable=not progress) as bars:
-        for modality in stats:
-            bad = store.verify(modality)
-            if bad:
-                summary.corrupt_shards[modality] = bad
-        clock = time.perf_counter()
-        episodes = EpisodeCache(store, timestep, stats.get("ehr", ModalityStats()))
-        try:
-            result = ingest_site(site, timestep, episode_store=episodes, progress=bars)
-        finally:
-            episodes.flush()
-        if "ehr" in stats:
-            stats["ehr"].seconds = time.perf_counter() - clock
-            summary.identities["ehr"] = episodes.identity
-        summary.normalizer_bins = _fit_normalizer(result, cache_dir)
+        result, episodes = _verify_and_ingest(site, store, summary, stats, timestep, bars)
         image_keys: dict[str, str] = {}
         if "cxr" in stats:
             options = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
@@ -310,16 +323,20 @@ def prepare_site(
     summary.modalities = stats
     summary.splits = _split_counts(result, list(stats))
     summary.seconds = time.perf_counter() - started
-    write_json_atomic(cache_dir / SUMMARY_FILE, summary.to_dict())
+    _write_summary(summary)
+    return summary
+
+
+def _write_summary(summary: PrepareSummary) -> None:
+    write_json_atomic(Path(summary.cache_dir) / SUMMARY_FILE, summary.to_dict())
     logger.info(
         "site %s: feature cache ready (%d reused, %d computed: %s) in %s",
-        site.name,
+        summary.site,
         summary.hits,
         summary.misses,
-        ", ".join(f"{k} {v.misses}/{v.items}" for k, v in stats.items()),
-        cache_dir,
+        ", ".join(f"{k} {v.misses}/{v.items}" for k, v in summary.modalities.items()),
+        summary.cache_dir,
     )
-    return summary
 
 
 __all__ = [

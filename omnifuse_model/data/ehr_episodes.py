@@ -196,6 +196,70 @@ def _as_float(text: str) -> float | None:
         return None
 
 
+def _read_header(
+    path: str | os.PathLike[str], report: EpisodeReport
+) -> tuple[list[list[str]], list[int], list[int] | None] | None:
+    """Rows, line numbers and the column order mapping the file's header to
+    :data:`EPISODE_HEADER` (None when it already is); None after a rejection."""
+    try:
+        header, raw_rows, raw_lines = read_episode_csv(path)
+    except FileNotFoundError:
+        report.reject(RejectReason.MISSING_FILE, f"{path}: no such file")
+        return None
+    except (OSError, ValueError) as err:
+        report.reject(RejectReason.UNREADABLE_FILE, f"{path}: {err}")
+        return None
+    if not any(cell.strip() for cell in header):
+        if any(any(cell.strip() for cell in row) for row in raw_rows):
+            report.reject(RejectReason.BAD_HEADER, f"{path}: the first line is blank")
+        else:
+            report.reject(RejectReason.EMPTY_FILE, f"{path}: the file holds no text")
+        return None
+    if header[0].startswith("\ufeff"):
+        header[0] = header[0].lstrip("\ufeff")
+        report.add_repair(RepairReason.BYTE_ORDER_MARK)
+    order: list[int] | None = None
+    if tuple(header) != EPISODE_HEADER:
+        if sorted(header) != sorted(EPISODE_HEADER):
+            report.reject(RejectReason.BAD_HEADER, f"{path}: {header_mismatch(header)}")
+            return None
+        order = [header.index(name) for name in EPISODE_HEADER]
+        report.add_repair(RepairReason.REORDERED_COLUMNS)
+    return raw_rows, raw_lines, order
+
+
+def _read_rows(
+    result: EpisodeResult, raw_rows: list[list[str]], raw_lines: list[int], order: list[int] | None
+) -> bool:
+    """Fill ``result`` with the non-blank rows (Hours parsed); False after a rejection."""
+    report, path = result.report, result.report.path
+    blank = 0
+    width = len(EPISODE_HEADER)
+    for row, line in zip(raw_rows, raw_lines, strict=True):
+        if not any(cell.strip() for cell in row):
+            blank += 1
+            continue
+        if len(row) != width:
+            reason = RejectReason.SHORT_ROW if len(row) < width else RejectReason.LONG_ROW
+            report.reject(reason, f"{path}: line {line} has {len(row)} fields, expected {width}")
+            return False
+        if order is not None:
+            row = [row[k] for k in order]
+        t = _as_float(row[0])
+        if t is None or math.isnan(t):
+            report.reject(RejectReason.UNPARSEABLE_HOURS, f"{path}: line {line}: Hours {row[0]!r}")
+            return False
+        result.hours.append(t)
+        result.rows.append(row[1:])
+        result.lines.append(line)
+    report.add_repair(RepairReason.BLANK_ROWS, blank)
+    if not result.hours:
+        report.reject(RejectReason.NO_ROWS, f"{path}: no data rows below the header")
+        return False
+    report.rows_read = len(result.hours)
+    return True
+
+
 def read_episode(path: str | os.PathLike[str]) -> EpisodeResult:
     """Read an episode CSV, repairing or rejecting file-level defects with named reasons.
 
@@ -206,58 +270,12 @@ def read_episode(path: str | os.PathLike[str]) -> EpisodeResult:
     bad data.
     """
     report = EpisodeReport(path=str(path))
-    try:
-        header, raw_rows, raw_lines = read_episode_csv(path)
-    except FileNotFoundError:
-        report.reject(RejectReason.MISSING_FILE, f"{path}: no such file")
+    read = _read_header(path, report)
+    if read is None:
         return EpisodeResult(report)
-    except (OSError, ValueError) as err:
-        report.reject(RejectReason.UNREADABLE_FILE, f"{path}: {err}")
-        return EpisodeResult(report)
-
-    if not any(cell.strip() for cell in header):
-        if any(any(cell.strip() for cell in row) for row in raw_rows):
-            report.reject(RejectReason.BAD_HEADER, f"{path}: the first line is blank")
-        else:
-            report.reject(RejectReason.EMPTY_FILE, f"{path}: the file holds no text")
-        return EpisodeResult(report)
-    if header[0].startswith("\ufeff"):
-        header[0] = header[0].lstrip("\ufeff")
-        report.add_repair(RepairReason.BYTE_ORDER_MARK)
-    order: list[int] | None = None
-    if tuple(header) != EPISODE_HEADER:
-        if sorted(header) != sorted(EPISODE_HEADER):
-            report.reject(RejectReason.BAD_HEADER, f"{path}: {header_mismatch(header)}")
-            return EpisodeResult(report)
-        order = [header.index(name) for name in EPISODE_HEADER]
-        report.add_repair(RepairReason.REORDERED_COLUMNS)
-
     result = EpisodeResult(report)
-    blank = 0
-    width = len(EPISODE_HEADER)
-    for row, line in zip(raw_rows, raw_lines, strict=True):
-        if not any(cell.strip() for cell in row):
-            blank += 1
-            continue
-        if len(row) != width:
-            reason = RejectReason.SHORT_ROW if len(row) < width else RejectReason.LONG_ROW
-            report.reject(reason, f"{path}: line {line} has {len(row)} fields, expected {width}")
-            return EpisodeResult(report)
-        if order is not None:
-            row = [row[k] for k in order]
-        t = _as_float(row[0])
-        if t is None or math.isnan(t):
-            report.reject(RejectReason.UNPARSEABLE_HOURS, f"{path}: line {line}: Hours {row[0]!r}")
-            return EpisodeResult(report)
-        result.hours.append(t)
-        result.rows.append(row[1:])
-        result.lines.append(line)
-    report.add_repair(RepairReason.BLANK_ROWS, blank)
-    if not result.hours:
-        report.reject(RejectReason.NO_ROWS, f"{path}: no data rows below the header")
+    if not _read_rows(result, *read):
         return EpisodeResult(report)
-    report.rows_read = len(result.hours)
-
     # Sort only where the reference's check (t[i] < t[i+1] + EPS) fails, so that accepted
     # files keep their row order and hence their within-bin overwrite order.
     inversions = sum(1 for a, b in pairwise(result.hours) if not a < b + EPS)
