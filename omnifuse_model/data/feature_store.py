@@ -198,8 +198,10 @@ class FeatureStore:
             if problem:
                 bad[shard.name] = problem
                 logger.warning(
-                    "%s: corrupted feature shard moved aside, its entries are recomputed: %s",
+                    "%s: feature shard fails its checksum, moved aside (%s.corrupt) and its "
+                    "entries recomputed: %s",
                     shard,
+                    shard.name,
                     problem,
                 )
                 os.replace(shard, shard.with_name(shard.name + _CORRUPT_SUFFIX))

@@ -52,6 +52,7 @@ from omnifuse_model.data.cxr import (
     read_cxr_metadata,
     read_stays,
 )
+from omnifuse_model.data.ehr import plausible_range_text
 from omnifuse_model.data.ehr_episodes import (
     EpisodeReport,
     RejectReason,
@@ -213,7 +214,13 @@ def _ehr_outcome(array: np.ndarray | None, report: EpisodeReport) -> ModalityOut
         )
     if report.repairs:
         repairs = {str(k): v for k, v in sorted(report.repairs.items())}
-        return ModalityOutcome("repaired", ",".join(repairs), report.path, repairs)
+        detail = report.path
+        if report.implausible:
+            detail += ": implausible values read as not charted: " + ", ".join(
+                f"{channel} x{n} (expected {plausible_range_text(channel)})"
+                for channel, n in sorted(report.implausible.items())
+            )
+        return ModalityOutcome("repaired", ",".join(repairs), detail, repairs)
     return ModalityOutcome("used")
 
 

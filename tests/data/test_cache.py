@@ -317,7 +317,7 @@ def test_store_skips_unreadable_shards_and_locks(root: Path, caplog) -> None:
     (site.cache_dir / "features" / "ehr" / "garbage.safetensors").write_bytes(b"\x00" * 10)
     summary = prepare(site)
     assert summary.modalities["ehr"].misses == 0
-    assert "garbage.safetensors: corrupted feature shard moved aside" in caplog.text
+    assert "garbage.safetensors: feature shard fails its checksum, moved aside" in caplog.text
     assert summary.corrupt_shards == {
         "ehr": {"garbage.safetensors": "its name is not a SHA-256 (written before shards "
                 "carried checksums)"}

@@ -91,11 +91,16 @@ def test_one_extreme_value_leaves_the_federated_std_unchanged(roots, tmp_path):
     np.testing.assert_array_equal(with_value.means, without.means)
     assert with_value.stds[WEIGHT] < 100  # was 2.1e29 before the range check
 
-    report = ingest_site(bad).report().to_dict()
+    result = ingest_site(bad)
+    stay = next(s for s in result.stays if s.stay == str(roots["stay"]))
+    assert stay.outcomes["ehr"].status == "repaired"
+    assert "Weight x1 (expected [1, 700] kg)" in stay.outcomes["ehr"].detail
+    report = result.report().to_dict()
     assert report["implausible_values"] == {
         "Weight": {"values": 1, "stays": 1, "expected": "[1, 700] kg"}
     }
     assert report["totals"]["ehr"]["repaired_by_reason"]["implausible_value"] == 1
+    assert report["problems"] == []  # a repair, not a rejection of the stay's EHR
     assert ingest_site(clean).report().to_dict()["implausible_values"] == {}
     # The training features are the cleaned ones too.
     train = load_cached_split(bad, "train", normalizer=with_value)
