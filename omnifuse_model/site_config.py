@@ -60,6 +60,15 @@ class BackboneConfig(StrictModel):
 
     resnet34_weights: Path | None = None
     bert_dir: Path | None = None
+    wordpiece_vocab: Path | None = Field(
+        default=None,
+        description=(
+            "BERT vocab.txt for the offline report fallback when bert_dir is not set (e.g. one "
+            "file distributed to every site of a consortium, so token ids mean the same "
+            "everywhere); without it the fallback builds its vocabulary from the train "
+            "split's reports."
+        ),
+    )
 
 
 class LocalTrainingConfig(StrictModel):
@@ -127,7 +136,7 @@ class SiteConfig(StrictModel):
         backbones = self.backbones.model_copy(
             update={
                 k: fix(getattr(self.backbones, k)) or getattr(self.backbones, k)
-                for k in ("resnet34_weights", "bert_dir")
+                for k in ("resnet34_weights", "bert_dir", "wordpiece_vocab")
             }
         )
         return self.model_copy(

@@ -12,7 +12,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from omnifuse_model.data.ehr.normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
+from omnifuse_model.data.ehr.normalizer import (
+    EHRAggregates,
+    EHRNormalizer,
+    check_plausible_aggregates,
+    combine_aggregates,
+)
 from omnifuse_model.data.features.cache import PrepareSummary, prepare_site
 from omnifuse_model.data.features.manifest import AGGREGATES_FILE
 from omnifuse_model.site_config import SiteConfig, load_site_config
@@ -28,12 +33,19 @@ def _site_paths(scenario_dir: Path) -> tuple[list[Path], Path | None]:
 
 
 def federated_normalizer(sites: list[SiteConfig]) -> EHRNormalizer:
-    """Combine the sites' train-split EHR aggregates into one normaliser."""
+    """Combine the sites' train-split EHR aggregates into one normaliser.
+
+    Each site's aggregates must be possible from plausible values only
+    (:func:`~omnifuse_model.data.ehr.normalizer.check_plausible_aggregates`); otherwise a
+    ``ValueError`` names the site, the variable and the expected range.
+    """
     parts = []
     for site in sites:
         path = Path(site.cache_dir) / AGGREGATES_FILE
         if path.is_file():
-            parts.append(EHRAggregates.from_dict(json.loads(path.read_text())))
+            part = EHRAggregates.from_dict(json.loads(path.read_text()))
+            check_plausible_aggregates(part, f"site '{site.name}' ({path})")
+            parts.append(part)
     if not parts:
         raise ValueError("no site has EHR aggregates (prepare the sites first)")
     total = combine_aggregates(parts)
@@ -44,22 +56,39 @@ def shared_fallback_text_backbone(sites: list[SiteConfig]):
     """One offline text backbone for the whole simulated federation, or None when every site
     names a local BERT.
 
-    The fallback's WordPiece vocabulary is trained on report texts; trained per site, token
-    ids (and so features) would mean different things at different sites and the shared
-    report encoder could not be averaged. A simulated federation therefore trains one
-    fallback on the union of the sites' train-split reports. A real deployment configures
-    the same local BERT directory at every hospital instead (docs/DEPLOY.md).
+    The fallback's WordPiece vocabulary defines what token ids (and so features) mean; with a
+    different vocabulary per site the shared report encoder could not be averaged. So the
+    sites without a local BERT share one fallback: over their ``backbones.wordpiece_vocab``
+    file when they name one (every site naming one must name the same vocabulary, else
+    ``ValueError``; sites naming none get it too), else over a vocabulary built from the
+    union of the sites' train-split reports. A real deployment configures the same local BERT
+    directory (or vocab.txt) at every hospital instead (docs/DEPLOY.md).
     """
-    from omnifuse_model.data.features.backbones import TextBackbone
+    from omnifuse_model.data.features.backbones import TextBackbone, read_wordpiece_vocabulary
     from omnifuse_model.data.ingest import ingest_site
 
-    if all(site.backbones.bert_dir for site in sites if "rep" in site.modalities):
+    fallback_sites = [s for s in sites if "rep" in s.modalities and not s.backbones.bert_dir]
+    if not fallback_sites:
         return None
+    files = [
+        (site.name, site.backbones.wordpiece_vocab)
+        for site in fallback_sites
+        if site.backbones.wordpiece_vocab is not None
+    ]
+    if files:
+        distinct = {tuple(read_wordpiece_vocabulary(path)) for _, path in files}
+        if len(distinct) > 1:
+            named = ", ".join(f"{name}: {path}" for name, path in files)
+            raise ValueError(
+                f"sites name different WordPiece vocabularies (backbones.wordpiece_vocab of "
+                f"{named}); a federation's report encoder needs one vocabulary at every site"
+            )
+        backbone = TextBackbone(None, fallback_vocab=files[0][1])
+        return lambda _site_texts: backbone
     texts = sorted(
         {
             stay.report_text
-            for site in sites
-            if "rep" in site.modalities
+            for site in fallback_sites
             for stay in ingest_site(site).split("train")
             if stay.report_text
         }

@@ -1,7 +1,9 @@
 """From a site's MIMIC-format files to one record per listed stay (ARCHITECTURE.md, "Data flow").
 
-:func:`ingest_site` reads the site's ``{train,val,test}_listfile.csv`` and, for each modality
-the site holds:
+:func:`ingest_site` reads the site's ``{train,val,test}_listfile.csv``, rejects every row of a
+subject listed in more than one split (``stay_in_two_splits`` / ``subject_in_two_splits``,
+naming the splits: such a patient leaks between training and evaluation) and, for each
+modality the site holds:
 
 * ``ehr``: discretises the episode with :func:`discretize_episode_tolerant` at ``timestep``
   over the **first 48 h for both tasks** (``end = 48.0``), so that the EHR input is a fixed
@@ -39,18 +41,30 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from rich.progress import Progress
 
 from omnifuse_model.data.cxr.images import (
     CxrStayImage,
+    ImageReadError,
     find_metadata_file,
     link_stays_to_images,
+    open_cxr_image,
     read_cxr_metadata,
     read_stays,
 )
-from omnifuse_model.data.ehr.episodes import EpisodeReport, discretize_episode_tolerant
-from omnifuse_model.data.ehr.listfiles import SPLIT_DIRS, StayRecord, Task, read_listfile
+from omnifuse_model.data.ehr.discretizer import plausible_range_text
+from omnifuse_model.data.ehr.episodes import (
+    EpisodeReport,
+    RejectReason,
+    discretize_episode_tolerant,
+)
+from omnifuse_model.data.ehr.listfiles import (
+    SPLIT_DIRS,
+    Listfile,
+    StayRecord,
+    Task,
+    read_listfile,
+)
 from omnifuse_model.data.ingest_report import (
     SPLITS,
     IngestedStay,
@@ -200,20 +214,23 @@ def _ehr_outcome(array: np.ndarray | None, report: EpisodeReport) -> ModalityOut
         )
     if report.repairs:
         repairs = {str(k): v for k, v in sorted(report.repairs.items())}
-        return ModalityOutcome("repaired", ",".join(repairs), report.path, repairs)
+        detail = report.path
+        if report.implausible:
+            detail += ": implausible values read as not charted: " + ", ".join(
+                f"{channel} x{n} (expected {plausible_range_text(channel)})"
+                for channel, n in sorted(report.implausible.items())
+            )
+        return ModalityOutcome("repaired", ",".join(repairs), detail, repairs)
     return ModalityOutcome("used")
 
 
 def _image_outcome(path: Path) -> ModalityOutcome:
-    """Cheap check: the file exists and carries an image header (decoding comes later)."""
-    if not path.is_file():
-        return ModalityOutcome("rejected", "missing_image", f"{path}: no such file")
+    """Cheap check of the header (size, bombs); decoding comes later."""
     try:
-        with Image.open(path) as image:
-            if image.width == 0 or image.height == 0:
-                return ModalityOutcome("rejected", "unreadable_image", f"{path}: no pixels")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        return ModalityOutcome("rejected", "unreadable_image", f"{path}: {error}")
+        with open_cxr_image(path):
+            pass
+    except ImageReadError as error:
+        return ModalityOutcome("rejected", error.reason, f"{path}: {error.detail}")
     return ModalityOutcome("used")
 
 
@@ -284,6 +301,79 @@ def _link_modalities(
         stay.report_text, stay.report_section = text.text, text.section
 
 
+def split_leaks(listfiles: dict[str, Listfile]) -> dict[tuple[str, str], tuple[str, str]]:
+    """``(split, stay) -> (reason, detail)`` for every row whose subject is in two splits.
+
+    A subject listed in more than one split leaks between training and evaluation (the same
+    patient, possibly the same stay with different labels), so all of its rows in every split
+    are rejected: ``stay_in_two_splits`` when that very stay is listed in another split,
+    ``subject_in_two_splits`` otherwise; the detail names the splits.
+    """
+    subject_splits: dict[int, set[str]] = {}
+    stay_splits: dict[str, list[str]] = {}
+    for split, listfile in listfiles.items():
+        for record in listfile.records:
+            subject_splits.setdefault(record.subject_id, set()).add(split)
+            stay_splits.setdefault(record.stay, []).append(split)
+    leaks: dict[tuple[str, str], tuple[str, str]] = {}
+    for split, listfile in listfiles.items():
+        for record in listfile.records:
+            splits = [name for name in listfiles if name in subject_splits[record.subject_id]]
+            if len(splits) < 2:
+                continue
+            same_stay = [name for name in stay_splits[record.stay] if name != split]
+            if same_stay:
+                reason = RejectReason.STAY_IN_TWO_SPLITS
+                detail = f"{record.stay} is listed in {split} and {' and '.join(same_stay)}"
+            else:
+                reason = RejectReason.SUBJECT_IN_TWO_SPLITS
+                detail = f"subject {record.subject_id} has stays in {' and '.join(splits)}"
+            leaks[(split, record.stay)] = (str(reason), detail + " (patient-level leak)")
+    return leaks
+
+
+def _read_listfiles(site: SiteConfig, benchmark_dir: Path, task: Task) -> dict[str, Listfile]:
+    listfiles = {}
+    for split in SPLITS:
+        path = benchmark_dir / f"{split}_listfile.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"site '{site.name}': listfile {path} not found")
+        data_dir = benchmark_dir / SPLIT_DIRS[split]
+        listfiles[split] = read_listfile(path, task, data_dir, check_files=False)
+    return listfiles
+
+
+@dataclass
+class _StayReader:
+    """What ingesting one listed stay needs besides the record."""
+
+    site: SiteConfig
+    timestep: float
+    held: set[str]
+    order: tuple[str, ...]
+    linker: _Linker
+    episode_store: EpisodeStore | None
+
+    def read(self, split: str, record: StayRecord) -> IngestedStay:
+        stay = IngestedStay(
+            split=split,
+            stay=record.stay,
+            subject_id=record.subject_id,
+            episode=record.episode,
+            stay_id=self.linker.stay_id(record),
+            labels=record.labels,
+        )
+        if "ehr" in self.held:
+            array, report, stay.ehr_digest = _discretise(record, self.timestep, self.episode_store)
+            stay.outcomes["ehr"] = _ehr_outcome(array, report)
+            stay.ehr = array if stay.outcomes["ehr"].usable else None
+            stay.implausible = dict(report.implausible)
+        if self.linker.enabled:
+            _link_modalities(stay, record, self.site, self.held, self.linker)
+        stay.outcomes = {name: stay.outcomes[name] for name in self.order}
+        return stay
+
+
 def ingest_site(
     site: SiteConfig,
     timestep: float = 2.0,
@@ -297,22 +387,18 @@ def ingest_site(
     reuses them; ``progress`` (optional) is a rich Progress to add a bar to. Raises
     ``ValueError`` naming the field when the site config lacks a path its modalities need,
     ``FileNotFoundError``/``OSError`` when a listfile or linking table cannot be read; bad data
-    inside the files never raises, it becomes counted outcomes.
+    inside the files never raises, it becomes counted outcomes. Rows of a subject listed in
+    two splits are rejected (:func:`split_leaks`).
     """
     benchmark_dir, held = _check_site(site)
     task = Task(site.task)
     order = tuple(name for name in MIMIC_MODALITIES if name in held)
-    listfiles = {}
-    for split in SPLITS:
-        path = benchmark_dir / f"{split}_listfile.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"site '{site.name}': listfile {path} not found")
-        data_dir = benchmark_dir / SPLIT_DIRS[split]
-        listfiles[split] = read_listfile(path, task, data_dir, check_files=False)
+    listfiles = _read_listfiles(site, benchmark_dir, task)
     linker = _Linker(site, held)
+    reader = _StayReader(site, timestep, held, order, linker, episode_store)
+    leaks = split_leaks(listfiles)
     total = sum(len(listfile.records) for listfile in listfiles.values())
     bar = progress.add_task(f"ingest {site.name}", total=total) if progress else None
-
     stays: list[IngestedStay] = []
     rejections: list[ListfileRejection] = []
     for split, listfile in listfiles.items():
@@ -320,22 +406,10 @@ def ingest_site(
             name, reason = Path(report.path).name, str(report.reject_reason)
             rejections.append(ListfileRejection(split, name, reason, report.detail))
         for record in listfile.records:
-            stay = IngestedStay(
-                split=split,
-                stay=record.stay,
-                subject_id=record.subject_id,
-                episode=record.episode,
-                stay_id=linker.stay_id(record),
-                labels=record.labels,
-            )
-            if "ehr" in held:
-                array, report, stay.ehr_digest = _discretise(record, timestep, episode_store)
-                stay.outcomes["ehr"] = _ehr_outcome(array, report)
-                stay.ehr = array if stay.outcomes["ehr"].usable else None
-            if linker.enabled:
-                _link_modalities(stay, record, site, held, linker)
-            stay.outcomes = {name: stay.outcomes[name] for name in order}
-            stays.append(stay)
+            if (split, record.stay) in leaks:
+                rejections.append(ListfileRejection(split, record.stay, *leaks[split, record.stay]))
+            else:
+                stays.append(reader.read(split, record))
             if progress is not None and bar is not None:
                 progress.advance(bar)
     with_ids = any(listfile.has_stay_id for listfile in listfiles.values())

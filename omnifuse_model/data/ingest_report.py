@@ -27,6 +27,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from omnifuse_model.data.ehr.discretizer import plausible_range_text
+
 ModalityStatus = Literal["used", "repaired", "missing", "rejected"]
 MODALITY_STATUSES: tuple[str, ...] = ("used", "repaired", "missing", "rejected")
 USABLE_STATUSES: tuple[str, ...] = ("used", "repaired")
@@ -72,6 +74,8 @@ class IngestedStay:
     study_id: int | None = None
     report_text: str | None = None
     report_section: str | None = None
+    implausible: dict[str, int] = field(default_factory=dict)
+    """EHR channel -> values read as not charted because they were implausible."""
 
     @property
     def usable_modalities(self) -> tuple[str, ...]:
@@ -157,6 +161,9 @@ class IngestReport:
     problems: list[dict[str, str]] = field(default_factory=list)
     """One entry per rejected stay and per rejected modality: split, stay, modality, reason,
     detail (missing modalities are counted, not listed: they are the normal case)."""
+    implausible_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """EHR channel -> ``{"values": n, "stays": k, "expected": "[low, high] unit"}``: values
+    outside the channel's plausible range, read as not charted (all splits)."""
 
     def totals(self) -> dict[str, ModalityTally]:
         """Per-modality tallies summed over the splits."""
@@ -204,6 +211,7 @@ class IngestReport:
             "totals": {name: tally.to_dict() for name, tally in self.totals().items()},
             "linking": self.linking,
             "problems": self.problems,
+            "implausible_values": self.implausible_values,
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
@@ -265,8 +273,26 @@ def build_ingest_report(
     report = IngestReport(
         site, task, timestep, window_hours, modalities, splits, dict(linking), problems
     )
+    report.implausible_values = _tally_implausible(stays)
     report.check()
     return report
+
+
+def _tally_implausible(stays: list[IngestedStay]) -> dict[str, dict[str, Any]]:
+    """Implausible EHR values per channel over ``stays``, with the range that was expected."""
+    values: Counter[str] = Counter()
+    with_any: Counter[str] = Counter()
+    for stay in stays:
+        values.update(stay.implausible)
+        with_any.update(stay.implausible.keys())
+    return {
+        channel: {
+            "values": values[channel],
+            "stays": with_any[channel],
+            "expected": plausible_range_text(channel),
+        }
+        for channel in sorted(values)
+    }
 
 
 def print_ingest_report(report: IngestReport | dict[str, Any], console: Console) -> None:
@@ -298,6 +324,15 @@ def print_ingest_report(report: IngestReport | dict[str, Any], console: Console)
         )
         modalities.add_row(name, *(str(tally[s]) for s in MODALITY_STATUSES), reasons)
     console.print(modalities)
+
+    if data.get("implausible_values"):
+        implausible = Table(title="Implausible EHR values (read as not charted)")
+        for column in ("variable", "values", "stays", "expected"):
+            justify = "left" if column in ("variable", "expected") else "right"
+            implausible.add_column(column, justify=justify)
+        for channel, row in data["implausible_values"].items():
+            implausible.add_row(channel, str(row["values"]), str(row["stays"]), row["expected"])
+        console.print(implausible)
 
     combos = Table(title="Usable modality combinations of accepted stays")
     combos.add_column("combination")

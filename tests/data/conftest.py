@@ -90,3 +90,30 @@ def make_line() -> Callable[..., str]:
 def header_line() -> str:
     """The exact episode header line."""
     return EPISODE_HEADER_LINE
+
+
+def patch_jpeg_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a baseline JPEG's SOF0 header to declare ``width x height`` (pixels unchanged),
+    as a crafted "decompression bomb" does: nothing of that size is ever allocated."""
+    data = bytearray(path.read_bytes())
+    sof = data.find(b"\xff\xc0")
+    if sof < 0:
+        raise ValueError(f"{path}: no baseline SOF0 marker")
+    # FF C0, segment length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def jpeg_declaring() -> Callable[[Path, int, int], Path]:
+    """Write a tiny grey JPEG at a path whose header declares ``width x height``."""
+
+    def write(path: Path, width: int, height: int) -> Path:
+        from PIL import Image
+
+        Image.new("L", (16, 16), 128).save(path, quality=90)
+        patch_jpeg_size(path, width, height)
+        return path
+
+    return write

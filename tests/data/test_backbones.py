@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,9 @@ from omnifuse_model.data.features.backbones import (
     BackboneWeightsError,
     TextBackbone,
     build_resnet34_trunk,
+    read_wordpiece_vocabulary,
+    vocabulary_sha256,
+    wordpiece_vocabulary,
 )
 
 ENGLISH = [
@@ -185,3 +192,56 @@ def test_local_bert_errors(tmp_path: Path) -> None:
 def test_local_bert_too_few_positions(bert_dir: Path) -> None:
     with pytest.raises(ValueError, match="160 position embeddings"):
         TextBackbone(bert_dir, max_tokens=200)
+
+
+# --------------------------------------------------------------------------- fallback vocabulary
+
+_TWO_PROCESSES = """
+import json, sys, torch
+from omnifuse_model.data.features.backbones import TextBackbone
+torch.set_num_threads(1)
+texts = json.loads(sys.argv[1])
+backbone = TextBackbone(fallback_texts=texts, fallback_hidden_size=32, fallback_heads=2,
+                        fallback_layers=1, fallback_vocab_size=120)
+states, mask = backbone.encode(texts)
+torch.save({"vocabulary": backbone.vocabulary, "identity": backbone.identity,
+            "states": states, "mask": mask}, sys.argv[2])
+"""
+
+
+def test_fallback_is_the_same_in_two_processes(tmp_path: Path) -> None:
+    """Hugging Face's WordPiece trainer broke frequency ties in hash order: the vocabulary, and
+    so the features of one cache key, differed between processes (by up to 3.4)."""
+    texts = [*ENGLISH, *CHINESE, "effusion effusion opacity opacity clear clear"] * 3
+    runs = []
+    for seed in ("1", "2"):  # different string hashing in each process; run side by side
+        out = tmp_path / f"run{seed}.pt"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(Path.cwd())}
+        command = [sys.executable, "-c", _TWO_PROCESSES, json.dumps(texts), str(out)]
+        runs.append((subprocess.Popen(command, env=env), out))
+    for process, _ in runs:
+        assert process.wait(timeout=300) == 0
+    first, second = (torch.load(out) for _, out in runs)
+    assert first["vocabulary"] == second["vocabulary"] and "effusion" in first["vocabulary"]
+    assert first["identity"] == second["identity"]
+    assert torch.equal(first["mask"], second["mask"])
+    assert torch.equal(first["states"], second["states"])
+
+
+def test_vocabulary_file_and_identity(tmp_path: Path) -> None:
+    small = {"fallback_hidden_size": 32, "fallback_heads": 2, "fallback_layers": 1}
+    built = TextBackbone(fallback_texts=ENGLISH, **small)
+    assert built.vocabulary == wordpiece_vocabulary(ENGLISH, 8000)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(built.vocabulary) + "\n", encoding="utf-8")
+    from_file = TextBackbone(fallback_vocab=vocab, **small)  # no texts needed
+    assert from_file.identity == built.identity
+    assert vocabulary_sha256(built.vocabulary)[:16] in built.identity
+    assert torch.equal(from_file.encode(ENGLISH)[0], built.encode(ENGLISH)[0])
+    vocab.write_text("\n".join([*built.vocabulary, "cardiomegaly"]) + "\n", encoding="utf-8")
+    assert TextBackbone(fallback_vocab=vocab, **small).identity != built.identity
+    vocab.write_text("hello\nworld\nhello\n", encoding="utf-8")
+    with pytest.raises(BackboneWeightsError, match=r"vocab.txt: not a BERT vocab.txt.*'hello'"):
+        TextBackbone(fallback_vocab=vocab, **small)
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        read_wordpiece_vocabulary(tmp_path / "absent.txt")

@@ -14,14 +14,26 @@ from torch import Tensor, nn
 
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer, compute_aggregates
-from omnifuse_model.data.features.backbones import REPORT_TOKENS, RESNET34_FEATURES, TextBackbone
+from omnifuse_model.data.features.backbones import (
+    REPORT_TOKENS,
+    RESNET34_FEATURES,
+    TextBackbone,
+    vocabulary_sha256,
+    wordpiece_vocabulary,
+)
 from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.features.site_dataset import load_cached_split, mimic_model_modalities
-from omnifuse_model.data.features.store import CacheLockedError, FeatureStore, entry_key
+from omnifuse_model.data.features.store import (
+    CacheLockedError,
+    CorruptShardError,
+    FeatureStore,
+    entry_key,
+)
 from omnifuse_model.data.ingest import ingest_site
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.site_data import load_site_datasets, load_site_test_dataset
 from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
+from simulation.preparation import shared_fallback_text_backbone
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 IHM = "in-hospital-mortality"
@@ -276,16 +288,106 @@ def test_decode_failures_are_counted_and_remembered(root: Path) -> None:
             assert summary.modalities["cxr"].misses == 0 and trunk.seen == 0
 
 
+def test_a_decompression_bomb_is_one_rejection_not_a_crash(root: Path, jpeg_declaring) -> None:
+    site = make_site(root)
+    linked = [s for s in ingest_site(site).stays if s.image_path is not None]
+    bomb, cut = linked[0], linked[1]
+    jpeg_declaring(bomb.image_path, 30000, 30000)
+    data = cut.image_path.read_bytes()
+    cut.image_path.write_bytes(data[: len(data) // 2])  # header fine, fails when decoded
+    summary = prepare(site, num_workers=1)
+    report = json.loads((site.cache_dir / "ingest_report.json").read_text())
+    assert report["totals"]["cxr"]["rejected_by_reason"] == {
+        "oversized_image": 1, "unreadable_image": 1
+    }  # fmt: skip
+    problems = {p["stay"]: p for p in report["problems"] if p["modality"] == "cxr"}
+    assert problems[bomb.stay]["reason"] == "oversized_image"
+    assert (
+        "DecompressionBomb" in problems[bomb.stay]["detail"]
+        or "pixels" in (problems[bomb.stay]["detail"])
+    )
+    assert problems[cut.stay]["reason"] == "unreadable_image"
+    images = summary.modalities["cxr"]
+    assert (images.items, images.failed) == (len({s.image_path for s in linked}) - 1, 1)
+
+
 def test_store_skips_unreadable_shards_and_locks(root: Path, caplog) -> None:
     site = make_site(root, modalities=("ehr",))
     prepare(site)
     (site.cache_dir / "features" / "ehr" / "garbage.safetensors").write_bytes(b"\x00" * 10)
     summary = prepare(site)
     assert summary.modalities["ehr"].misses == 0
-    assert "unreadable feature shard" in caplog.text
+    assert "garbage.safetensors: feature shard fails its checksum, moved aside" in caplog.text
+    assert summary.corrupt_shards == {
+        "ehr": {"garbage.safetensors": "its name is not a SHA-256 (written before shards "
+                "carried checksums)"}
+    }  # fmt: skip
     store = FeatureStore(site.cache_dir)
     with store.lock(), pytest.raises(CacheLockedError, match="another process"):
         prepare(site)
+
+
+@pytest.mark.parametrize("modality", ["ehr", "cxr"])
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated"])
+def test_a_corrupted_shard_is_detected_and_recomputed(root: Path, modality: str, damage: str):
+    site = make_site(root, modalities=("ehr", "cxr"))
+    first = prepare(site)
+    before = {split: load_cached_split(site, split) for split in ("train", "val", "test")}
+    shard = sorted((site.cache_dir / "features" / modality).glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    if damage == "random_bytes":  # the header still parses: the values would be garbage
+        noise = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+        shard.write_bytes(data[:-64] + noise)
+    else:
+        shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}.*omnifuse prepare"):
+        for split in ("train", "val", "test"):  # training-time load: a clear error
+            load_cached_split(site, split)
+
+    summary = prepare(site)
+    assert list(summary.corrupt_shards) == [modality]
+    assert shard.name in summary.corrupt_shards[modality]
+    assert shard.with_name(shard.name + ".corrupt").is_file()
+    redone = summary.modalities[modality]
+    assert redone.items == first.modalities[modality].items and redone.misses > 0  # no hit
+    for split in ("train", "val", "test"):
+        dataset = load_cached_split(site, split)
+        assert torch.equal(dataset.inputs[modality], before[split].inputs[modality])
+    assert prepare(site).corrupt_shards == {}
+
+
+def test_a_different_report_vocabulary_is_a_cache_miss(root: Path) -> None:
+    site = make_site(root, modalities=("rep",))
+    texts = [s.report_text for s in ingest_site(site).split("train") if s.report_text]
+    vocabulary = wordpiece_vocabulary(texts, 300)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    site.backbones.wordpiece_vocab = vocab
+    first = prepare_site(site, progress=False, batch_size=8)  # the site config's vocab.txt
+    assert vocabulary_sha256(vocabulary)[:16] in first.identities["rep"]
+    again = prepare_site(site, progress=False, batch_size=8)
+    assert again.modalities["rep"].misses == 0
+    vocab.write_text("\n".join([*vocabulary, "cardiomegaly"]) + "\n", encoding="utf-8")
+    changed = prepare_site(site, progress=False, batch_size=8)
+    assert changed.identities["rep"] != first.identities["rep"]
+    rep = changed.modalities["rep"]
+    assert rep.items > 0 and rep.misses == rep.items
+
+
+def test_a_simulated_federation_shares_the_configured_vocabulary(root: Path) -> None:
+    vocabulary = wordpiece_vocabulary(["no acute findings", "small left effusion"], 300)
+    paths = [root / "a.txt", root / "b.txt", root / "c.txt"]
+    for path, extra in zip(paths, ([], [], ["cardiomegaly"]), strict=True):
+        path.write_text("\n".join([*vocabulary, *extra]) + "\n", encoding="utf-8")
+    sites = [make_site(root, cache=f"cache{k}", modalities=("rep",)) for k in range(3)]
+    for site, path in zip(sites, (paths[0], paths[1], None), strict=True):
+        site.backbones.wordpiece_vocab = path
+    factory = shared_fallback_text_backbone(sites)  # same content, one site without a file
+    assert factory is not None
+    assert vocabulary_sha256(vocabulary)[:16] in factory(["ignored"]).identity
+    sites[2].backbones.wordpiece_vocab = paths[2]
+    with pytest.raises(ValueError, match="different WordPiece vocabularies"):
+        shared_fallback_text_backbone(sites)
 
 
 def test_round_trip_with_default_backbones(tmp_path: Path) -> None:

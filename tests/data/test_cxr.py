@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from PIL import Image
 
 from omnifuse_model.data.cxr.images import (
+    MAX_IMAGE_PIXELS,
     ImageReadError,
     cxr_image_path,
     find_metadata_file,
     link_stays_to_images,
     load_cxr_image,
+    open_cxr_image,
     parse_study_datetime,
     read_cxr_metadata,
     read_stays,
@@ -389,3 +392,30 @@ def test_corrupt_truncated_and_missing_images(tmp_path: Path) -> None:
 
     with pytest.raises(ImageReadError, match="missing_image"):
         load_cxr_image(tmp_path / "absent.jpg")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "cause"),
+    [(30000, 30000, "DecompressionBombError"), (10000, 10000, "Warning"), (8000, 7000, "cap")],
+)
+def test_bombs_and_oversized_images_are_rejected_by_name(
+    tmp_path: Path, jpeg_declaring, width: int, height: int, cause: str
+) -> None:
+    path = jpeg_declaring(tmp_path / "bomb.jpg", width, height)
+    if cause == "DecompressionBombError":  # what used to abort all of `prepare`
+        with pytest.raises(Image.DecompressionBombError):
+            Image.open(path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # the header really declares that size
+                assert image.size == (width, height)
+    with pytest.raises(ImageReadError) as caught:
+        load_cxr_image(path)
+    assert caught.value.reason == "oversized_image"
+    assert caught.value.path == str(path)
+    if cause == "cap":
+        assert f"{width} x {height}" in caught.value.detail
+        assert str(MAX_IMAGE_PIXELS) in caught.value.detail
+    with pytest.raises(ImageReadError, match="oversized_image"), open_cxr_image(path):
+        pass

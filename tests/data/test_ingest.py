@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from omnifuse_model.data.ingest import episode_stay_ids, ingest_site
-from omnifuse_model.data.ingest_report import print_ingest_report
+from omnifuse_model.data.ingest_report import SPLITS, print_ingest_report
 from omnifuse_model.site_config import SiteConfig
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
@@ -170,6 +170,41 @@ def test_listfile_rows_that_are_not_stays_are_counted(clean_root: Path, tmp_path
     assert val.rejected_by_reason["listfile_bad_listfile_row"] == 1
     assert val.modalities["ehr"].reasons["rejected"]["missing_file"] == 1
     report.check()
+
+
+def test_a_subject_in_two_splits_is_rejected_in_every_split(
+    clean_root: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    task_dir = root / IHM
+    lines = {s: (task_dir / f"{s}_listfile.csv").read_text().splitlines() for s in SPLITS}
+    same_stay, label = lines["train"][1].split(",")
+    other = lines["train"][2].split(",")[0]
+    other_subject = other.split("_")[0]
+    flipped = f"{same_stay},{1 - int(label)}"  # the same stay in val, with the other label
+    second_stay = f"{other_subject}_episode7_timeseries.csv,0"  # another stay, in test
+    (task_dir / "val_listfile.csv").write_text("\n".join([*lines["val"], flipped]) + "\n")
+    (task_dir / "test_listfile.csv").write_text("\n".join([*lines["test"], second_stay]) + "\n")
+
+    result = ingest_site(make_site(root))
+    report = result.report()
+    report.check()
+    listed = {s: len(lines[s]) - 1 for s in SPLITS}
+    assert {s: report.splits[s].listed for s in SPLITS} == {
+        "train": listed["train"], "val": listed["val"] + 1, "test": listed["test"] + 1
+    }  # fmt: skip
+    assert report.splits["train"].rejected_by_reason == {
+        "listfile_stay_in_two_splits": 1, "listfile_subject_in_two_splits": 1
+    }  # fmt: skip
+    assert report.splits["val"].rejected_by_reason == {"listfile_stay_in_two_splits": 1}
+    assert report.splits["test"].rejected_by_reason == {"listfile_subject_in_two_splits": 1}
+    details = {(p["split"], p["stay"]): p["detail"] for p in report.problems}
+    assert "listed in val and train" in details["val", same_stay]
+    assert "listed in train and val" in details["train", same_stay]
+    assert f"subject {other_subject} has stays in train and test" in details["train", other]
+    kept = {(s.split, s.stay) for s in result.stays}
+    assert not kept & {("train", same_stay), ("val", same_stay), ("train", other)}
 
 
 def test_stay_ids_by_episode_number() -> None:

@@ -30,8 +30,10 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -426,14 +428,26 @@ def link_stays_to_images(
 
 # --------------------------------------------------------------------------- images
 
-ImageRejection = Literal["missing_image", "unreadable_image", "unsupported_image"]
+ImageRejection = Literal[
+    "missing_image", "unreadable_image", "unsupported_image", "oversized_image"
+]
+
+MAX_IMAGE_PIXELS = 50_000_000
+"""Largest image (width x height, from the file's header) that is decoded; a larger one is
+rejected as ``oversized_image`` before any pixel is allocated. MIMIC-CXR-JPG's largest images
+are about 4300 x 3500 (15 MP); 50 MP (about 7000 x 7000, 200 MB as float32) leaves room for
+other scanners while a crafted header (a "decompression bomb" declaring, say, 30000 x 30000)
+costs nothing. Pillow's own bomb check (``Image.MAX_IMAGE_PIXELS``, a warning above 89 MP and
+an error above 179 MP) fires while the header is read; both are caught and reported the same
+way."""
 
 
 class ImageReadError(Exception):
     """An image that cannot be turned into a tensor; callers count ``reason`` as a rejection.
 
     ``reason`` is one of ``missing_image``, ``unreadable_image`` (corrupt, truncated or not
-    an image), ``unsupported_image`` (a pixel mode or value range this loader cannot map).
+    an image), ``unsupported_image`` (a pixel mode or value range this loader cannot map),
+    ``oversized_image`` (more than :data:`MAX_IMAGE_PIXELS` pixels, or a decompression bomb).
     """
 
     def __init__(self, path: str | os.PathLike[str], reason: ImageRejection, detail: str) -> None:
@@ -481,30 +495,64 @@ def _unit_pixels(image: Image.Image, path: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def load_cxr_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> Tensor:
-    """Load a chest X-ray as the ResNet input: float32 ``[3, size, size]``, ImageNet-normalised.
+@contextmanager
+def open_cxr_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
+    """Open an image for reading its header, refusing bombs and oversized images.
 
-    Grayscale (``L``, ``1``, ``LA``), colour (``RGB`` and anything Pillow converts to it) and
-    16-bit (``I;16``, ``I``) images of any size are scaled to ``[0, 1]``, resized to
-    ``size x size`` (bilinear, antialiased, aspect ratio not kept), replicated to 3 channels
-    when single-channel, then normalised per channel with ImageNet mean and std.
-
-    Raises :class:`ImageReadError` (``missing_image``, ``unreadable_image`` or
-    ``unsupported_image``) with the path.
+    Only the header is read (no pixels). Raises :class:`ImageReadError`: ``missing_image``,
+    ``oversized_image`` (width x height above :data:`MAX_IMAGE_PIXELS`, or Pillow's
+    ``DecompressionBombError``/``Warning``), ``unreadable_image`` (not an image, a truncated
+    or corrupt header; also any error while the caller decodes inside the ``with`` block).
     """
     source = str(path)
     if not os.path.isfile(source):
         raise ImageReadError(source, "missing_image", "no such file")
     try:
-        with Image.open(source) as image:
-            image.load()
-            pixels = _unit_pixels(image, source)
-    except ImageReadError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageReadError(source, "oversized_image", str(error)) from error
+    except Exception as error:  # Pillow's plugins raise many types for a bad file
         raise ImageReadError(source, "unreadable_image", f"{type(error).__name__}: {error}") from (
             error
         )
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageReadError(
+                source,
+                "oversized_image",
+                f"{width} x {height} = {width * height} pixels, more than MAX_IMAGE_PIXELS "
+                f"{MAX_IMAGE_PIXELS}",
+            )
+        if width == 0 or height == 0:
+            raise ImageReadError(source, "unreadable_image", "image has no pixels")
+        try:
+            yield image
+        except ImageReadError:
+            raise
+        except Exception as error:  # decoding: truncated data, corrupt stream, ...
+            raise ImageReadError(
+                source, "unreadable_image", f"{type(error).__name__}: {error}"
+            ) from error
+
+
+def load_cxr_image(path: str | os.PathLike[str], size: int = IMAGE_SIZE) -> Tensor:
+    """Load a chest X-ray as the ResNet input: float32 ``[3, size, size]``, ImageNet-normalised.
+
+    Grayscale (``L``, ``1``, ``LA``), colour (``RGB`` and anything Pillow converts to it) and
+    16-bit (``I;16``, ``I``) images up to :data:`MAX_IMAGE_PIXELS` are scaled to ``[0, 1]``,
+    resized to ``size x size`` (bilinear, antialiased, aspect ratio not kept), replicated to
+    3 channels when single-channel, then normalised per channel with ImageNet mean and std.
+
+    Raises :class:`ImageReadError` (``missing_image``, ``unreadable_image``,
+    ``unsupported_image`` or ``oversized_image``) with the path.
+    """
+    source = str(path)
+    with open_cxr_image(source) as image:
+        image.load()
+        pixels = _unit_pixels(image, source)
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageReadError(source, "unreadable_image", "image has no pixels")
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)

@@ -142,6 +142,36 @@ NORMAL_VALUES: Mapping[str, str] = MappingProxyType(
 )
 """Raw strings imputed before a channel's first observation."""
 
+PLAUSIBLE_RANGES: Mapping[str, tuple[float, float, str]] = MappingProxyType(
+    {
+        "Diastolic blood pressure": (0.0, 300.0, "mmHg"),
+        "Fraction inspired oxygen": (0.1, 1.0, "fraction"),
+        "Glucose": (5.0, 2500.0, "mg/dL"),
+        "Heart Rate": (0.0, 350.0, "beats/min"),
+        "Height": (50.0, 275.0, "cm"),
+        "Mean blood pressure": (0.0, 300.0, "mmHg"),
+        "Oxygen saturation": (0.0, 100.0, "%"),
+        "Respiratory rate": (0.0, 150.0, "breaths/min"),
+        "Systolic blood pressure": (0.0, 400.0, "mmHg"),
+        "Temperature": (14.0, 47.0, "degC"),
+        "Weight": (1.0, 700.0, "kg"),
+        "pH": (4.0, 10.0, "pH units"),
+    }
+)
+"""Physiologically plausible ``(low, high, unit)`` of each continuous channel, inclusive, in
+the units mimic3-benchmarks converts to (Temperature in degrees C, Weight in kg, Height in cm,
+FiO2 as a fraction). Deliberately wide: they catch unit slips and sentinel values (``-1e30``,
+``99999``), not abnormal patients; pH spans urine pH (4-9), which the benchmark maps to the
+same variable (design/MIMIC_FORMATS.md section 1a). A value outside its range is read as not
+charted (:mod:`omnifuse_model.data.ehr.episodes`), so the discretiser's imputation applies and
+the normaliser's statistics never see it."""
+
+
+def plausible_range_text(channel: str) -> str:
+    """``"[low, high] unit"`` of a continuous channel, for reports and errors."""
+    low, high, unit = PLAUSIBLE_RANGES[channel]
+    return f"[{low:g}, {high:g}] {unit}"
+
 
 def _value_header() -> tuple[str, ...]:
     names: list[str] = []
@@ -244,26 +274,10 @@ def check_timestep(timestep: float) -> None:
         raise ValueError(f"timestep must be a finite number of hours > 0, got {timestep!r}")
 
 
-def discretize_rows(
-    hours: Sequence[float],
-    rows: Sequence[Sequence[str]],
-    channels: Sequence[str] = CHANNELS,
-    timestep: float = 2.0,
-    end: float | None = 48.0,
-) -> tuple[np.ndarray, list[str]]:
-    """Discretise parsed rows exactly as the benchmark ``Discretizer.transform`` does.
-
-    ``hours[i]`` is row i's ``Hours``; ``rows[i]`` holds its raw cells, one per name in
-    ``channels`` (any subset/order of :data:`CHANNELS`; channels not listed are never
-    observed). ``end=None`` uses ``max(hours)``. Returns the ``[N_bins, 76]`` float32 array
-    (59 values, then 17 masks) and :data:`FEATURE_HEADER` as a list. Raises ``ValueError`` on
-    anything the reference rejects: Hours decreasing by more than EPS or NaN, a row before
-    bin 0 or past the last bin, an unknown category, a non-numeric continuous value.
-    """
-    check_timestep(timestep)
+def _check_hours(hours: Sequence[float], rows: Sequence[Sequence[str]]) -> None:
+    """The reference's checks on Hours: one per row, none NaN, non-decreasing within EPS."""
     if len(hours) != len(rows):
         raise ValueError(f"{len(hours)} Hours values for {len(rows)} rows")
-    channel_ids = _channel_ids(channels)
     for i, t in enumerate(hours):
         if math.isnan(t):
             raise ValueError(f"data row {i + 1}: Hours is NaN")
@@ -272,18 +286,23 @@ def discretize_rows(
                 f"Hours must be non-decreasing: data row {i} has {hours[i - 1]!r}, "
                 f"data row {i + 1} has {t!r}"
             )
-    if end is None:
-        if not hours:
-            raise ValueError("end=None needs at least one row to take the window from")
-        end = max(hours)
-    max_hours = float(end)
-    n_bins = num_bins(max_hours, timestep)
-    n_channels = len(CHANNELS)
 
-    # The reference writes every cell as it goes; keeping only the last observation per
-    # (bin, channel) yields the same array, since a later write replaces the whole value.
-    observed: list[list[int | float | None]] = [[None] * n_channels for _ in range(n_bins)]
-    masks = np.zeros((n_bins, n_channels), dtype=np.float64)
+
+def _observe(
+    hours: Sequence[float],
+    rows: Sequence[Sequence[str]],
+    channel_ids: list[int],
+    timestep: float,
+    max_hours: float,
+    n_bins: int,
+) -> tuple[list[list[int | float | None]], np.ndarray]:
+    """The last parsed observation per (bin, channel) and the ``[bins, 17]`` masks.
+
+    The reference writes every cell as it goes; keeping only the last observation per
+    (bin, channel) yields the same array, since a later write replaces the whole value.
+    """
+    observed: list[list[int | float | None]] = [[None] * len(CHANNELS) for _ in range(n_bins)]
+    masks = np.zeros((n_bins, len(CHANNELS)), dtype=np.float64)
     for i, (t, row) in enumerate(zip(hours, rows, strict=True)):
         if len(row) != len(channel_ids):
             raise ValueError(
@@ -305,12 +324,16 @@ def discretize_rows(
             except ValueError as err:
                 raise ValueError(f"data row {i + 1} (Hours {t!r}): {err}") from None
             masks[b, ch] = 1.0
+    return observed, masks
 
-    values = np.zeros((n_bins, NUM_VALUE_COLUMNS), dtype=np.float64)
+
+def _impute_previous(observed: list[list[int | float | None]]) -> np.ndarray:
+    """``[bins, 59]`` values: each bin's observation, else the last earlier one, else the
+    channel's normal value (``impute_strategy='previous'``); categories one-hot."""
+    values = np.zeros((len(observed), NUM_VALUE_COLUMNS), dtype=np.float64)
     last = list(_NORMAL_PARSED)
-    for b in range(n_bins):
-        for ch in range(n_channels):
-            value = observed[b][ch]
+    for b, cells in enumerate(observed):
+        for ch, value in enumerate(cells):
             if value is None:
                 value = last[ch]
             else:
@@ -319,6 +342,36 @@ def discretize_rows(
                 values[b, _OFFSETS[ch]] = value
             else:
                 values[b, _OFFSETS[ch] + int(value)] = 1.0
+    return values
+
+
+def discretize_rows(
+    hours: Sequence[float],
+    rows: Sequence[Sequence[str]],
+    channels: Sequence[str] = CHANNELS,
+    timestep: float = 2.0,
+    end: float | None = 48.0,
+) -> tuple[np.ndarray, list[str]]:
+    """Discretise parsed rows exactly as the benchmark ``Discretizer.transform`` does.
+
+    ``hours[i]`` is row i's ``Hours``; ``rows[i]`` holds its raw cells, one per name in
+    ``channels`` (any subset/order of :data:`CHANNELS`; channels not listed are never
+    observed). ``end=None`` uses ``max(hours)``. Returns the ``[N_bins, 76]`` float32 array
+    (59 values, then 17 masks) and :data:`FEATURE_HEADER` as a list. Raises ``ValueError`` on
+    anything the reference rejects: Hours decreasing by more than EPS or NaN, a row before
+    bin 0 or past the last bin, an unknown category, a non-numeric continuous value.
+    """
+    check_timestep(timestep)
+    _check_hours(hours, rows)
+    channel_ids = _channel_ids(channels)
+    if end is None:
+        if not hours:
+            raise ValueError("end=None needs at least one row to take the window from")
+        end = max(hours)
+    max_hours = float(end)
+    n_bins = num_bins(max_hours, timestep)
+    observed, masks = _observe(hours, rows, channel_ids, timestep, max_hours, n_bins)
+    values = _impute_previous(observed)
     with np.errstate(over="ignore"):  # |v| > float32 max becomes inf, as a float32 cast does
         out = np.hstack([values, masks]).astype(np.float32)
     return out, list(FEATURE_HEADER)

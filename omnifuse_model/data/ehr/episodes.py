@@ -10,13 +10,16 @@ Repairs (lossless, or dropping only what carries no data or could never be binne
 ``hours_before_window`` (rows whose bin would be negative, i.e. t <= -timestep),
 ``hours_after_last_bin``, ``category_variant`` (``"15.0"`` -> ``"15"``, ``"0"`` -> ``"0.0"``,
 ``"confused"`` -> ``"Confused"``, when exactly one vocabulary entry matches),
-``whitespace_cell`` and ``nonfinite_value`` (both read as not charted).
+``whitespace_cell``, ``nonfinite_value`` and ``implausible_value`` (a value outside the
+channel's :data:`~.discretizer.PLAUSIBLE_RANGES`, e.g. a weight of ``-1e30``; all
+three are read as not charted, so the discretiser's imputation fills the bin; implausible
+values are also counted per channel in :attr:`EpisodeReport.implausible`).
 Everything else rejects the episode with a :class:`RejectReason`.
 
-Invariant: an episode that
-:func:`~omnifuse_model.data.ehr.discretizer.discretize_episode` accepts is returned
-unchanged and with status ``used``, except that non-finite values (``"nan"``, ``"inf"``,
-beyond float32) are read as not charted unless ``drop_nonfinite=False``.
+Invariant: an episode that :func:`~.discretizer.discretize_episode` accepts is
+returned unchanged and with status ``used``, except that non-finite values (``"nan"``,
+``"inf"``, beyond float32) and implausible values are read as not charted unless
+``drop_nonfinite=False``.
 Cells of rows outside the window are never inspected, as in the reference.
 """
 
@@ -40,6 +43,7 @@ from omnifuse_model.data.ehr.discretizer import (
     EPISODE_HEADER,
     EPS,
     FEATURE_HEADER,
+    PLAUSIBLE_RANGES,
     bin_index,
     check_timestep,
     discretize_rows,
@@ -70,6 +74,8 @@ class RejectReason(StrEnum):
     INVALID_EPISODE = "invalid_episode"
     BAD_LISTFILE_ROW = "bad_listfile_row"
     DUPLICATE_STAY = "duplicate_stay"
+    STAY_IN_TWO_SPLITS = "stay_in_two_splits"
+    SUBJECT_IN_TWO_SPLITS = "subject_in_two_splits"
 
 
 class RepairReason(StrEnum):
@@ -84,6 +90,7 @@ class RepairReason(StrEnum):
     CATEGORY_VARIANT = "category_variant"
     WHITESPACE_CELL = "whitespace_cell"
     NONFINITE_VALUE = "nonfinite_value"
+    IMPLAUSIBLE_VALUE = "implausible_value"
 
 
 class EpisodeStatus(StrEnum):
@@ -104,6 +111,8 @@ class EpisodeReport:
     repairs: dict[RepairReason, int] = field(default_factory=dict)
     rows_read: int = 0
     rows_used: int = 0
+    implausible: dict[str, int] = field(default_factory=dict)
+    """Channel -> values read as not charted because they lie outside its plausible range."""
 
     @property
     def status(self) -> EpisodeStatus:
@@ -134,6 +143,7 @@ class EpisodeReport:
             "repairs": {str(k): v for k, v in sorted(self.repairs.items())},
             "rows_read": self.rows_read,
             "rows_used": self.rows_used,
+            "implausible": dict(sorted(self.implausible.items())),
         }
 
 
@@ -186,6 +196,70 @@ def _as_float(text: str) -> float | None:
         return None
 
 
+def _read_header(
+    path: str | os.PathLike[str], report: EpisodeReport
+) -> tuple[list[list[str]], list[int], list[int] | None] | None:
+    """Rows, line numbers and the column order mapping the file's header to
+    :data:`EPISODE_HEADER` (None when it already is); None after a rejection."""
+    try:
+        header, raw_rows, raw_lines = read_episode_csv(path)
+    except FileNotFoundError:
+        report.reject(RejectReason.MISSING_FILE, f"{path}: no such file")
+        return None
+    except (OSError, ValueError) as err:
+        report.reject(RejectReason.UNREADABLE_FILE, f"{path}: {err}")
+        return None
+    if not any(cell.strip() for cell in header):
+        if any(any(cell.strip() for cell in row) for row in raw_rows):
+            report.reject(RejectReason.BAD_HEADER, f"{path}: the first line is blank")
+        else:
+            report.reject(RejectReason.EMPTY_FILE, f"{path}: the file holds no text")
+        return None
+    if header[0].startswith("\ufeff"):
+        header[0] = header[0].lstrip("\ufeff")
+        report.add_repair(RepairReason.BYTE_ORDER_MARK)
+    order: list[int] | None = None
+    if tuple(header) != EPISODE_HEADER:
+        if sorted(header) != sorted(EPISODE_HEADER):
+            report.reject(RejectReason.BAD_HEADER, f"{path}: {header_mismatch(header)}")
+            return None
+        order = [header.index(name) for name in EPISODE_HEADER]
+        report.add_repair(RepairReason.REORDERED_COLUMNS)
+    return raw_rows, raw_lines, order
+
+
+def _read_rows(
+    result: EpisodeResult, raw_rows: list[list[str]], raw_lines: list[int], order: list[int] | None
+) -> bool:
+    """Fill ``result`` with the non-blank rows (Hours parsed); False after a rejection."""
+    report, path = result.report, result.report.path
+    blank = 0
+    width = len(EPISODE_HEADER)
+    for row, line in zip(raw_rows, raw_lines, strict=True):
+        if not any(cell.strip() for cell in row):
+            blank += 1
+            continue
+        if len(row) != width:
+            reason = RejectReason.SHORT_ROW if len(row) < width else RejectReason.LONG_ROW
+            report.reject(reason, f"{path}: line {line} has {len(row)} fields, expected {width}")
+            return False
+        if order is not None:
+            row = [row[k] for k in order]
+        t = _as_float(row[0])
+        if t is None or math.isnan(t):
+            report.reject(RejectReason.UNPARSEABLE_HOURS, f"{path}: line {line}: Hours {row[0]!r}")
+            return False
+        result.hours.append(t)
+        result.rows.append(row[1:])
+        result.lines.append(line)
+    report.add_repair(RepairReason.BLANK_ROWS, blank)
+    if not result.hours:
+        report.reject(RejectReason.NO_ROWS, f"{path}: no data rows below the header")
+        return False
+    report.rows_read = len(result.hours)
+    return True
+
+
 def read_episode(path: str | os.PathLike[str]) -> EpisodeResult:
     """Read an episode CSV, repairing or rejecting file-level defects with named reasons.
 
@@ -196,58 +270,12 @@ def read_episode(path: str | os.PathLike[str]) -> EpisodeResult:
     bad data.
     """
     report = EpisodeReport(path=str(path))
-    try:
-        header, raw_rows, raw_lines = read_episode_csv(path)
-    except FileNotFoundError:
-        report.reject(RejectReason.MISSING_FILE, f"{path}: no such file")
+    read = _read_header(path, report)
+    if read is None:
         return EpisodeResult(report)
-    except (OSError, ValueError) as err:
-        report.reject(RejectReason.UNREADABLE_FILE, f"{path}: {err}")
-        return EpisodeResult(report)
-
-    if not any(cell.strip() for cell in header):
-        if any(any(cell.strip() for cell in row) for row in raw_rows):
-            report.reject(RejectReason.BAD_HEADER, f"{path}: the first line is blank")
-        else:
-            report.reject(RejectReason.EMPTY_FILE, f"{path}: the file holds no text")
-        return EpisodeResult(report)
-    if header[0].startswith("\ufeff"):
-        header[0] = header[0].lstrip("\ufeff")
-        report.add_repair(RepairReason.BYTE_ORDER_MARK)
-    order: list[int] | None = None
-    if tuple(header) != EPISODE_HEADER:
-        if sorted(header) != sorted(EPISODE_HEADER):
-            report.reject(RejectReason.BAD_HEADER, f"{path}: {header_mismatch(header)}")
-            return EpisodeResult(report)
-        order = [header.index(name) for name in EPISODE_HEADER]
-        report.add_repair(RepairReason.REORDERED_COLUMNS)
-
     result = EpisodeResult(report)
-    blank = 0
-    width = len(EPISODE_HEADER)
-    for row, line in zip(raw_rows, raw_lines, strict=True):
-        if not any(cell.strip() for cell in row):
-            blank += 1
-            continue
-        if len(row) != width:
-            reason = RejectReason.SHORT_ROW if len(row) < width else RejectReason.LONG_ROW
-            report.reject(reason, f"{path}: line {line} has {len(row)} fields, expected {width}")
-            return EpisodeResult(report)
-        if order is not None:
-            row = [row[k] for k in order]
-        t = _as_float(row[0])
-        if t is None or math.isnan(t):
-            report.reject(RejectReason.UNPARSEABLE_HOURS, f"{path}: line {line}: Hours {row[0]!r}")
-            return EpisodeResult(report)
-        result.hours.append(t)
-        result.rows.append(row[1:])
-        result.lines.append(line)
-    report.add_repair(RepairReason.BLANK_ROWS, blank)
-    if not result.hours:
-        report.reject(RejectReason.NO_ROWS, f"{path}: no data rows below the header")
+    if not _read_rows(result, *read):
         return EpisodeResult(report)
-    report.rows_read = len(result.hours)
-
     # Sort only where the reference's check (t[i] < t[i+1] + EPS) fails, so that accepted
     # files keep their row order and hence their within-bin overwrite order.
     inversions = sum(1 for a, b in pairwise(result.hours) if not a < b + EPS)
@@ -327,10 +355,21 @@ def _clean_cells(row: list[str], line: int, report: EpisodeReport, drop_nonfinit
                 f"{report.path}: line {line}, column {channel!r}: {cell!r} is not a number",
             )
             return False
-        if drop_nonfinite and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        if not drop_nonfinite:
+            continue
+        if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
             row[k] = ""
             report.add_repair(RepairReason.NONFINITE_VALUE)
+        elif not _plausible(channel, value):
+            row[k] = ""
+            report.add_repair(RepairReason.IMPLAUSIBLE_VALUE)
+            report.implausible[channel] = report.implausible.get(channel, 0) + 1
     return True
+
+
+def _plausible(channel: str, value: float) -> bool:
+    bounds = PLAUSIBLE_RANGES.get(channel)
+    return bounds is None or bounds[0] <= value <= bounds[1]
 
 
 def discretize_episode_tolerant(
@@ -343,9 +382,8 @@ def discretize_episode_tolerant(
     """Discretise one episode like the benchmark, repairing or rejecting bad data by name.
 
     Returns ``(array or None, FEATURE_HEADER, report)``: the ``[N_bins, 76]`` float32 array
-    of :func:`~omnifuse_model.data.ehr.discretizer.discretize_rows` for a used or repaired
-    episode, None for a rejected one. Raises only for invalid arguments (timestep, end),
-    never for bad data.
+    of :func:`~.discretizer.discretize_rows` for a used or repaired episode, None
+    for a rejected one. Raises only for invalid arguments (timestep, end), never for bad data.
     """
     check_timestep(timestep)
     if end is not None and not (math.isfinite(end) and end >= 0):

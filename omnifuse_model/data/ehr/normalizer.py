@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from omnifuse_model.data.ehr.discretizer import CONTINUOUS_COLUMNS, FEATURE_HEADER, NUM_FEATURES
+from omnifuse_model.data.ehr.discretizer import (
+    CHANNEL_OFFSETS,
+    CONTINUOUS_COLUMNS,
+    FEATURE_HEADER,
+    NUM_FEATURES,
+    PLAUSIBLE_RANGES,
+    plausible_range_text,
+)
 
 STD_FLOOR = 1e-7
 _FORMAT = "omnifuse-ehr-normalizer"
@@ -87,6 +94,37 @@ def compute_aggregates(
         sums += x.sum(axis=0)
         sumsq += (x**2).sum(axis=0)
     return EHRAggregates(count, sums, sumsq)
+
+
+def check_plausible_aggregates(aggregates: EHRAggregates, source: str) -> None:
+    """Raise ``ValueError`` unless ``aggregates`` can come from plausible values only.
+
+    Ingest reads values outside :data:`~omnifuse_model.data.ehr.discretizer.PLAUSIBLE_RANGES` as not
+    charted, so every bin of a continuous channel lies in ``[low, high]``; then its mean does
+    too and, by Popoviciu's inequality, its population variance is at most
+    ``(high - low)^2 / 4``. Statistics that break either bound hold an implausible value (e.g.
+    a site whose cache predates the range check) and would distort every site's normaliser;
+    the error names ``source``, the variable, the offending statistic and the expected range.
+    """
+    n = aggregates.count
+    if n == 0 or aggregates.sums.shape[0] != NUM_FEATURES:
+        return
+    for channel, (low, high, _unit) in PLAUSIBLE_RANGES.items():
+        column = CHANNEL_OFFSETS[channel]
+        mean = aggregates.sums[column] / n
+        variance = aggregates.sumsq[column] / n - mean**2
+        slack = 1e-9 * max(1.0, abs(low), abs(high)) ** 2
+        if not low - 1e-9 * max(1.0, abs(low)) <= mean <= high + 1e-9 * max(1.0, abs(high)):
+            problem = f"mean {mean:g}"
+        elif not variance <= (high - low) ** 2 / 4 + slack:
+            problem = f"variance {variance:g} (at most {(high - low) ** 2 / 4:g} in range)"
+        else:
+            continue
+        raise ValueError(
+            f"{source}: EHR statistics of {channel!r} cannot come from plausible values: "
+            f"{problem}, expected values in {plausible_range_text(channel)}; re-run "
+            "`omnifuse prepare` for that site (ingest reads implausible values as not charted)"
+        )
 
 
 def combine_aggregates(parts: Iterable[EHRAggregates]) -> EHRAggregates:

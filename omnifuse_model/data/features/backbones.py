@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -164,35 +165,74 @@ def build_resnet34_trunk(
 # --------------------------------------------------------------------------- reports
 
 
-def _text_digest(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        encoded = text.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little") + encoded)
-    return digest.hexdigest()[:16]
-
-
-def train_wordpiece(texts: Sequence[str], vocab_size: int = 8000) -> Tokenizer:
-    """A BERT-style uncased WordPiece tokenizer trained on ``texts``, ``[CLS] ... [SEP]``.
-
-    The BERT normaliser puts spaces around CJK characters, so Chinese text is split one
-    character per token (as bert-base-chinese does) and every character seen in ``texts``
-    enters the vocabulary; characters never seen map to ``[UNK]``.
-    """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def _wordpiece_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    """BERT's uncased normaliser and pre-tokeniser, ``[CLS] ... [SEP]`` around the tokens."""
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=list(_SPECIAL_TOKENS)
-    )
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return tokenizer
+
+
+def wordpiece_vocabulary(texts: Sequence[str], vocab_size: int = 8000) -> list[str]:
+    """A WordPiece vocabulary built from ``texts``, the same in every process.
+
+    Hugging Face's ``WordPieceTrainer`` breaks ties between equally frequent merges in hash
+    map order, which differs between processes, so its vocabulary (and the features of every
+    report) changed from run to run. This builds it by counting instead: the special tokens,
+    every character seen (and its ``##`` continuation, so any word of these characters can be
+    spelled), then whole words by falling frequency, ties by code point order, up to
+    ``vocab_size`` entries (more when the characters alone need more). Words are those of the
+    BERT uncased normaliser and pre-tokeniser, so Chinese text gives one token per character
+    as bert-base-chinese does.
+    """
+    pipeline = wordpiece_tokenizer(_SPECIAL_TOKENS)
+    counts: Counter[str] = Counter()
+    for text in texts:
+        normalised = pipeline.normalizer.normalize_str(text)
+        counts.update(word for word, _ in pipeline.pre_tokenizer.pre_tokenize_str(normalised))
+    characters = sorted({c for word in counts for c in word})
+    vocabulary = [*_SPECIAL_TOKENS, *characters, *(f"##{c}" for c in characters)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocabulary += words[: max(vocab_size - len(vocabulary), 0)]
+    return vocabulary
+
+
+def read_wordpiece_vocabulary(path: str | os.PathLike[str]) -> list[str]:
+    """A BERT ``vocab.txt`` (one token per line, line k = id k); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: WordPiece vocabulary file not found")
+    try:
+        tokens = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise BackboneWeightsError(f"{path}: cannot read the vocabulary: {error}") from error
+    missing = [t for t in _SPECIAL_TOKENS[:4] if t not in tokens]
+    repeated = (
+        sorted({t for t in tokens if tokens.count(t) > 1}) if len(set(tokens)) < len(tokens) else []
+    )
+    if missing or repeated or "" in tokens:
+        raise BackboneWeightsError(
+            f"{path}: not a BERT vocab.txt: missing special tokens {missing}, repeated tokens "
+            f"{repeated[:5]}, empty lines {tokens.count('')}; expected one distinct token per "
+            f"line including {list(_SPECIAL_TOKENS[:4])}"
+        )
+    return tokens
+
+
+def vocabulary_sha256(vocabulary: Sequence[str]) -> str:
+    """SHA-256 of a vocabulary as its ``vocab.txt`` bytes (tokens joined by newlines)."""
+    return hashlib.sha256("\n".join(vocabulary).encode("utf-8")).hexdigest()
+
+
+def wordpiece_tokenizer(vocabulary: Sequence[str]) -> Tokenizer:
+    """The uncased BERT WordPiece tokenizer over ``vocabulary`` (token k has id k)."""
+    model = models.WordPiece({token: k for k, token in enumerate(vocabulary)}, unk_token="[UNK]")
+    return _wordpiece_pipeline(Tokenizer(model))
 
 
 class TextBackbone:
@@ -205,11 +245,15 @@ class TextBackbone:
     files>:T<max_tokens>``. A Chinese model (bert-base-chinese layout) goes the same way.
 
     Without ``model_dir`` (offline fallback for tests and synthetic data): a WordPiece
-    tokenizer trained on ``fallback_texts`` (the site's own reports) and a randomly initialised
-    ``BertModel`` with ``fallback_layers`` layers of width ``fallback_hidden_size`` (default 768,
-    so downstream shapes match BERT-base), seeded by ``seed``; a warning says the features are
-    not meaningful. Identity: ``bert-fallback:wordpiece<vocab>-<hash of the texts>:
-    random-init-seed<seed>-L<layers>-H<hidden>:T<max_tokens>``.
+    tokenizer over ``fallback_vocab`` (a ``vocab.txt`` file, e.g. one distributed to every
+    site of a consortium; preferred) or else over :func:`wordpiece_vocabulary` of
+    ``fallback_texts`` (the site's own reports), and a randomly initialised ``BertModel`` with
+    ``fallback_layers`` layers of width ``fallback_hidden_size`` (default 768, so downstream
+    shapes match BERT-base), seeded by ``seed``; a warning says the features are not
+    meaningful. Both are deterministic: the same texts or file give the same features in any
+    process. Identity: ``bert-fallback:wordpiece-sha256-<hash of the vocabulary>:
+    random-init-seed<seed>-L<layers>-H<hidden>:T<max_tokens>``, so another vocabulary is a
+    cache miss.
 
     Token states at padding positions are set to zero; the mask is boolean.
     """
@@ -219,6 +263,7 @@ class TextBackbone:
         model_dir: str | os.PathLike[str] | None = None,
         *,
         fallback_texts: Sequence[str] | None = None,
+        fallback_vocab: str | os.PathLike[str] | None = None,
         max_tokens: int = REPORT_TOKENS,
         fallback_hidden_size: int = 768,
         fallback_layers: int = 2,
@@ -236,16 +281,25 @@ class TextBackbone:
         self._fallback_counter: Tokenizer | None = None  # the same, untruncated
         self.model: PreTrainedModel
         self.identity: str
+        self.vocabulary: list[str] = []  # the fallback's WordPiece vocabulary
         if model_dir is not None:
             self._load_local(Path(model_dir))
         else:
+            if fallback_vocab is not None:
+                self.vocabulary = read_wordpiece_vocabulary(fallback_vocab)
+                source = f"the vocabulary file {fallback_vocab}"
+            else:
+                usable = [t for t in (fallback_texts or ()) if t and t.strip()]
+                if not usable:
+                    raise ValueError(
+                        "TextBackbone: no BERT model directory, no fallback_vocab file and no "
+                        "fallback_texts given; the offline fallback needs a WordPiece "
+                        "vocabulary (backbones.wordpiece_vocab) or the site's reports"
+                    )
+                self.vocabulary = wordpiece_vocabulary(usable, fallback_vocab_size)
+                source = f"{len(usable)} local texts"
             self._build_fallback(
-                fallback_texts,
-                fallback_hidden_size,
-                fallback_layers,
-                fallback_heads,
-                fallback_vocab_size,
-                seed,
+                source, fallback_hidden_size, fallback_layers, fallback_heads, seed
             )
         limit = int(self.model.config.max_position_embeddings)
         if max_tokens > limit:
@@ -287,38 +341,26 @@ class TextBackbone:
         self.identity = f"bert:sha256-{_sha256_of_files(files, model_dir)[:16]}:T{self.max_tokens}"
 
     def _build_fallback(
-        self,
-        texts: Sequence[str] | None,
-        hidden_size: int,
-        layers: int,
-        heads: int,
-        vocab_size: int,
-        seed: int,
+        self, source: str, hidden_size: int, layers: int, heads: int, seed: int
     ) -> None:
         from transformers import BertConfig, BertModel
 
-        usable = [t for t in (texts or ()) if t and t.strip()]
-        if not usable:
-            raise ValueError(
-                "TextBackbone: no BERT model directory configured and no fallback_texts given; "
-                "the offline fallback trains its WordPiece vocabulary on the site's reports"
-            )
         if hidden_size % heads:
             raise ValueError(
                 f"fallback_hidden_size {hidden_size} must be a multiple of fallback_heads {heads}"
             )
-        digest = _text_digest(usable)
         logger.warning(
             "No BERT model directory configured: report features come from a WordPiece "
-            "tokenizer trained on %d local texts and a randomly initialised %d-layer BERT "
+            "tokenizer over %s (%d tokens) and a randomly initialised %d-layer BERT "
             "(hidden %d, seed %d); they are not meaningful. Configure a local "
             "bert-base-uncased (or bert-base-chinese) directory for real data.",
-            len(usable),
+            source,
+            len(self.vocabulary),
             layers,
             hidden_size,
             seed,
         )
-        tokenizer = train_wordpiece(usable, vocab_size)
+        tokenizer = wordpiece_tokenizer(self.vocabulary)
         self._fallback_counter = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.enable_truncation(max_length=self.max_tokens)
         tokenizer.enable_padding(
@@ -327,7 +369,7 @@ class TextBackbone:
         self._fallback = tokenizer
         self.tokenizer = None
         config = BertConfig(
-            vocab_size=tokenizer.get_vocab_size(),
+            vocab_size=len(self.vocabulary),
             hidden_size=hidden_size,
             num_hidden_layers=layers,
             num_attention_heads=heads,
@@ -339,7 +381,7 @@ class TextBackbone:
             torch.manual_seed(seed)
             self.model = BertModel(config, add_pooling_layer=False)
         self.identity = (
-            f"bert-fallback:wordpiece{vocab_size}-{digest}:"
+            f"bert-fallback:wordpiece-sha256-{vocabulary_sha256(self.vocabulary)[:16]}:"
             f"random-init-seed{seed}-L{layers}-H{hidden_size}:T{self.max_tokens}"
         )
 

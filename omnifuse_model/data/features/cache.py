@@ -23,11 +23,14 @@ backbone once per distinct input, batched, under ``torch.inference_mode()``, and
   and the sha256 of the selected report text. States are stored as float16 to halve the
   disk (BERT hidden states lie far inside float16's range; its relative rounding error is at
   most 2^-11; a value that overflows is an error, not an inf) and read back as float32. Without a
-  local BERT (``backbones.bert_dir``) the fallback's WordPiece tokenizer is trained on the
-  train split's reports only; its identity (which hashes those texts) is part of the keys.
+  local BERT (``backbones.bert_dir``) the fallback's WordPiece vocabulary is the site's
+  ``backbones.wordpiece_vocab`` file or else is built (deterministically) from the train
+  split's reports only; its identity (which hashes the vocabulary) is part of the keys.
 
 An interrupted run keeps every shard it finished (atomic renames) and the next run computes
-only the rest; a complete second run computes nothing.
+only the rest; a complete second run computes nothing. Every run first checks each shard's
+SHA-256 (its file name): a corrupted one is moved aside, listed in the summary's
+``corrupt_shards`` and its entries computed again.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from omnifuse_model.data.ehr.discretizer import NUM_FEATURES, num_bins
-from omnifuse_model.data.ehr.normalizer import EHRNormalizer, compute_aggregates
+from omnifuse_model.data.ehr.normalizer import (
+    EHRNormalizer,
+    check_plausible_aggregates,
+    compute_aggregates,
+)
 from omnifuse_model.data.features.backbones import TextBackbone, build_resnet34_trunk
 from omnifuse_model.data.features.episode_cache import EpisodeCache
 from omnifuse_model.data.features.image_features import (
@@ -103,6 +110,9 @@ class PrepareSummary:
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     normalizer_bins: int | None = None
     seconds: float = 0.0
+    corrupt_shards: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Modality -> {shard name: problem} of shards that failed their checksum and were moved
+    aside (``<name>.corrupt``); their entries were computed again."""
 
     @property
     def hits(self) -> int:
@@ -167,12 +177,18 @@ def _prepare_reports(
 # --------------------------------------------------------------------------- prepare
 
 
-def _default_text_factory(site: SiteConfig, device: str) -> TextBackboneFactory:
+def default_text_factory(site: SiteConfig, device: str = "cpu") -> TextBackboneFactory:
+    """The site's report backbone: its local BERT (``backbones.bert_dir``), else the offline
+    fallback over its ``backbones.wordpiece_vocab`` file, else over a vocabulary built from
+    the train split's reports."""
+
     def build(train_texts: Sequence[str]) -> TextEncoder:
-        bert_dir = site.backbones.bert_dir
-        return TextBackbone(
-            bert_dir, fallback_texts=None if bert_dir else train_texts, device=device
-        )
+        backbones = site.backbones
+        if backbones.bert_dir is not None:
+            return TextBackbone(backbones.bert_dir, device=device)
+        if backbones.wordpiece_vocab is not None:
+            return TextBackbone(fallback_vocab=backbones.wordpiece_vocab, device=device)
+        return TextBackbone(fallback_texts=train_texts, device=device)
 
     return build
 
@@ -188,12 +204,72 @@ def _fit_normalizer(result: IngestResult, cache_dir: Path) -> int | None:
             logger.warning("site %s: fewer than 2 train EHR bins, no normaliser", result.site)
         return None
     aggregates = compute_aggregates(arrays)
+    check_plausible_aggregates(aggregates, f"site '{result.site}', train split")
     normalizer = EHRNormalizer.from_aggregates(aggregates.count, aggregates.sums, aggregates.sumsq)
     write_json_atomic(cache_dir / NORMALIZER_FILE, normalizer.to_dict())
     write_json_atomic(
         cache_dir / AGGREGATES_FILE, {"split": "train", "stays": len(arrays)} | aggregates.to_dict()
     )
     return bins
+
+
+def _prepare_images(
+    site: SiteConfig,
+    store: FeatureStore,
+    result: IngestResult,
+    image_backbone: ImageBackbone | None,
+    options: dict[str, Any],
+    stats: ModalityStats,
+    bars: Progress,
+) -> tuple[str, dict[str, str]]:
+    """The ``cxr`` pass; returns (identity, image path -> key)."""
+    clock = time.perf_counter()
+    device = options.pop("device")
+    trunk = image_backbone or build_resnet34_trunk(site.backbones.resnet34_weights)
+    if isinstance(trunk, torch.nn.Module):
+        trunk = trunk.to(device).eval()
+    options |= {"pin_memory": device.type == "cuda"}
+    options["prefetch_factor"] = 4 if options["num_workers"] else None
+    keys = prepare_images(store, result, trunk, device, options, stats, bars)
+    stats.seconds = time.perf_counter() - clock
+    return image_identity(trunk), keys
+
+
+def _split_counts(result: IngestResult, modalities: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {
+        split: {"stays": len(result.split(split))}
+        | {
+            f"with_{m}": sum(m in s.usable_modalities for s in result.split(split))
+            for m in modalities
+        }
+        for split in SPLITS
+    }
+
+
+def _verify_and_ingest(
+    site: SiteConfig,
+    store: FeatureStore,
+    summary: PrepareSummary,
+    stats: dict[str, ModalityStats],
+    timestep: float,
+    bars: Progress,
+) -> tuple[IngestResult, EpisodeCache]:
+    """Move corrupted shards aside, ingest (episodes through the cache), fit the normaliser."""
+    for modality in stats:
+        bad = store.verify(modality)
+        if bad:
+            summary.corrupt_shards[modality] = bad
+    clock = time.perf_counter()
+    episodes = EpisodeCache(store, timestep, stats.get("ehr", ModalityStats()))
+    try:
+        result = ingest_site(site, timestep, episode_store=episodes, progress=bars)
+    finally:
+        episodes.flush()
+    if "ehr" in stats:
+        stats["ehr"].seconds = time.perf_counter() - clock
+        summary.identities["ehr"] = episodes.identity
+    summary.normalizer_bins = _fit_normalizer(result, store.root)
+    return result, episodes
 
 
 def prepare_site(
@@ -210,7 +286,9 @@ def prepare_site(
 
     ``image_backbone`` defaults to the ResNet-34 trunk of ``site.backbones.resnet34_weights``;
     ``text_backbone`` is a factory called with the train split's report texts, defaulting to
-    :class:`TextBackbone` over ``site.backbones.bert_dir`` (or its fallback). Raises
+    :func:`default_text_factory` for the site. Shards that fail their
+    checksum are moved aside first (listed in ``corrupt_shards``) and their entries computed
+    again. Raises
     :class:`~omnifuse_model.data.features.store.CacheLockedError` when another process is
     preparing the same cache, ``ValueError`` for an unusable configuration.
     """
@@ -225,69 +303,44 @@ def prepare_site(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     with store.lock(), Progress(*columns, disable=not progress) as bars:
-        clock = time.perf_counter()
-        episodes = EpisodeCache(store, timestep, stats.get("ehr", ModalityStats()))
-        try:
-            result = ingest_site(site, timestep, episode_store=episodes, progress=bars)
-        finally:
-            episodes.flush()
-        if "ehr" in stats:
-            stats["ehr"].seconds = time.perf_counter() - clock
-            summary.identities["ehr"] = episodes.identity
-        summary.normalizer_bins = _fit_normalizer(result, cache_dir)
-
+        result, episodes = _verify_and_ingest(site, store, summary, stats, timestep, bars)
         image_keys: dict[str, str] = {}
         if "cxr" in stats:
-            clock = time.perf_counter()
-            trunk = image_backbone or build_resnet34_trunk(site.backbones.resnet34_weights)
-            if isinstance(trunk, torch.nn.Module):
-                trunk = trunk.to(device).eval()
-            loader_options = {
-                "batch_size": batch_size,
-                "num_workers": num_workers,
-                "pin_memory": device.type == "cuda",
-                "prefetch_factor": 4 if num_workers else None,
-            }
-            image_keys = prepare_images(
-                store, result, trunk, device, loader_options, stats["cxr"], bars
+            options = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+            summary.identities["cxr"], image_keys = _prepare_images(
+                site, store, result, image_backbone, options, stats["cxr"], bars
             )
-            stats["cxr"].seconds = time.perf_counter() - clock
-            summary.identities["cxr"] = image_identity(trunk)
-
         text_keys: dict[str, str] = {}
         shapes = {"ehr": [num_bins(EHR_WINDOW_HOURS, timestep), NUM_FEATURES]}
         if "rep" in stats:
             clock = time.perf_counter()
-            factory = text_backbone or _default_text_factory(site, str(device))
-            identity, text_keys, shapes["rep"] = _prepare_reports(
+            factory = text_backbone or default_text_factory(site, str(device))
+            summary.identities["rep"], text_keys, shapes["rep"] = _prepare_reports(
                 store, result, factory, batch_size, stats["rep"], bars
             )
             stats["rep"].seconds = time.perf_counter() - clock
-            summary.identities["rep"] = identity
-
-        report = result.report()
-        report.write_json(cache_dir / INGEST_REPORT_FILE)
+        result.report().write_json(cache_dir / INGEST_REPORT_FILE)
         manifest = build_manifest(
             result, summary.identities, episodes, image_keys, text_keys, shapes
         )
         write_json_atomic(cache_dir / MANIFEST_FILE, manifest)
     summary.modalities = stats
-    summary.splits = {
-        split: {"stays": len(result.split(split))}
-        | {f"with_{m}": sum(m in s.usable_modalities for s in result.split(split)) for m in stats}
-        for split in SPLITS
-    }
+    summary.splits = _split_counts(result, list(stats))
     summary.seconds = time.perf_counter() - started
-    write_json_atomic(cache_dir / SUMMARY_FILE, summary.to_dict())
+    _write_summary(summary)
+    return summary
+
+
+def _write_summary(summary: PrepareSummary) -> None:
+    write_json_atomic(Path(summary.cache_dir) / SUMMARY_FILE, summary.to_dict())
     logger.info(
         "site %s: feature cache ready (%d reused, %d computed: %s) in %s",
-        site.name,
+        summary.site,
         summary.hits,
         summary.misses,
-        ", ".join(f"{k} {v.misses}/{v.items}" for k, v in stats.items()),
-        cache_dir,
+        ", ".join(f"{k} {v.misses}/{v.items}" for k, v in summary.modalities.items()),
+        summary.cache_dir,
     )
-    return summary
 
 
 __all__ = [
@@ -296,5 +349,6 @@ __all__ = [
     "PrepareSummary",
     "TextBackboneFactory",
     "TextEncoder",
+    "default_text_factory",
     "prepare_site",
 ]

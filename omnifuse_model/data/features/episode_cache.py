@@ -19,6 +19,11 @@ from omnifuse_model.data.ehr.episodes import EpisodeReport, RejectReason, Repair
 from omnifuse_model.data.features.store import FeatureStore, ModalityStats, entry_key
 from omnifuse_model.data.ingest import EHR_WINDOW_HOURS
 
+PLAUSIBILITY_VERSION = "plausible-ranges-v1"
+"""Part of the ``ehr`` identity: bump when
+:data:`~omnifuse_model.data.ehr.discretizer.PLAUSIBLE_RANGES` change, so episodes
+discretised under other ranges are not reused."""
+
 
 def _episode_report(data: dict[str, Any], path: Path) -> EpisodeReport:
     old = str(data["path"])
@@ -30,6 +35,7 @@ def _episode_report(data: dict[str, Any], path: Path) -> EpisodeReport:
         repairs={RepairReason(k): int(v) for k, v in data.get("repairs", {}).items()},
         rows_read=int(data.get("rows_read", 0)),
         rows_used=int(data.get("rows_used", 0)),
+        implausible={str(k): int(v) for k, v in data.get("implausible", {}).items()},
     )
 
 
@@ -42,6 +48,7 @@ class EpisodeCache:
         self.store, self.stats, self.shard_size = store, stats, shard_size
         self.identity = (
             f"mimic3-discretizer:ts{timestep:g}:end{EHR_WINDOW_HOURS:g}:previous:zero-start:masks"
+            f":{PLAUSIBILITY_VERSION}"
         )
         self._arrays: list[np.ndarray] = []
         self._records: dict[str, dict[str, Any]] = {}

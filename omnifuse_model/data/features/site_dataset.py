@@ -106,6 +106,21 @@ def _fill(
     return filled
 
 
+def _read_site_manifest(site: SiteConfig, split: str) -> tuple[dict[str, Any], Path]:
+    """The cache's manifest, checked against the site's task; and its path for errors."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    cache_dir = Path(site.cache_dir)
+    manifest = read_manifest(cache_dir)
+    where = cache_dir / MANIFEST_FILE
+    if manifest["task"] != site.task:
+        raise ValueError(
+            f"{where}: prepared for task {manifest['task']!r}, site '{site.name}' has task "
+            f"{site.task!r}; run `omnifuse prepare` again"
+        )
+    return manifest, where
+
+
 def load_cached_split(
     site: SiteConfig,
     split: str,
@@ -117,25 +132,18 @@ def load_cached_split(
 
     ``modalities`` are the model's, in its order (default :func:`mimic_model_modalities` with
     the cached text width). ``normalizer`` defaults to the cache's own. Raises
-    ``FileNotFoundError`` when the cache is not prepared and ``ValueError`` when it does not
-    fit the site (task) or the model (shapes), naming the file.
+    ``FileNotFoundError`` when the cache is not prepared, ``ValueError`` when it does not
+    fit the site (task) or the model (shapes), naming the file, and
+    :class:`~omnifuse_model.data.features.store.CorruptShardError` naming a shard that fails
+    its checksum.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
-    cache_dir = Path(site.cache_dir)
-    manifest = read_manifest(cache_dir)
-    where = cache_dir / MANIFEST_FILE
-    if manifest["task"] != site.task:
-        raise ValueError(
-            f"{where}: prepared for task {manifest['task']!r}, site '{site.name}' has task "
-            f"{site.task!r}; run `omnifuse prepare` again"
-        )
+    manifest, where = _read_site_manifest(site, split)
     if modalities is None:
         text_hidden = manifest.get("shapes", {}).get("rep", [REPORT_TOKENS, 768])[1]
         modalities = mimic_model_modalities(text_hidden)
     stays: list[dict[str, Any]] = manifest["splits"][split]
     n = len(stays)
-    store = FeatureStore(cache_dir)
+    store = FeatureStore(site.cache_dir)
     inputs: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     availability = torch.zeros(n, len(modalities), dtype=torch.bool)
@@ -150,7 +158,7 @@ def load_cached_split(
         keys = [stay.get(spec.name) for stay in stays]
         availability[:, column] = _fill(store, spec, keys, inputs[spec.name], mask, where)
         if spec.name == "ehr" and availability[:, column].any():
-            scaler = normalizer or load_normalizer(cache_dir)
+            scaler = normalizer or load_normalizer(site.cache_dir)
             present = availability[:, column]
             ehr = scaler.transform(inputs["ehr"][present].numpy())
             inputs["ehr"][present] = torch.from_numpy(ehr)
@@ -159,15 +167,25 @@ def load_cached_split(
     dataset = InMemoryMultimodalDataset(
         inputs, availability, labels, masks, [stay["stay"] for stay in stays]
     )
+    return _without_empty_stays(dataset, availability, site.name, split, modalities)
+
+
+def _without_empty_stays(
+    dataset: InMemoryMultimodalDataset,
+    availability: torch.Tensor,
+    site: str,
+    split: str,
+    modalities: Sequence[ModalitySpec],
+) -> InMemoryMultimodalDataset:
     keep = availability.any(dim=1)
-    if not keep.all():
-        logger.info(
-            "site %s, %s: %d of %d stays have none of the model's modalities %s and are left out",
-            site.name,
-            split,
-            int((~keep).sum()),
-            n,
-            [spec.name for spec in modalities],
-        )
-        dataset = dataset.subset(keep.nonzero().squeeze(1))
-    return dataset
+    if keep.all():
+        return dataset
+    logger.info(
+        "site %s, %s: %d of %d stays have none of the model's modalities %s and are left out",
+        site,
+        split,
+        int((~keep).sum()),
+        len(keep),
+        [spec.name for spec in modalities],
+    )
+    return dataset.subset(keep.nonzero().squeeze(1))

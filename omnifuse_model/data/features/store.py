@@ -18,10 +18,21 @@ producer's identity (backbone identity, or the discretiser settings) and the sha
 input's content, so any change of backbone, preprocessing code or content gives a new key,
 and identical content is computed once. Old entries are never overwritten or deleted.
 
-A shard is written to a temporary file and renamed into place (``os.replace``, atomic on POSIX),
-so a shard is either complete or absent; a shard that cannot be read (e.g. after a power loss
-before the data reached the disk: files are not fsync-ed, for speed) is skipped with a warning
-and its entries are recomputed. One process at a time may write a store (:meth:`lock`).
+Checksums: a shard's file name is the SHA-256 of its bytes (``<sha256>.safetensors``, as
+git names objects), so no separate checksum list can go out of step with the shards. A shard is
+written to a temporary file and renamed into place (``os.replace``, atomic on POSIX), so it is
+either complete or absent; but files are not fsync-ed (for speed), and disks and copies fail,
+so bytes are checked against the name:
+
+* :meth:`FeatureStore.verify` (``prepare`` calls it under the lock, before anything is looked
+  up) hashes every shard; one whose bytes do not match its name (random bytes, truncation,
+  a shard of an older format without a checksum) is moved aside to ``<name>.corrupt``,
+  reported, and its entries are computed again: never read, never a cache hit;
+* :meth:`FeatureStore.load` hashes each shard it reads (the bytes it parses, one read) and
+  raises :class:`CorruptShardError`, naming the shard and saying to re-run ``omnifuse
+  prepare``, on a mismatch.
+
+One process at a time may write a store (:meth:`lock`).
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -50,8 +62,9 @@ every cache key changes with it."""
 
 FEATURES_DIR = "features"
 _FORMAT_KEY = "__format__"
-_FORMAT = "omnifuse-feature-shard-v1"
+_FORMAT = "omnifuse-feature-shard-v2"
 _SHARD_CACHE_SIZE = 8
+_CORRUPT_SUFFIX = ".corrupt"
 
 
 def entry_key(modality: str, identity: str, content_digest: str) -> str:
@@ -81,6 +94,27 @@ class CacheLockedError(RuntimeError):
     """Another process holds the feature store's write lock."""
 
 
+class CorruptShardError(OSError):
+    """A feature shard whose bytes do not match its SHA-256 name, or that cannot be parsed."""
+
+
+def shard_problem(shard: Path, data: bytes) -> str:
+    """Why ``data`` (the bytes of ``shard``) is not a valid shard, in words ("" when it is)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if shard.stem != digest:
+        if len(shard.stem) != 64:
+            return "its name is not a SHA-256 (written before shards carried checksums)"
+        return f"its bytes hash to sha256 {digest[:16]}..., not to its name (corrupted)"
+    return ""
+
+
+def _shard_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in ``data`` (8-byte length + JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    return dict(header.get("__metadata__") or {})
+
+
 @dataclass(frozen=True)
 class StoredEntry:
     """One cached entry: its fields (one row each, e.g. ``features [512]``) and its record."""
@@ -101,6 +135,7 @@ class FeatureStore:
         self.root = Path(cache_dir)
         self._index: dict[str, dict[str, tuple[Path, str]]] = {}
         self._shards: OrderedDict[Path, tuple[dict[str, Tensor], dict[str, str]]] = OrderedDict()
+        self._skipped: dict[str, dict[Path, str]] = {}
 
     def folder(self, modality: str) -> Path:
         """``<cache_dir>/features/<modality>``."""
@@ -130,21 +165,50 @@ class FeatureStore:
         """Entry key -> (shard path, JSON record) of every readable shard of ``modality``."""
         if modality not in self._index:
             found: dict[str, tuple[Path, str]] = {}
+            skipped: dict[Path, str] = {}
             for shard in sorted(self.folder(modality).glob("*.safetensors")):
                 try:
                     with safe_open(str(shard), framework="pt") as handle:
                         metadata = handle.metadata() or {}
                 except Exception as error:  # safetensors raises several types for a bad file
                     logger.warning("%s: unreadable feature shard skipped: %s", shard, error)
+                    skipped[shard] = f"unreadable: {error}"
                     continue
                 if metadata.get(_FORMAT_KEY) != _FORMAT:
                     logger.warning("%s: not an %s shard, skipped", shard, _FORMAT)
+                    skipped[shard] = f"not an {_FORMAT} shard"
                     continue
                 for key, record in metadata.items():
                     if key != _FORMAT_KEY:
                         found[key] = (shard, record)
             self._index[modality] = found
+            self._skipped[modality] = skipped
         return self._index[modality]
+
+    def verify(self, modality: str) -> dict[str, str]:
+        """Hash every shard of ``modality``; move a mismatching one aside (``<name>.corrupt``,
+        so its entries are computed again) and return ``{shard name: problem}``. Call it
+        while holding :meth:`lock`."""
+        bad: dict[str, str] = {}
+        for shard in sorted(self.folder(modality).glob("*.safetensors")):
+            try:
+                problem = shard_problem(shard, shard.read_bytes())
+            except OSError as error:
+                problem = f"cannot be read: {error}"
+            if problem:
+                bad[shard.name] = problem
+                logger.warning(
+                    "%s: feature shard fails its checksum, moved aside (%s.corrupt) and its "
+                    "entries recomputed: %s",
+                    shard,
+                    shard.name,
+                    problem,
+                )
+                os.replace(shard, shard.with_name(shard.name + _CORRUPT_SUFFIX))
+                self._shards.pop(shard, None)
+        if bad:
+            self._index.pop(modality, None)
+        return bad
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         modality, key = item
@@ -177,13 +241,14 @@ class FeatureStore:
             )
         folder = self.folder(modality)
         folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256("\n".join(sorted(records)).encode()).hexdigest()[:32]
-        final = folder / f"{name}.safetensors"
-        temporary = folder / f".{name}.{os.getpid()}.tmp"
         metadata = {key: json.dumps(dict(record)) for key, record in records.items()}
         metadata[_FORMAT_KEY] = _FORMAT
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in fields.items() if len(v)}
-        save_file(tensors, str(temporary), metadata=metadata)
+        data = save_safetensors(tensors, metadata=metadata)
+        name = hashlib.sha256(data).hexdigest()
+        final = folder / f"{name}.safetensors"
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        temporary.write_bytes(data)
         os.replace(temporary, final)
         index = self.index(modality)
         for key in records:
@@ -195,25 +260,44 @@ class FeatureStore:
         if shard in self._shards:
             self._shards.move_to_end(shard)
             return self._shards[shard]
+        fix = "run `omnifuse prepare` for this site again to recompute it"
         try:
-            with safe_open(str(shard), framework="pt") as handle:
-                loaded = (
-                    {name: handle.get_tensor(name) for name in handle.keys()},  # noqa: SIM118
-                    handle.metadata() or {},
-                )
-        except Exception as error:
-            raise OSError(f"{shard}: cannot read feature shard: {error}") from error
+            data = shard.read_bytes()
+        except OSError as error:
+            raise CorruptShardError(
+                f"{shard}: cannot read feature shard: {error}; {fix}"
+            ) from error
+        problem = shard_problem(shard, data)
+        if problem:
+            raise CorruptShardError(f"{shard}: feature shard fails its checksum: {problem}; {fix}")
+        try:
+            loaded = (load_safetensors(data), _shard_metadata(data))
+        except Exception as error:  # safetensors raises several types for a bad file
+            raise CorruptShardError(f"{shard}: cannot parse feature shard: {error}; {fix}") from (
+                error
+            )
         self._shards[shard] = loaded
         while len(self._shards) > _SHARD_CACHE_SIZE:
             self._shards.popitem(last=False)
         return loaded
 
     def load(self, modality: str, keys: Sequence[str]) -> dict[str, StoredEntry]:
-        """The entries of ``keys`` (each shard read once); raises ``KeyError`` naming a key
-        that is not cached."""
+        """The entries of ``keys`` (each shard read once), checksums verified.
+
+        Raises :class:`CorruptShardError` naming the shard when a shard fails its checksum, or
+        when a key is missing while unreadable shards (which may have held it) are present;
+        ``KeyError`` naming a key that is simply not cached.
+        """
         index = self.index(modality)
         by_shard: dict[Path, list[str]] = {}
         for key in dict.fromkeys(keys):
+            if key not in index and self._skipped.get(modality):
+                names = "; ".join(f"{p} ({why})" for p, why in self._skipped[modality].items())
+                raise CorruptShardError(
+                    f"{self.folder(modality)}: no cached entry {key}, and feature shard(s) "
+                    f"cannot be read: {names}; run `omnifuse prepare` for this site again to "
+                    "recompute them"
+                )
             if key not in index:
                 raise KeyError(f"{self.folder(modality)}: no cached entry {key}")
             by_shard.setdefault(index[key][0], []).append(key)
