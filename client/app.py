@@ -21,6 +21,7 @@ from client.local_training import RoundInstructions, evaluate_global, train_roun
 from client.privacy import ledger_path
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.scenario import SCENARIO_FILE, Scenario
 from omnifuse_model.site_config import SiteConfig, load_site_config
 from omnifuse_model.site_data import load_site_datasets
 
@@ -31,17 +32,15 @@ def site_config_path(context: Context) -> Path:
     """Which site this node is: explicit node config, else scenario + partition id."""
     if "site-config" in context.node_config:
         return Path(str(context.node_config["site-config"]))
-    scenario = Path(str(context.run_config["scenario-dir"])) / "scenario.json"
-    if not scenario.is_file():
-        raise FileNotFoundError(f"run config 'scenario-dir': {scenario} not found")
-    sites = json.loads(scenario.read_text())["site_configs"]
+    scenario_dir = Path(str(context.run_config["scenario-dir"]))
+    sites = Scenario.load(scenario_dir).site_configs
     partition = int(context.node_config["partition-id"])
     if partition >= len(sites):
         raise ValueError(
-            f"partition-id {partition} but scenario {scenario} lists {len(sites)} sites"
+            f"partition-id {partition} but scenario {scenario_dir / SCENARIO_FILE} lists "
+            f"{len(sites)} sites"
         )
-    path = Path(sites[partition])
-    return path if path.is_absolute() else scenario.parent / path
+    return sites[partition]
 
 
 def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:

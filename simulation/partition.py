@@ -26,6 +26,7 @@ from rich.table import Table
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel
 from omnifuse_model.data.reports import report_path
+from omnifuse_model.scenario import Scenario, SiteSummary
 from omnifuse_model.site_config import (
     MIMIC_TASK_OUTPUTS,
     BackboneConfig,
@@ -302,7 +303,7 @@ def mimic_model_config(task: str, d: int) -> OmniFuseConfig:
     )
 
 
-def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> dict:
+def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
     """Write every site's view + site.toml, the server test site, scenario.json."""
     console = console or Console()
     out_dir = Path(out_dir)
@@ -332,7 +333,7 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
         rows.append(
             _write_site(out_dir / plan.name, plan, subjects, site_rows, source, config, rng)
         )
-        site_configs.append(f"{plan.name}/site.toml")
+        site_configs.append(Path(plan.name, "site.toml"))
     test_plan = SitePlan(name="server_test")
     test_subjects = {_subject(r[0]) for r in split_rows["test"]}
     test_rows = {"train": [], "val": [], "test": split_rows["test"]}
@@ -341,16 +342,16 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
             out_dir / "server_test", test_plan, test_subjects, test_rows, source, config, rng
         )
     )
-    scenario = {
-        "kind": "mimic",
-        "task": config.task,
-        "site_configs": site_configs,
-        "server_test_site": "server_test/site.toml",
-        "model_config": mimic_model_config(config.task, config.d).model_dump(mode="json"),
-        "partition": json.loads(config.model_dump_json()),
-        "sites": rows,
-    }
-    (out_dir / "scenario.json").write_text(json.dumps(scenario, indent=2))
+    scenario = Scenario(
+        kind="mimic",
+        task=config.task,
+        site_configs=site_configs,
+        server_test_site=Path("server_test/site.toml"),
+        model_config=mimic_model_config(config.task, config.d),
+        partition=json.loads(config.model_dump_json()),
+        sites=[SiteSummary.model_validate(row) for row in rows],
+    )
+    scenario.write(out_dir)
     _print_table(console, rows)
     return scenario
 

@@ -7,10 +7,10 @@ missingness and, optionally, modalities it does not hold at all.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import SiteConfig, SiteDataConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
 
@@ -45,15 +45,14 @@ def write_feature_scenario(
         path = out_dir / f"site_{index}.toml"
         site = _site_config(f"site_{index}", modalities, site_data, sizes)
         path.write_text(site.to_toml(), encoding="utf-8")
-        paths.append(path.name)
+        paths.append(Path(path.name))
     test_data = data.model_copy(update={"seed": data.seed + 99_991})
     test_site = _site_config("server_test", names, test_data, (1, test_size))
     (out_dir / "server_test.toml").write_text(test_site.to_toml(), encoding="utf-8")
-    scenario = {
-        "kind": "synthetic_features",
-        "site_configs": paths,
-        "server_test_site": "server_test.toml",
-        "model_config": model.model_dump(mode="json"),
-    }
-    (out_dir / "scenario.json").write_text(json.dumps(scenario, indent=2))
-    return out_dir / "scenario.json"
+    scenario = Scenario(
+        kind="synthetic_features",
+        site_configs=paths,
+        server_test_site=Path("server_test.toml"),
+        model_config=model,
+    )
+    return scenario.write(out_dir)
