@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from omnifuse_model.config import OmniFuseConfig, StrictModel
+from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.scenario import Scenario
 
 
@@ -67,3 +67,16 @@ class FederationRunConfig(StrictModel):
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model
+
+    def train_config(self) -> TrainConfig:
+        """The local training every site runs in a round unless its site config overrides it
+        (``local-epochs`` is ``TrainConfig.epochs``)."""
+        return TrainConfig(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            patience=0,
+            progress=False,
+            bootstrap_samples=0,
+        )
