@@ -8,8 +8,6 @@ keeps every site's, so a resumed run continues exactly).
 
 from __future__ import annotations
 
-import json
-import zlib
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,9 +16,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.local_training import RoundInstructions, evaluate_global, train_round
-from client.privacy import ledger_path
 from omnifuse_model import federation_schema as wire
-from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.round_plan import RoundPlan
+from omnifuse_model.scenario import SCENARIO_FILE, Scenario
 from omnifuse_model.site_config import SiteConfig, load_site_config
 from omnifuse_model.site_data import load_site_datasets
 
@@ -31,52 +29,23 @@ def site_config_path(context: Context) -> Path:
     """Which site this node is: explicit node config, else scenario + partition id."""
     if "site-config" in context.node_config:
         return Path(str(context.node_config["site-config"]))
-    scenario = Path(str(context.run_config["scenario-dir"])) / "scenario.json"
-    if not scenario.is_file():
-        raise FileNotFoundError(f"run config 'scenario-dir': {scenario} not found")
-    sites = json.loads(scenario.read_text())["site_configs"]
+    scenario_dir = Path(str(context.run_config["scenario-dir"]))
+    sites = Scenario.load(scenario_dir).site_configs
     partition = int(context.node_config["partition-id"])
     if partition >= len(sites):
         raise ValueError(
-            f"partition-id {partition} but scenario {scenario} lists {len(sites)} sites"
+            f"partition-id {partition} but scenario {scenario_dir / SCENARIO_FILE} lists "
+            f"{len(sites)} sites"
         )
-    path = Path(sites[partition])
-    return path if path.is_absolute() else scenario.parent / path
+    return sites[partition]
 
 
 def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
-    model_config = OmniFuseConfig.model_validate_json(str(config[wire.MODEL_CONFIG]))
-    train = json.loads(str(config[wire.TRAIN_CONFIG]))
-    overrides = site.training
-    if overrides.batch_size:
-        train["batch_size"] = overrides.batch_size
-    if overrides.lr:
-        train["lr"] = overrides.lr
-    if overrides.local_epochs:
-        train["epochs"] = overrides.local_epochs
-    train["device"] = site.resolved_device()
-    # Per-site, per-round seed: reproducible, and a resumed run replays the same draws.
-    train["seed"] = (
-        int(train["seed"]) * 1_000_003
-        + int(config[wire.GLOBAL_ROUND]) * 7919
-        + (zlib.crc32(site.name.encode()) % 7919)
-    )
-    lazy = str(config.get(wire.LAZY_COMBINATION, ""))
-    if not lazy:  # site scope: the server keeps every site's last mined combination
-        lazy = json.loads(str(config.get(wire.SITE_LAZINESS, "{}"))).get(site.name, "")
-    return RoundInstructions(
-        model_config=model_config,
-        train_config=TrainConfig.model_validate(train),
-        global_round=int(config[wire.GLOBAL_ROUND]),
-        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-        lazy_combination=tuple(lazy.split("+")) if lazy else None,
-        audit_min_count=int(config.get(wire.AUDIT_MIN_COUNT, 5)),
-        privacy=site.privacy,
-        # without the server's plan, the noise is planned for the rounds so far (a budget
-        # reached early rather than overspent)
-        planned_rounds=int(config.get(wire.PLANNED_ROUNDS, config[wire.GLOBAL_ROUND])),
-        privacy_ledger=ledger_path(site.cache_dir, str(config.get(wire.PRIVACY_LEDGER, "default"))),
-    )
+    """The server's round plan, as this site carries it out."""
+    if wire.ROUND_PLAN not in config:
+        raise ValueError(f"config record: no '{wire.ROUND_PLAN}' key, got keys {sorted(config)}")
+    plan = RoundPlan.model_validate_json(str(config[wire.ROUND_PLAN]))
+    return RoundInstructions.for_site(plan, site)
 
 
 def clip_when_asked(msg: Message, context: Context, call_next) -> Message:

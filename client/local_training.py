@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from client.privacy import PrivacyLedger, PrivacyPlan, planned_epochs, private_fit
+from client.privacy import PrivacyLedger, PrivacyPlan, ledger_path, planned_epochs, private_fit
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.federation_schema import (
     EPSILON,
@@ -35,7 +35,8 @@ from omnifuse_model.federation_schema import (
 )
 from omnifuse_model.laziness import LazinessReport
 from omnifuse_model.model import OmniFuse
-from omnifuse_model.site_config import PrivacyConfig
+from omnifuse_model.round_plan import RoundPlan
+from omnifuse_model.site_config import PrivacyConfig, SiteConfig
 from omnifuse_model.site_data import SiteDatasets
 from omnifuse_model.training import FitResult, evaluate, fit
 
@@ -53,6 +54,22 @@ class RoundInstructions:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the site's DP-SGD settings
     planned_rounds: int = 1  # the federation's total rounds (DP-SGD plans its noise for them)
     privacy_ledger: Path | None = None  # where a DP site keeps its accountant across rounds
+
+    @classmethod
+    def for_site(cls, plan: RoundPlan, site: SiteConfig) -> RoundInstructions:
+        """The server's round plan as this site carries it out: its training overrides,
+        device and round seed, its lazy combination, its DP settings and privacy ledger."""
+        return cls(
+            model_config=plan.model,
+            train_config=plan.site_train_config(site),
+            global_round=plan.global_round,
+            proximal_mu=plan.proximal_mu,
+            lazy_combination=plan.lazy_combination_for(site.name),
+            audit_min_count=plan.audit_min_count,
+            privacy=site.privacy,
+            planned_rounds=plan.rounds_planned(),
+            privacy_ledger=ledger_path(site.cache_dir, plan.privacy_ledger),
+        )
 
 
 @dataclass

@@ -24,16 +24,7 @@ AUDIT = "audit"  # ConfigRecord: client -> server audit aggregates (flat scalars
 TLA_SUMS = "tla-sums"  # ConfigRecord: per-combination distance sums and counts (global TLA)
 
 # -- server -> client config keys ---------------------------------------------------------
-MODEL_CONFIG = "model-config"  # JSON of OmniFuseConfig
-TRAIN_CONFIG = "train-config"  # JSON of the TrainConfig fields the server fixes
-GLOBAL_ROUND = "global-round"  # round number that survives resumes
-LAZY_COMBINATION = "lazy-combination"  # '+'-joined names, '' = none (global TLA scope)
-SITE_LAZINESS = "site-laziness"  # JSON {site name: '+'-joined lazy combination} (site scope)
-TLA_SCOPE = "tla-scope"  # 'site' or 'global'
-PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's own key)
-AUDIT_MIN_COUNT = "audit-min-count"
-PLANNED_ROUNDS = "planned-rounds"  # the run's total rounds: DP-SGD sites plan their noise for them
-PRIVACY_LEDGER = "privacy-ledger"  # id of the run's privacy ledger at DP sites (same on resume)
+ROUND_PLAN = "round-plan"  # JSON of omnifuse_model.round_plan.RoundPlan: the round's instructions
 
 # -- client -> server metric keys ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

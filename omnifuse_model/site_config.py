@@ -9,14 +9,29 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
+import tomli_w
 from pydantic import Field, ValidationError, model_validator
 
-from omnifuse_model.config import StrictModel
+from omnifuse_model.config import StrictModel, TaskKind, TrainConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
 
 MimicTask = Literal["in-hospital-mortality", "phenotyping"]
+
+
+class TaskOutput(NamedTuple):
+    """What a model must predict for a task: the task kind and the number of labels."""
+
+    task: TaskKind
+    num_classes: int
+
+
+MIMIC_TASK_OUTPUTS: dict[MimicTask, TaskOutput] = {
+    "in-hospital-mortality": TaskOutput("binary", 1),
+    "phenotyping": TaskOutput("multilabel", 25),  # the benchmark's 25 phenotypes
+}
+"""The model output each MIMIC task needs: the one place these facts are written down."""
 
 
 class SiteDataConfig(StrictModel):
@@ -77,6 +92,16 @@ class LocalTrainingConfig(StrictModel):
     batch_size: int | None = Field(default=None, gt=0)
     lr: float | None = Field(default=None, gt=0)
     local_epochs: int | None = Field(default=None, gt=0)
+
+    def apply(self, train: TrainConfig) -> TrainConfig:
+        """The federation's training settings with this site's overrides in place."""
+        overrides = {
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "epochs": self.local_epochs,
+        }
+        update = {k: v for k, v in overrides.items() if v is not None}
+        return TrainConfig.model_validate({**train.model_dump(), **update})
 
 
 class PrivacyConfig(StrictModel):
@@ -154,9 +179,49 @@ class SiteConfig(StrictModel):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def to_toml(self) -> str:
+        """The site as TOML text (the one site-config writer): every field whose value is not
+        its default, so the file reads back to an equal config.
+
+        Relative paths stay relative: they resolve against the folder the file is written to.
+        The text is read back before it is returned; a value TOML cannot hold (a None where
+        the default is not None: TOML has no null) raises ``ValueError`` naming the field.
+        """
+        values = self.model_dump(mode="json", exclude_defaults=True)
+        text = tomli_w.dumps(_without_empty(values))
+        read_back = SiteConfig.model_validate(tomllib.loads(text))
+        if read_back != self:
+            lost = [n for n in SiteConfig.model_fields if getattr(read_back, n) != getattr(self, n)]
+            raise ValueError(f"site '{self.name}': TOML cannot hold the value of {lost}")
+        return text
+
+
+def _without_empty(value: Any) -> Any:
+    """``value`` without None entries and empty tables (neither can be written to TOML)."""
+    if isinstance(value, dict):
+        kept = {k: _without_empty(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in kept.items() if v != {}}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
+
 
 class SiteConfigError(ValueError):
     """A site config file is missing, unreadable or invalid (message names file and field)."""
+
+
+def validation_problems(error: ValidationError) -> str:
+    """The problems, '; '-joined: the dotted field, what was wrong and the offending value
+    (cross-field rules name their fields in the message)."""
+    problems = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        problem = f"field '{where}': {message}" if where else message
+        if not isinstance(e["input"], dict):
+            problem += f" (got {e['input']!r})"
+        problems.append(problem)
+    return "; ".join(problems)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -165,18 +230,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not path.is_file():
         raise SiteConfigError(f"site config not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SiteConfigError(f"{path}: not valid TOML: {error}") from error
     try:
         config = SiteConfig.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
-            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
-            for e in error.errors()
-        )
-        raise SiteConfigError(f"{path}: {problems}") from error
+        raise SiteConfigError(f"{path}: {validation_problems(error)}") from error
     return config.resolve_paths(path.parent.resolve())
 
 

@@ -11,7 +11,7 @@ from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.site_dataset import load_cached_split
-from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.site_config import MIMIC_TASK_OUTPUTS, SiteConfig
 from omnifuse_model.synthetic import make_synthetic_features
 
 
@@ -107,8 +107,7 @@ def load_site_test_dataset(site: SiteConfig, model_config: OmniFuseConfig) -> Da
 
 def _check_cached_task(site: SiteConfig, model_config: OmniFuseConfig) -> None:
     """The model's output must fit the site's MIMIC task (labels of the feature cache)."""
-    expected = {"in-hospital-mortality": ("binary", 1), "phenotyping": ("multilabel", 25)}
-    task, classes = expected[site.task]
+    task, classes = MIMIC_TASK_OUTPUTS[site.task]
     if (model_config.task, model_config.num_classes) != (task, classes):
         raise ValueError(
             f"site '{site.name}': task '{site.task}' needs a model with task='{task}' and "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from flwr.superlink.grid import InMemoryGrid
 from omnifuse_model.config import TrainConfig
 from omnifuse_model.federation_schema import AuditRow, finite_or_none
 from omnifuse_model.model import OmniFuse
+from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import load_site_config
 from omnifuse_model.site_data import load_site_test_dataset
 from omnifuse_model.training import evaluate
@@ -53,14 +53,12 @@ app = ServerApp()
 SIMULATION_PULL_INTERVAL = 0.01
 
 
-def _server_evaluator(run: FederationRunConfig, scenario: dict):
+def _server_evaluator(run: FederationRunConfig, scenario: Scenario):
     """evaluate(weights) on the scenario's held-out test set, or None when not configured."""
-    test_site = scenario.get("server_test_site")
-    if not run.server_eval or not test_site:
+    if not run.server_eval or scenario.server_test_site is None:
         return None
-    path = Path(test_site)
-    site = load_site_config(path if path.is_absolute() else run.scenario_dir / path)
-    model_config = run.omnifuse_config()
+    site = load_site_config(scenario.server_test_site)
+    model_config = scenario.model
     test = load_site_test_dataset(site, model_config)
     if len(test) == 0:
         raise ValueError(f"server test site {site.name}: the test split is empty")
@@ -123,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         grid.pull_interval = SIMULATION_PULL_INTERVAL
         startup = warm_up(grid, run.round_timeout)
     scenario = run.scenario()
-    model_config = run.omnifuse_config()
+    model_config = scenario.model
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "run_config.json").write_text(run.model_dump_json(indent=2))
     if startup is not None:
@@ -151,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = OmniFuseStrategy(
         run, model_config, state.round, state.site_laziness, state.global_laziness
     )
-    runner = with_central_dp(strategy, run, len(scenario["site_configs"]))
+    runner = with_central_dp(strategy, run, len(scenario.site_configs))
     server_evaluate = _server_evaluator(run, scenario)
     audit_rows = [AuditRow.model_validate(r) for r in state.audit_rows]
     history: dict = dict(state.history)

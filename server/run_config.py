@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from omnifuse_model.config import OmniFuseConfig, StrictModel
+from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
+from omnifuse_model.scenario import Scenario
 
 
 class FederationRunConfig(StrictModel):
@@ -58,13 +58,25 @@ class FederationRunConfig(StrictModel):
         except ValidationError as error:
             raise ValueError(f"invalid [tool.flwr.app.config] / --run-config:\n{error}") from error
 
-    def scenario(self) -> dict:
-        path = self.scenario_dir / "scenario.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"run config 'scenario-dir': {path} not found (run `omnifuse partition` first)"
-            )
-        return json.loads(path.read_text())
+    def scenario(self) -> Scenario:
+        """The scenario named by ``scenario-dir`` (site paths absolute)."""
+        try:
+            return Scenario.load(self.scenario_dir)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"run config 'scenario-dir': {error}") from error
 
     def omnifuse_config(self) -> OmniFuseConfig:
-        return OmniFuseConfig.model_validate(self.scenario()["model_config"])
+        return self.scenario().model
+
+    def train_config(self) -> TrainConfig:
+        """The local training every site runs in a round unless its site config overrides it
+        (``local-epochs`` is ``TrainConfig.epochs``)."""
+        return TrainConfig(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            patience=0,
+            progress=False,
+            bootstrap_samples=0,
+        )

@@ -13,7 +13,6 @@ Subclasses Flower's FedAvg and overrides its hooks only (no copy of ``start``):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
+from omnifuse_model.round_plan import RoundPlan
 from server.run_config import FederationRunConfig
 from server.update_validation import update_rejection
 
@@ -127,31 +127,21 @@ class OmniFuseStrategy(FedAvg):
         return self.round_offset + server_round
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        global_round = self.global_round(server_round)
-        train = {
-            "epochs": self.run.local_epochs,
-            "batch_size": self.run.batch_size,
-            "lr": self.run.lr,
-            "seed": self.run.seed,
-            "patience": 0,
-            "progress": False,
-            "bootstrap_samples": 0,
-        }
-        config[wire.MODEL_CONFIG] = self.model_config.model_dump_json()
-        config[wire.TRAIN_CONFIG] = json.dumps(train)
-        config[wire.GLOBAL_ROUND] = global_round
-        config[wire.TLA_SCOPE] = self.run.tla_scope
-        config[wire.AUDIT_MIN_COUNT] = self.run.audit_min_count
-        config[wire.PLANNED_ROUNDS] = self.run.num_server_rounds
-        # one privacy ledger per run directory: the same across resumes of the run
-        run_dir = str(self.run.run_dir.resolve()).encode()
-        config[wire.PRIVACY_LEDGER] = hashlib.sha256(run_dir).hexdigest()[:16]
-        config[wire.SITE_LAZINESS] = json.dumps(self.site_laziness)
-        config[wire.LAZY_COMBINATION] = (
-            self.global_laziness if self.run.tla_scope == "global" else ""
+        run = self.run
+        plan = RoundPlan(
+            model=self.model_config,
+            train=run.train_config(),
+            global_round=self.global_round(server_round),
+            tla_scope=run.tla_scope,
+            lazy_combination=self.global_laziness if run.tla_scope == "global" else "",
+            site_laziness=self.site_laziness,
+            proximal_mu=run.proximal_mu if run.strategy == "fedprox" else 0.0,
+            audit_min_count=run.audit_min_count,
+            planned_rounds=run.num_server_rounds,
+            # one privacy ledger per run directory: the same across resumes of the run
+            privacy_ledger=hashlib.sha256(str(run.run_dir.resolve()).encode()).hexdigest()[:16],
         )
-        if self.run.strategy == "fedprox":
-            config[wire.PROXIMAL_MU] = self.run.proximal_mu
+        config[wire.ROUND_PLAN] = plan.model_dump_json()
         return config
 
     # -- Flower hooks ---------------------------------------------------------------------

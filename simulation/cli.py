@@ -47,9 +47,11 @@ def _validate_config(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    from omnifuse_model.scenario import scenario_json_schema
     from omnifuse_model.site_config import site_config_json_schema
 
-    text = site_config_json_schema()
+    schema = scenario_json_schema if args.command == "scenario-schema" else site_config_json_schema
+    text = schema()
     if args.out:
         Path(args.out).write_text(text + "\n")
     else:
@@ -116,10 +118,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _federate(args: argparse.Namespace) -> int:
+    from omnifuse_model.scenario import Scenario
     from simulation.federation import run_federation
 
     scenario = Path(args.scenario).resolve()
-    sites = json.loads((scenario / "scenario.json").read_text())["site_configs"]
+    sites = Scenario.load(scenario).site_configs
     pairs = shlex.split(args.run_config, posix=False) if args.run_config else []
     values: dict[str, object] = tomllib.loads("\n".join(pairs))
     values.update(
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("site-config-schema", help="JSON schema of a site config")
     schema.add_argument("--out", help="write to this file instead of stdout")
     schema.set_defaults(handler=_schema)
+    scenario_schema = commands.add_parser("scenario-schema", help="JSON schema of scenario.json")
+    scenario_schema.add_argument("--out", help="write to this file instead of stdout")
+    scenario_schema.set_defaults(handler=_schema)
 
     audit = commands.add_parser("audit", help="per-site lazy-modality audit of a run")
     audit.add_argument("run_dir")

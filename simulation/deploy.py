@@ -337,11 +337,10 @@ def run_deployment_demo(
     their site configs, `flwr run`s ``rounds`` rounds over TLS and stops everything. Returns
     a summary; raises `DeploymentError` when a round did not complete.
     """
+    from omnifuse_model.scenario import Scenario  # imports torch, which nothing else here needs
+
     work_dir, scenario_dir = Path(work_dir).resolve(), Path(scenario_dir).resolve()
-    scenario = json.loads((scenario_dir / "scenario.json").read_text())
-    sites = [
-        Path(p) if Path(p).is_absolute() else scenario_dir / p for p in scenario["site_configs"]
-    ]
+    sites = Scenario.load(scenario_dir).site_configs
     run_dir = work_dir / "run"
     started = time.monotonic()
     with LocalDeployment(work_dir) as deployment:

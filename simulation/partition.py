@@ -26,7 +26,14 @@ from rich.table import Table
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel
 from omnifuse_model.data.reports.sections import report_path
-from omnifuse_model.site_config import BackboneConfig, MimicTask
+from omnifuse_model.scenario import Scenario, SiteSummary
+from omnifuse_model.site_config import (
+    MIMIC_TASK_OUTPUTS,
+    BackboneConfig,
+    MimicTask,
+    SiteConfig,
+    SiteDataConfig,
+)
 
 MODALITIES = ("ehr", "cxr", "rep")
 SPLITS = ("train", "val", "test")
@@ -189,37 +196,36 @@ def _class_of(row: list[str], header: list[str], task: str) -> int:
     return int(sum(labels) >= 3)  # phenotyping: many vs few conditions
 
 
-def _site_toml(
+def _site_config(
     plan: SitePlan, task: str, paths: dict[str, Path], backbones: BackboneConfig, has_metadata: bool
-) -> str:
-    lines = [
-        f'name = "{plan.name}"',
-        f'task = "{task}"',
-        "modalities = [" + ", ".join(f'"{m}"' for m in plan.modalities) + "]",
-        # outside the site view, so re-partitioning keeps the (content-keyed) cache
-        f'cache_dir = "../cache/{plan.name}"',
-        'device = "auto"',
-        "",
-        "[data]",
-        'source = "feature_cache"',
-        f'benchmark_dir = "{task}"',
-        'stays_csv = "all_stays.csv"',
+) -> SiteConfig:
+    """The site's config; its relative paths resolve against the site folder."""
+    data: dict[str, object] = {
+        "source": "feature_cache",
+        "benchmark_dir": Path(task),
+        "stays_csv": Path("all_stays.csv"),
         # the federation's normaliser (from every site's sums), see `omnifuse prepare --scenario`
-        'ehr_normalizer = "../ehr_normalizer.json"',
-    ]
+        "ehr_normalizer": Path("../ehr_normalizer.json"),
+    }
     if "cxr" in plan.modalities and has_metadata:
-        lines += [
-            f'cxr_dir = "{paths["cxr"].resolve()}"',
-            'cxr_metadata = "mimic-cxr-2.0.0-metadata.csv"',
-        ]
+        data["cxr_dir"] = paths["cxr"].resolve()
+        data["cxr_metadata"] = Path("mimic-cxr-2.0.0-metadata.csv")
     if "rep" in plan.modalities:
-        lines.append('reports_dir = "mimic-cxr-reports"')
-    lines += ["", "[backbones]"]
-    if backbones.resnet34_weights:
-        lines.append(f'resnet34_weights = "{backbones.resnet34_weights.resolve()}"')
-    if backbones.bert_dir:
-        lines.append(f'bert_dir = "{backbones.bert_dir.resolve()}"')
-    return "\n".join(lines) + "\n"
+        data["reports_dir"] = Path("mimic-cxr-reports")
+    weights, bert = backbones.resnet34_weights, backbones.bert_dir
+    return SiteConfig(
+        name=plan.name,
+        task=task,
+        modalities=plan.modalities,
+        # outside the site view, so re-partitioning keeps the (content-keyed) cache
+        cache_dir=Path(f"../cache/{plan.name}"),
+        device="auto",
+        data=SiteDataConfig.model_validate(data),
+        backbones=BackboneConfig(
+            resnet34_weights=weights.resolve() if weights else None,
+            bert_dir=bert.resolve() if bert else None,
+        ),
+    )
 
 
 def _write_site(
@@ -278,9 +284,8 @@ def _write_site(
                 if study in reported and source_report.is_file():
                     _link(source_report, site_dir / "mimic-cxr-reports" / relative)
             counts["reports"] = len(list((site_dir / "mimic-cxr-reports").rglob("*.txt")))
-    (site_dir / "site.toml").write_text(
-        _site_toml(plan, task, paths, config.backbones, metadata is not None)
-    )
+    site = _site_config(plan, task, paths, config.backbones, metadata is not None)
+    (site_dir / "site.toml").write_text(site.to_toml(), encoding="utf-8")
     counts["modalities"] = "+".join(plan.modalities)
     return counts
 
@@ -289,16 +294,16 @@ def mimic_model_config(task: str, d: int) -> OmniFuseConfig:
     """The federation's model for MIMIC: ehr 24 x 76, cxr ResNet34 512, rep 150 x 768."""
     from omnifuse_model.data.features.site_dataset import mimic_model_modalities
 
-    multilabel = task == "phenotyping"
+    output = MIMIC_TASK_OUTPUTS[task]
     return OmniFuseConfig(
         modalities=mimic_model_modalities(),
-        task="multilabel" if multilabel else "binary",
-        num_classes=25 if multilabel else 1,
+        task=output.task,
+        num_classes=output.num_classes,
         d=d,
     )
 
 
-def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> dict:
+def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
     """Write every site's view + site.toml, the server test site, scenario.json."""
     console = console or Console()
     out_dir = Path(out_dir)
@@ -328,7 +333,7 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
         rows.append(
             _write_site(out_dir / plan.name, plan, subjects, site_rows, source, config, rng)
         )
-        site_configs.append(f"{plan.name}/site.toml")
+        site_configs.append(Path(plan.name, "site.toml"))
     test_plan = SitePlan(name="server_test")
     test_subjects = {_subject(r[0]) for r in split_rows["test"]}
     test_rows = {"train": [], "val": [], "test": split_rows["test"]}
@@ -337,16 +342,16 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
             out_dir / "server_test", test_plan, test_subjects, test_rows, source, config, rng
         )
     )
-    scenario = {
-        "kind": "mimic",
-        "task": config.task,
-        "site_configs": site_configs,
-        "server_test_site": "server_test/site.toml",
-        "model_config": mimic_model_config(config.task, config.d).model_dump(mode="json"),
-        "partition": json.loads(config.model_dump_json()),
-        "sites": rows,
-    }
-    (out_dir / "scenario.json").write_text(json.dumps(scenario, indent=2))
+    scenario = Scenario(
+        kind="mimic",
+        task=config.task,
+        site_configs=site_configs,
+        server_test_site=Path("server_test/site.toml"),
+        model_config=mimic_model_config(config.task, config.d),
+        partition=json.loads(config.model_dump_json()),
+        sites=[SiteSummary.model_validate(row) for row in rows],
+    )
+    scenario.write(out_dir)
     _print_table(console, rows)
     return scenario
 

@@ -20,16 +20,15 @@ from omnifuse_model.data.ehr.normalizer import (
 )
 from omnifuse_model.data.features.cache import PrepareSummary, prepare_site
 from omnifuse_model.data.features.manifest import AGGREGATES_FILE
+from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import SiteConfig, load_site_config
 
 NORMALIZER = "ehr_normalizer.json"
 
 
 def _site_paths(scenario_dir: Path) -> tuple[list[Path], Path | None]:
-    scenario = json.loads((scenario_dir / "scenario.json").read_text())
-    sites = [scenario_dir / p for p in scenario["site_configs"]]
-    test = scenario.get("server_test_site")
-    return sites, (scenario_dir / test) if test else None
+    scenario = Scenario.load(scenario_dir)
+    return list(scenario.site_configs), scenario.server_test_site
 
 
 def federated_normalizer(sites: list[SiteConfig]) -> EHRNormalizer:

@@ -7,44 +7,23 @@ missingness and, optionally, modalities it does not hold at all.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.scenario import Scenario
+from omnifuse_model.site_config import SiteConfig, SiteDataConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
 
 
-def _site_toml(
+def _site_config(
     name: str, modalities: list[str], data: SyntheticFeatureConfig, sizes: tuple[int, int]
-) -> str:
-    lines = [
-        f'name = "{name}"',
-        "modalities = [" + ", ".join(f'"{m}"' for m in modalities) + "]",
-        'device = "cpu"',
-        "",
-        "[data]",
-        'source = "synthetic_features"',
-        f"synthetic_sizes = [{sizes[0]}, {sizes[1]}]",
-        "",
-        "[data.synthetic]",
-        f'task = "{data.task}"',
-        f"num_classes = {data.num_classes}",
-        f"latent_dim = {data.latent_dim}",
-        f"label_noise = {data.label_noise}",
-        f"seed = {data.seed}",
-    ]
-    for modality in data.modalities:
-        lines += [
-            "",
-            "[[data.synthetic.modalities]]",
-            f'name = "{modality.name}"',
-            f"dim = {modality.dim}",
-            f"signal = {modality.signal}",
-            f"noise = {modality.noise}",
-            f"latent_fraction = {modality.latent_fraction}",
-            f"missing_rate = {modality.missing_rate}",
-        ]
-    return "\n".join(lines) + "\n"
+) -> SiteConfig:
+    return SiteConfig(
+        name=name,
+        modalities=modalities,
+        device="cpu",
+        data=SiteDataConfig(source="synthetic_features", synthetic=data, synthetic_sizes=sizes),
+    )
 
 
 def write_feature_scenario(
@@ -64,17 +43,16 @@ def write_feature_scenario(
     for index, (modalities, sizes) in enumerate(zip(site_modalities, site_sizes, strict=True)):
         site_data = data.model_copy(update={"seed": data.seed + 101 * (index + 1)})
         path = out_dir / f"site_{index}.toml"
-        path.write_text(_site_toml(f"site_{index}", modalities, site_data, sizes))
-        paths.append(path.name)
+        site = _site_config(f"site_{index}", modalities, site_data, sizes)
+        path.write_text(site.to_toml(), encoding="utf-8")
+        paths.append(Path(path.name))
     test_data = data.model_copy(update={"seed": data.seed + 99_991})
-    (out_dir / "server_test.toml").write_text(
-        _site_toml("server_test", names, test_data, (1, test_size))
+    test_site = _site_config("server_test", names, test_data, (1, test_size))
+    (out_dir / "server_test.toml").write_text(test_site.to_toml(), encoding="utf-8")
+    scenario = Scenario(
+        kind="synthetic_features",
+        site_configs=paths,
+        server_test_site=Path("server_test.toml"),
+        model_config=model,
     )
-    scenario = {
-        "kind": "synthetic_features",
-        "site_configs": paths,
-        "server_test_site": "server_test.toml",
-        "model_config": model.model_dump(mode="json"),
-    }
-    (out_dir / "scenario.json").write_text(json.dumps(scenario, indent=2))
-    return out_dir / "scenario.json"
+    return scenario.write(out_dir)

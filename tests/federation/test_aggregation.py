@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from flwr.app import ConfigRecord
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.model import OmniFuse
+from omnifuse_model.round_plan import RoundPlan
 from server.run_config import FederationRunConfig
 from server.strategy import (
     OmniFuseStrategy,
@@ -155,8 +154,10 @@ def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_pat
     assert [row.site for row in strategy.round_audit[1]] == ["a_full", "b_no_cxr"]
     assert strategy.round_bytes[1]["received"] > 0
     assert metrics["num-examples"] == n_a + n_b
-    config = strategy.round_config(2, ConfigRecord())
-    assert json.loads(str(config[wire.SITE_LAZINESS])).keys() == {"a_full", "b_no_cxr"}
+    config = RoundPlan.model_validate_json(
+        str(strategy.round_config(2, ConfigRecord())[wire.ROUND_PLAN])
+    )
+    assert config.site_laziness.keys() == {"a_full", "b_no_cxr"}
 
     # global TLA scope: the server merges the sites' sums and sends one combination back
     global_run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, tla_scope="global")
@@ -169,6 +170,8 @@ def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_pat
         model_config.tla_reduction,
     )
     assert global_strategy.global_laziness == "+".join(expected)
-    sent = global_strategy.round_config(2, ConfigRecord())
-    assert str(sent[wire.LAZY_COMBINATION]) == "+".join(expected)
-    assert str(config[wire.LAZY_COMBINATION]) == ""  # site scope sends none globally
+    sent = RoundPlan.model_validate_json(
+        str(global_strategy.round_config(2, ConfigRecord())[wire.ROUND_PLAN])
+    )
+    assert sent.lazy_combination == "+".join(expected)
+    assert config.lazy_combination == ""  # site scope sends none globally

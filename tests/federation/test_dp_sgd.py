@@ -26,6 +26,7 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.model import OmniFuse
+from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import PrivacyConfig, SiteConfig, load_site_config
 from omnifuse_model.site_data import load_site_datasets
 from server.run_config import FederationRunConfig
@@ -160,9 +161,10 @@ def test_client_app_dp_round_with_the_strategys_config(
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path / "run", num_server_rounds=5)
     strategy = OmniFuseStrategy(run, model_config)
     config = strategy.round_config(1, ConfigRecord())
-    assert config[wire.PLANNED_ROUNDS] == 5
-    train_config = json.loads(str(config[wire.TRAIN_CONFIG]))
-    config[wire.TRAIN_CONFIG] = json.dumps({**train_config, "batch_size": 32})
+    plan = RoundPlan.model_validate_json(str(config[wire.ROUND_PLAN]))
+    assert plan.planned_rounds == 5
+    train_config = plan.train.model_copy(update={"batch_size": 32})
+    config[wire.ROUND_PLAN] = plan.model_copy(update={"train": train_config}).model_dump_json()
     torch.manual_seed(0)
     request = Message(
         content=RecordDict(
@@ -182,7 +184,7 @@ def test_client_app_dp_round_with_the_strategys_config(
     epsilon = reply.content[wire.METRICS][wire.EPSILON]
     assert 0 < epsilon < 4.0
     assert wire.decode_audit(reply.content[wire.AUDIT]).epsilon == pytest.approx(epsilon)
-    ledger = tmp_path / "cache" / "privacy" / f"{config[wire.PRIVACY_LEDGER]}.json"
+    ledger = tmp_path / "cache" / "privacy" / f"{plan.privacy_ledger}.json"
     assert json.loads(ledger.read_text())["rounds"]["1"]["epsilon"] == pytest.approx(epsilon)
 
 

@@ -13,10 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.app import evaluate, train
 from omnifuse_model import federation_schema as wire
-from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.features.site_dataset import mimic_model_modalities
 from omnifuse_model.model import OmniFuse
+from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import SiteConfig
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
@@ -65,19 +66,19 @@ def _request(message_type: str, config: OmniFuseConfig) -> Message:
             wire.ARRAYS: ArrayRecord(state),
             wire.CONFIG: ConfigRecord(
                 {
-                    wire.MODEL_CONFIG: config.model_dump_json(),
-                    wire.TRAIN_CONFIG: json.dumps(
-                        {
-                            "epochs": 1,
-                            "batch_size": 16,
-                            "seed": 0,
-                            "progress": False,
-                            "bootstrap_samples": 0,
-                            "patience": 0,
-                        }
-                    ),
-                    wire.GLOBAL_ROUND: 1,
-                    wire.AUDIT_MIN_COUNT: 5,
+                    wire.ROUND_PLAN: RoundPlan(
+                        model=config,
+                        train=TrainConfig(
+                            epochs=1,
+                            batch_size=16,
+                            seed=0,
+                            progress=False,
+                            bootstrap_samples=0,
+                            patience=0,
+                        ),
+                        global_round=1,
+                        audit_min_count=5,
+                    ).model_dump_json()
                 }
             ),
         }

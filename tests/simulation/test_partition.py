@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from omnifuse_model.data.ehr.listfiles import read_task_split
+from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import load_site_config
 from simulation.partition import (
     PartitionConfig,
@@ -42,7 +44,7 @@ def test_sites_hold_whole_disjoint_patients_and_readable_views(mimic, tmp_path):
     task = mimic / "in-hospital-mortality"
     source = _subjects(task / "train_listfile.csv") | _subjects(task / "val_listfile.csv")
     seen: set[int] = set()
-    for relative in scenario["site_configs"]:
+    for relative in scenario.site_configs:
         site = load_site_config(tmp_path / relative)
         listfiles = site.data.benchmark_dir
         mine = _subjects(listfiles / "train_listfile.csv") | _subjects(
@@ -53,7 +55,7 @@ def test_sites_hold_whole_disjoint_patients_and_readable_views(mimic, tmp_path):
         for split in ("train", "val"):
             assert not read_task_split(listfiles, split).rejected
     assert seen == source
-    test_site = load_site_config(tmp_path / scenario["server_test_site"])
+    test_site = load_site_config(tmp_path / scenario.server_test_site)
     assert _subjects(test_site.data.benchmark_dir / "test_listfile.csv") == _subjects(
         task / "test_listfile.csv"
     )
@@ -99,3 +101,29 @@ def test_bad_input_is_named(mimic, tmp_path):
         partition(PartitionConfig(data_dir=tmp_path, sites=default_site_plans(2)), tmp_path / "o")
     with pytest.raises(ValueError, match="ehr"):
         SitePlan(name="x", modalities=["cxr"])
+
+
+def test_awkward_paths_survive_and_scenario_reads_back_typed(mimic, tmp_path):
+    """Site configs are TOML written by SiteConfig.to_toml: quotes, backslashes, spaces and
+    non-ASCII in the data path and backbone paths cannot break them."""
+    awkward = tmp_path / 'MIMIC "v2" \\ données'
+    shutil.copytree(mimic, awkward)
+    weights = tmp_path / "weights 'r34' \\.pt"
+    config = PartitionConfig(
+        data_dir=awkward,
+        task="phenotyping",
+        sites=[SitePlan(name="full"), SitePlan(name="no_reports", modalities=["ehr", "cxr"])],
+        seed=1,
+        backbones={"resnet34_weights": weights},
+    )
+    written = partition(config, tmp_path / "out")
+    scenario = Scenario.load(tmp_path / "out")
+    assert scenario == written.resolve_paths((tmp_path / "out").resolve())
+    assert scenario.task == "phenotyping" and scenario.model.num_classes == 25
+    assert [s.site for s in scenario.sites] == ["full", "no_reports", "server_test"]
+    for path in [*scenario.site_configs, scenario.server_test_site]:
+        site = load_site_config(path)
+        assert site.data.cxr_dir == awkward / "mimic-cxr-jpg"
+        assert site.backbones.resnet34_weights == weights
+        assert site.task == "phenotyping"
+        assert site.data.ehr_normalizer == (tmp_path / "out" / "ehr_normalizer.json").resolve()
