@@ -31,6 +31,11 @@ def flower_env(flwr_home: Path, app_dir: Path = REPO_ROOT) -> dict[str, str]:
         PYTHONPATH=str(app_dir) + os.pathsep + env.get("PYTHONPATH", ""),
         # SuperLink and SuperNode spawn flower-superexec by name
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        # Ray (the simulation engine) on Linux resolves even an explicit 127.0.0.1 to the
+        # machine's outward address and binds its GCS, raylet, workers and actors to every
+        # interface, with no authentication. Off, it uses the loopback address and its gRPC
+        # servers listen on 127.0.0.1 only (ray._private.services.get_node_ip_address).
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     return env
 
