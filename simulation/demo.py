@@ -26,7 +26,7 @@ from omnifuse_model.data.synthetic_mimic import (
 from simulation.federation import run_federation
 from simulation.partition import PartitionConfig, default_site_plans, partition
 from simulation.preparation import prepare_scenario
-from simulation.safe_paths import remove_tree
+from simulation.safe_paths import remove_tree, writable
 
 
 class DemoConfig(StrictModel):
@@ -158,7 +158,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
         "flwr_log": str(out / "flwr" / "flwr_run.log"),
         "seconds": timings,
     }
-    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+    writable(out, out / "demo_result.json").write_text(json.dumps(result, indent=2))
     console.print(Rule("done"))
     console.print(f"audit report (tables, plots, report.json): {report.out_dir}")
     console.print(f"checkpoints, metrics.json, audit.csv: {run_dir}")

@@ -25,7 +25,14 @@ from rich.table import Table
 from omnifuse_model.config import OmniFuseConfig, StrictModel
 from omnifuse_model.data.reports import report_path
 from omnifuse_model.site_config import SITE_NAME_PATTERN, BackboneConfig, MimicTask
-from simulation.safe_paths import STAY_FILE, check_name, inside, link_or_copy, remove_tree
+from simulation.safe_paths import (
+    STAY_FILE,
+    check_name,
+    inside,
+    link_or_copy,
+    remove_tree,
+    writable,
+)
 
 MODALITIES = ("ehr", "cxr", "rep")
 SPLITS = ("train", "val", "test")
@@ -356,7 +363,7 @@ def _write_site(
     ]
     _write_csv(inside(site_dir, site_dir / "all_stays.csv"), stays_header, mine)
     counts.update(_write_images_and_reports(site_dir, plan, subjects, source, rng))
-    inside(site_dir, site_dir / "site.toml")
+    writable(site_dir, site_dir / "site.toml")
     (site_dir / "site.toml").write_text(
         _site_toml(plan, task, paths, config.backbones, metadata is not None)
     )
@@ -443,7 +450,7 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
         "partition": json.loads(config.model_dump_json()),
         "sites": rows,
     }
-    inside(out_dir, out_dir / "scenario.json")
+    writable(out_dir, out_dir / "scenario.json")
     (out_dir / "scenario.json").write_text(json.dumps(scenario, indent=2))
     _print_table(console, rows)
     return scenario

@@ -52,6 +52,15 @@ def inside(root: Path, path: Path) -> Path:
     return candidate
 
 
+def writable(root: Path, path: Path) -> Path:
+    """`inside`, and a symlink already at ``path`` removed (it is ours, inside ``root``), so
+    that writing to the path never writes through a link to a file elsewhere."""
+    target = inside(root, path)
+    if target.is_symlink():
+        target.unlink()
+    return target
+
+
 def remove_tree(root: Path, path: Path) -> None:
     """rmtree ``path`` (or unlink it, when it is a file or link) after `inside` allowed it."""
     target = inside(root, path)

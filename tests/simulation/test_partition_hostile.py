@@ -172,3 +172,17 @@ def test_bad_subject_in_all_stays_is_named(data, tmp_path):
     config = PartitionConfig(data_dir=data, sites=[SitePlan(name="a"), SitePlan(name="b")])
     with pytest.raises(InputRowError, match=r"all_stays.csv, line 2: subject_id is 'NaN'"):
         partition(config, tmp_path / "out")
+
+
+def test_links_planted_in_the_output_folder_are_not_written_through(data, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("precious\n")
+    (out / "scenario.json").symlink_to(elsewhere / "keep.txt")
+    (out / "hospital_a").symlink_to(elsewhere)
+    partition(PartitionConfig(data_dir=data, sites=[SitePlan(name="hospital_a")]), out)
+    assert (elsewhere / "keep.txt").read_text() == "precious\n"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert not (out / "scenario.json").is_symlink() and not (out / "hospital_a").is_symlink()
+    assert (out / "hospital_a" / "site.toml").is_file()
