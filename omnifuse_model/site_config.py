@@ -17,6 +17,10 @@ from pydantic import Field, ValidationError, model_validator
 from omnifuse_model.config import StrictModel, TaskKind, TrainConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
 
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+"""A site's name becomes folder and file names (its view, cache, SuperNode key): no '.',
+no '..', no separators; a letter or digit first, at most 64 characters."""
+
 MimicTask = Literal["in-hospital-mortality", "phenotyping"]
 
 
@@ -127,7 +131,7 @@ class PrivacyConfig(StrictModel):
 class SiteConfig(StrictModel):
     """One hospital: its data, the modalities it holds, backbones, cache, device, overrides."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, pattern=SITE_NAME_PATTERN)
     task: MimicTask = "in-hospital-mortality"
     modalities: list[str] = Field(
         min_length=1, description="Modalities that exist at this site (others are absent)."

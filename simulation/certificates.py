@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from simulation.safe_paths import check_name, create_private, create_public, inside
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
@@ -45,14 +46,6 @@ class SuperNodeKeyPaths:
 
     private_key: Path  # flower-supernode --auth-supernode-private-key; stays at the site
     public_key: Path  # sent to the consortium: flwr supernode register <public_key>
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -82,55 +75,59 @@ def _subject_alternative_names(hosts: Sequence[str]) -> x509.SubjectAlternativeN
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(
-    out_dir: Path, hosts: Sequence[str] = LOOPBACK_HOSTS, valid_days: int = 365
-) -> CertificatePaths:
-    """A CA and a SuperLink server certificate for ``hosts`` (IP addresses or DNS names).
-
-    ``hosts`` must list every name SuperNodes and the CLI use in ``--superlink`` /
-    ``address``: the certificate is checked against it (default: loopback only).
-    """
-    if not hosts:
-        raise ValueError("make_certificates: hosts must name at least one IP address or DNS name")
-    out_dir = Path(out_dir)
+def _validity(valid_days: int) -> tuple[datetime.datetime, datetime.datetime]:
     now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
+    return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
 
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = _name("OmniFuse-FL consortium CA")
-    ca_cert = (
+
+def _certificate_authority(
+    valid_days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The consortium's self-signed CA (may sign leaf certificates only: path length 0)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name("OmniFuse-FL consortium CA")
+    start, end = _validity(valid_days)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    certificate = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA384())
     )
+    return key, certificate
 
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
+
+def _server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: Sequence[str],
+    valid_days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS certificate for ``hosts``, signed by the CA."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    start, end = _validity(valid_days)
+    certificate = (
         x509.CertificateBuilder()
         .subject_name(_name(hosts[0]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -142,21 +139,59 @@ def make_certificates(
         )
         .sign(ca_key, hashes.SHA384())
     )
+    return key, certificate
 
-    pem = serialization.Encoding.PEM
-    return CertificatePaths(
-        ca_cert=_write(out_dir / "ca.pem", ca_cert.public_bytes(pem)),
-        ca_key=_write(out_dir / "ca.key", _key_pem(ca_key), private=True),
-        server_cert=_write(out_dir / "server.pem", server_cert.public_bytes(pem)),
-        server_key=_write(out_dir / "server.key", _key_pem(server_key), private=True),
+
+def make_certificates(
+    out_dir: Path,
+    hosts: Sequence[str] = LOOPBACK_HOSTS,
+    valid_days: int = 365,
+    force: bool = False,
+) -> CertificatePaths:
+    """A CA and a SuperLink server certificate for ``hosts`` (IP addresses or DNS names).
+
+    ``hosts`` must list every name SuperNodes and the CLI use in ``--superlink`` /
+    ``address``: the certificate is checked against it (default: loopback only). Private
+    keys are created 0600; existing files are a `FileExistsError` unless ``force``.
+    """
+    if not hosts:
+        raise ValueError("make_certificates: hosts must name at least one IP address or DNS name")
+    out_dir = Path(out_dir)
+    paths = CertificatePaths(
+        ca_cert=out_dir / "ca.pem",
+        ca_key=out_dir / "ca.key",
+        server_cert=out_dir / "server.pem",
+        server_key=out_dir / "server.key",
     )
+    existing = [str(p) for p in asdict(paths).values() if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)}: already exist; not overwritten (--force)")
+    ca_key, ca_cert = _certificate_authority(valid_days)
+    server_key, server_cert = _server_certificate(ca_key, ca_cert, hosts, valid_days)
+    pem = serialization.Encoding.PEM
+    create_public(paths.ca_cert, ca_cert.public_bytes(pem), force)
+    create_private(paths.ca_key, _key_pem(ca_key), force)
+    create_public(paths.server_cert, server_cert.public_bytes(pem), force)
+    create_private(paths.server_key, _key_pem(server_key), force)
+    return paths
 
 
-def make_supernode_keys(out_dir: Path, name: str) -> SuperNodeKeyPaths:
+def make_supernode_keys(out_dir: Path, name: str, force: bool = False) -> SuperNodeKeyPaths:
     """An ECDSA P-384 key pair for SuperNode ``name``: ``{name}`` and ``{name}.pub``.
 
-    Same files as ``ssh-keygen -t ecdsa -b 384 -N "" -f {name}``.
+    Same files as ``ssh-keygen -t ecdsa -b 384 -N "" -f {name}``. ``name`` must be a site
+    name (`simulation.safe_paths.SITE_NAME`: it becomes a file name in ``out_dir``); the
+    private key is created 0600; existing files are a `FileExistsError` unless ``force``.
     """
+    check_name(name, "SuperNode key name")
+    out_dir = Path(out_dir)
+    paths = SuperNodeKeyPaths(
+        private_key=inside(out_dir, out_dir / name),
+        public_key=inside(out_dir, out_dir / f"{name}.pub"),
+    )
+    existing = [str(p) for p in asdict(paths).values() if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)}: already exist; not overwritten (--force)")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -166,8 +201,6 @@ def make_supernode_keys(out_dir: Path, name: str) -> SuperNodeKeyPaths:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    out_dir = Path(out_dir)
-    return SuperNodeKeyPaths(
-        private_key=_write(out_dir / name, private, private=True),
-        public_key=_write(out_dir / f"{name}.pub", public + f" {name}\n".encode()),
-    )
+    create_private(paths.private_key, private, force)
+    create_public(paths.public_key, public + f" {name}\n".encode(), force)
+    return paths

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -135,7 +139,7 @@ def _federate(args: argparse.Namespace) -> int:
         }
     )
     work = Path(args.work_dir or Path(args.run_dir).resolve().parent / "flwr").resolve()
-    run_federation(values, num_supernodes=len(sites), work_dir=work)
+    run_federation(values, num_supernodes=len(sites), work_dir=work, http_port=args.port)
     Console().print(f"run written to {args.run_dir} (flwr log: {work / 'flwr_run.log'})")
     return 0
 
@@ -145,11 +149,12 @@ def _deploy(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.deploy_command == "certs":
-        paths = make_certificates(Path(args.out), hosts=tuple(args.host))
+        paths = make_certificates(Path(args.out), hosts=tuple(args.host), force=args.force)
         console.print(f"CA and SuperLink certificate written: {paths}")
     elif args.deploy_command == "keys":
         for name in args.names:
-            console.print(f"{name}: {make_supernode_keys(Path(args.out), name)}")
+            keys = make_supernode_keys(Path(args.out), name, force=args.force)
+            console.print(f"{name}: {keys}")
     else:
         from simulation.deploy import run_deployment_demo
 
@@ -170,10 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnifuse", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_train_and_synth(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train", help="centralised training run (feature-level synthetic data by default)"
     )
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config-json", help="SyntheticMimicConfig fields as JSON")
     synth.set_defaults(handler=_synth)
 
+
+def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
     part = commands.add_parser("partition", help="split a MIMIC-format dataset into sites")
     part.add_argument("--data", help="folder with root/, <task>/, mimic-cxr-jpg/, ...")
     part.add_argument("--out", required=True)
@@ -210,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     prepare.set_defaults(handler=_prepare)
 
+
+def _add_federate(commands: argparse._SubParsersAction) -> None:
     federate = commands.add_parser("federate", help="`flwr run` a scenario (simulation)")
     federate.add_argument("--scenario", required=True, help="folder with scenario.json")
     federate.add_argument("--run-dir", required=True)
@@ -217,8 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     federate.add_argument("--resume", action="store_true", help="continue from run-dir")
     federate.add_argument("--run-config", help="more run-config keys: 'k1=v1 k2=\"v2\"'")
     federate.add_argument("--work-dir", help="SuperLink state, FLWR_HOME and logs")
+    federate.add_argument(
+        "--port", type=int, default=39191, help="the SuperLink's port on 127.0.0.1"
+    )
     federate.set_defaults(handler=_federate)
 
+
+def _add_deploy(commands: argparse._SubParsersAction) -> None:
     deploy = commands.add_parser("deploy", help="TLS certificates, SuperNode keys, loopback demo")
     deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
     certs = deploy_commands.add_parser("certs", help="a consortium CA + SuperLink certificate")
@@ -232,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys = deploy_commands.add_parser("keys", help="SuperNode authentication key pairs")
     keys.add_argument("--out", required=True)
     keys.add_argument("names", nargs="+", help="one key pair per hospital name")
+    for command in (certs, keys):
+        command.add_argument("--force", action="store_true", help="replace existing files")
     local = deploy_commands.add_parser(
         "demo", help="TLS SuperLink + one authenticated SuperNode per site on 127.0.0.1"
     )
@@ -240,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--rounds", type=int, default=1)
     deploy.set_defaults(handler=_deploy)
 
+
+def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="synth -> partition -> prepare -> flwr run -> audit")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--stays", type=int)
@@ -263,7 +278,65 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", help="report folder (default RUN_DIR/audit_report)")
     audit.add_argument("--min-count", type=int, help="suppression threshold shown as '<k'")
     audit.set_defaults(handler=_audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnifuse", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_and_synth(commands)
+    _add_partition_and_prepare(commands)
+    _add_federate(commands)
+    _add_deploy(commands)
+    _add_demo_and_checks(commands)
     return parser
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived: unwinds through every ``finally`` that stops a process."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    for stop in (signal.SIGTERM, signal.SIGINT):  # let the clean-up finish
+        signal.signal(stop, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _run_handler(args: argparse.Namespace) -> int:
+    """Run the command; on SIGTERM/SIGINT stop every process it started (the whole tree
+    below this one) and return 128 + the signal number. Bad input: one line, exit 1."""
+    from simulation.deploy import DeploymentError
+    from simulation.federation import FederationError, OrphanSuperLinkError
+    from simulation.flower_processes import stop_descendants
+
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        stopped = stop_descendants(os.getpid())
+        errors.print(
+            f"interrupted by {signal.Signals(signum).name}: stopped {stopped} more process(es)",
+            markup=False,
+        )
+        return 128 + signum
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        FederationError,
+        OrphanSuperLinkError,
+        DeploymentError,
+    ) as error:
+        first, *rest = str(error).splitlines() or [type(error).__name__]
+        errors.print(Text.assemble(("error: ", "red"), first))
+        for line in rest:  # pydantic lists one failing field per line
+            errors.print(line, markup=False)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,11 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls of the SuperLink
+    if threading.current_thread() is not threading.main_thread():
+        return _run_handler(args)  # signal handlers can only be set in the main thread
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for stop in saved:
+        signal.signal(stop, _interrupt)
     try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}")
-        return 2
+        return _run_handler(args)
+    finally:
+        for stop, handler in saved.items():
+            signal.signal(stop, handler)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ defaults and says where each result went. Re-running reuses the data and the fea
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field
 from rich.console import Console
@@ -20,6 +21,7 @@ from omnifuse_model.config import StrictModel
 from simulation.federation import run_federation
 from simulation.partition import PartitionConfig, default_site_plans, partition
 from simulation.preparation import prepare_scenario
+from simulation.safe_paths import remove_tree, writable
 from simulation.synthetic_mimic.writer import (
     ModalitySignal,
     SyntheticMimicConfig,
@@ -48,48 +50,33 @@ class DemoConfig(StrictModel):
         )
 
 
-def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> dict:
-    """Run every step into ``out``; returns where things are."""
-    console = console or Console()
-    out = Path(out).resolve()
-    timings: dict[str, float] = {}
-
-    console.print(Rule("1/5 synthetic MIMIC-format data"))
-    start = time.perf_counter()
+def _synthetic_data(out: Path, config: DemoConfig, console: Console) -> Path:
     data = out / "data"
     if (data / "synthetic_summary.json").is_file():
         console.print(f"reusing {data}")
     else:
-        shutil.rmtree(data, ignore_errors=True)
+        remove_tree(out, data)
         write_synthetic_mimic(config.synthetic(), data)
         console.print(f"wrote {config.stays} synthetic stays to {data}")
-    timings["synth"] = time.perf_counter() - start
+    return data
 
-    console.print(Rule("2/5 partition into sites"))
-    start = time.perf_counter()
+
+def _partition(out: Path, data: Path, config: DemoConfig, console: Console) -> Path:
     scenario_dir = out / "scenario"
+    plans = default_site_plans(config.sites, seed=config.seed)
     partition(
         PartitionConfig(
-            data_dir=data,
-            sites=default_site_plans(config.sites, seed=config.seed),
-            label_alpha=config.label_alpha,
-            seed=config.seed,
-            d=config.d,
+            data_dir=data, sites=plans, label_alpha=config.label_alpha, seed=config.seed, d=config.d
         ),
         scenario_dir,
         console,
     )
-    timings["partition"] = time.perf_counter() - start
+    return scenario_dir
 
-    console.print(Rule("3/5 prepare feature caches (frozen backbones, once per item)"))
-    start = time.perf_counter()
-    prepare_scenario(scenario_dir, console)
-    timings["prepare"] = time.perf_counter() - start
 
-    console.print(Rule("4/5 federated training: flwr run (Flower simulation engine)"))
-    start = time.perf_counter()
+def _federate(out: Path, scenario_dir: Path, config: DemoConfig) -> Path:
     run_dir = out / "federation"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_tree(out, run_dir)
     run_federation(
         {
             "scenario-dir": str(scenario_dir),
@@ -104,11 +91,63 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
         num_supernodes=config.sites,
         work_dir=out / "flwr",
     )
-    timings["federation"] = time.perf_counter() - start
+    return run_dir
 
-    console.print(Rule("5/5 audit"))
+
+Result = TypeVar("Result")
+
+
+def _step(
+    console: Console,
+    title: str,
+    timings: dict[str, float],
+    key: str,
+    action: Callable[[], Result],
+) -> Result:
+    """Run one step under its heading; its seconds go to ``timings[key]``."""
+    console.print(Rule(title))
+    start = time.perf_counter()
+    result = action()
+    timings[key] = time.perf_counter() - start
+    return result
+
+
+def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> dict:
+    """Run every step into ``out``; returns where things are."""
     from server.audit_report import build_report, print_report
 
+    console = console or Console()
+    out = Path(out).resolve()
+    timings: dict[str, float] = {}
+    data = _step(
+        console,
+        "1/5 synthetic MIMIC-format data",
+        timings,
+        "synth",
+        lambda: _synthetic_data(out, config, console),
+    )
+    scenario_dir = _step(
+        console,
+        "2/5 partition into sites",
+        timings,
+        "partition",
+        lambda: _partition(out, data, config, console),
+    )
+    _step(
+        console,
+        "3/5 prepare feature caches (frozen backbones, once per item)",
+        timings,
+        "prepare",
+        lambda: prepare_scenario(scenario_dir, console),
+    )
+    run_dir = _step(
+        console,
+        "4/5 federated training: flwr run (Flower simulation engine)",
+        timings,
+        "federation",
+        lambda: _federate(out, scenario_dir, config),
+    )
+    console.print(Rule("5/5 audit"))
     report = build_report(run_dir)
     print_report(report, console)
     result = {
@@ -119,7 +158,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
         "flwr_log": str(out / "flwr" / "flwr_run.log"),
         "seconds": timings,
     }
-    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+    writable(out, out / "demo_result.json").write_text(json.dumps(result, indent=2))
     console.print(Rule("done"))
     console.print(f"audit report (tables, plots, report.json): {report.out_dir}")
     console.print(f"checkpoints, metrics.json, audit.csv: {run_dir}")

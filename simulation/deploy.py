@@ -34,6 +34,7 @@ from simulation.flower_processes import (
     stop_process,
     write_run_config,
 )
+from simulation.safe_paths import check_name, inside
 
 CONNECTION = "omnifuse-tls"
 HOST = "127.0.0.1"
@@ -124,6 +125,8 @@ def supernode_command(
         flower_bin("flower-supernode"),
         "--superlink",
         superlink,
+        "--host",
+        HOST,  # its Runtime API (ClientApp processes) on loopback only
         "--port",
         str(runtime_port),
     ]
@@ -162,7 +165,8 @@ class LocalDeployment:
         self.work_dir = Path(self.work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        self.certs = make_certificates(self.work_dir / "certs")
+        # fresh throwaway credentials for this loopback deployment, in its own work dir
+        self.certs = make_certificates(self.work_dir / "certs", force=True)
         self.flwr_home = self.work_dir / "flwr_home"
         write_connection(self.flwr_home, self.address, self.certs.ca_cert)
         self.env = flower_env(self.flwr_home, self.app_dir)
@@ -246,7 +250,7 @@ class LocalDeployment:
 
     def make_keys(self, name: str) -> SuperNodeKeyPaths:
         """A SuperNode key pair under ``keys/`` (made at the hospital in a real deployment)."""
-        return make_supernode_keys(self.work_dir / "keys", name)
+        return make_supernode_keys(self.work_dir / "keys", name, force=True)
 
     def register(self, public_key: Path, name: str | None = None) -> int:
         """`flwr supernode register`: allow the SuperNode holding this key; its node id."""
@@ -273,7 +277,7 @@ class LocalDeployment:
         ``trust_ca=False`` leaves out ``--root-certificates``: the node then checks the
         SuperLink against the system CA store only (as a node that was not given our CA).
         """
-        site_dir = self.work_dir / "sites" / name
+        site_dir = inside(self.work_dir, self.work_dir / "sites" / check_name(name, "site name"))
         command = supernode_command(
             self.address,
             free_port(),
@@ -327,6 +331,35 @@ def completed_rounds(run_dir: Path) -> int:
     return int(latest.read_text().strip().split("_")[-1]) if latest.is_file() else 0
 
 
+def scenario_sites(scenario_dir: Path) -> dict[str, Path]:
+    """Site name -> site config path of every site in ``scenario_dir/scenario.json``.
+
+    Keyed by each config's ``name`` (a scenario written by `omnifuse partition` names every
+    file ``site.toml``); a name used twice is a `ValueError` naming both files.
+    """
+    from omnifuse_model.scenario import Scenario
+    from omnifuse_model.site_config import load_site_config
+
+    named: dict[str, Path] = {}
+    for site in Scenario.load(scenario_dir).site_configs:
+        name = load_site_config(site).name
+        if name in named:
+            raise ValueError(f"{site}: site name {name!r} is also the name in {named[name]}")
+        named[name] = site
+    return named
+
+
+def _start_sites(deployment: LocalDeployment, sites: dict[str, Path]) -> dict[str, int]:
+    """A key pair per site, registered at the SuperLink, and its SuperNode; the node ids."""
+    node_ids: dict[str, int] = {}
+    for name, site in sites.items():
+        keys = deployment.make_keys(name)
+        node_ids[name] = deployment.register(keys.public_key, name=name)
+        deployment.start_supernode(name, site, private_key=keys.private_key)
+    deployment.wait_online(set(node_ids.values()))
+    return node_ids
+
+
 def run_deployment_demo(
     work_dir: Path, scenario_dir: Path, rounds: int = 1, timeout: float = 1800.0
 ) -> dict:
@@ -337,20 +370,14 @@ def run_deployment_demo(
     their site configs, `flwr run`s ``rounds`` rounds over TLS and stops everything. Returns
     a summary; raises `DeploymentError` when a round did not complete.
     """
-    from omnifuse_model.scenario import Scenario  # imports torch, which nothing else here needs
 
     work_dir, scenario_dir = Path(work_dir).resolve(), Path(scenario_dir).resolve()
-    sites = Scenario.load(scenario_dir).site_configs
+    sites = scenario_sites(scenario_dir)
     run_dir = work_dir / "run"
     started = time.monotonic()
     with LocalDeployment(work_dir) as deployment:
         deployment.start_superlink(node_auth=True)
-        node_ids: dict[str, int] = {}
-        for site in sites:
-            keys = deployment.make_keys(site.stem)
-            node_ids[site.stem] = deployment.register(keys.public_key, name=site.stem)
-            deployment.start_supernode(site.stem, site, private_key=keys.private_key)
-        deployment.wait_online(set(node_ids.values()))
+        node_ids = _start_sites(deployment, sites)
         n = len(sites)
         returncode = deployment.run(
             {

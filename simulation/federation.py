@@ -1,31 +1,39 @@
 """Run a whole federation locally through the real Flower simulation engine (`flwr run`).
 
-The harness owns what it starts: a SuperLink in simulation mode on loopback (its PID is
-kept and it is stopped afterwards), a project-local ``FLWR_HOME`` whose config.toml names that
-SuperLink, and runtime dependency installation switched off (the venv already holds
-everything; otherwise Flower would `uv sync` and download a CUDA torch).
+The harness owns what it starts: a SuperLink in simulation mode on loopback (stopped with
+its whole process tree afterwards; one left behind by a killed run on the same work dir is
+stopped before the next starts, and a port held by anything else is refused), a
+project-local ``FLWR_HOME`` whose config.toml names that SuperLink, and runtime dependency
+installation switched off (the venv already holds everything; otherwise Flower would
+`uv sync` and download a CUDA torch). Every Flower and Ray process listens on 127.0.0.1
+only (`simulation.flower_processes.flower_env`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from simulation.flower_processes import (
     REPO_ROOT,
     flower_bin,
     flower_env,
     stop_process,
+    stop_processes,
     write_run_config,
 )
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "omnifuse-sim"
+DATABASE = "superlink_state.db"
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
@@ -42,6 +50,117 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout:
     raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f}s; see {log_file}")
 
 
+class OrphanSuperLinkError(RuntimeError):
+    """The SuperLink's port is held by a process this harness did not start."""
+
+
+def stop_orphan_superlinks(work_dir: Path) -> list[int]:
+    """Stop every `flower-superlink` left running on ``work_dir``'s state database (by an
+    earlier run that was killed before it could stop it) with its process tree; their PIDs.
+
+    Such a process is ours: no other run uses this work dir's database.
+    """
+    database = str(Path(work_dir).resolve() / DATABASE)
+    orphans = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(Path(a).name == "flower-superlink" for a in cmdline[:2]) and database in cmdline:
+            log.warning(
+                "stopping orphan SuperLink pid %d (its database is %s)", process.pid, database
+            )
+            orphans.append(process)
+    for orphan in orphans:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stop_processes([orphan, *orphan.children(recursive=True)])
+    return [orphan.pid for orphan in orphans]
+
+
+def check_port_free(port: int) -> None:
+    """Raise `OrphanSuperLinkError` naming the owner when something listens on 127.0.0.1:port:
+    `flwr run` would otherwise talk to that process instead of the SuperLink we start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not in use
+        try:
+            probe.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            pass
+    owners = []
+    with contextlib.suppress(psutil.AccessDenied):
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.laddr and connection.laddr.port == port and connection.pid:
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(psutil.Process(connection.pid).cmdline())[:200]
+                    owners.append(f"pid {connection.pid}: {command}")
+    raise OrphanSuperLinkError(
+        f"127.0.0.1:{port} is already in use ({'; '.join(sorted(set(owners))) or 'owner unknown'})"
+        ": a SuperLink left by another federation or work dir, or another program. Stop it, or "
+        "choose another port (omnifuse federate --port)."
+    )
+
+
+def _write_flwr_home(work_dir: Path, http_port: int) -> Path:
+    flwr_home = work_dir / "flwr_home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    return flwr_home
+
+
+def _start_superlink(work_dir: Path, http_port: int, env: dict[str, str]) -> subprocess.Popen:
+    """A simulation-mode SuperLink on 127.0.0.1, after stopping our own orphans and checking
+    that nobody else holds the port."""
+    stop_orphan_superlinks(work_dir)
+    check_port_free(http_port)
+    command = [
+        flower_bin("flower-superlink"),
+        *("--insecure", "--simulation", "--isolation", "subprocess"),
+        *("--host", "127.0.0.1", "--port", str(http_port)),
+        *("--database", str(work_dir / DATABASE)),
+        "--disable-runtime-dependency-installation",
+        *("--log-file", str(work_dir / "superlink.log")),
+    ]
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _flwr_run(
+    run_config: dict[str, object],
+    num_supernodes: int,
+    work_dir: Path,
+    app_dir: Path,
+    env: dict[str, str],
+    timeout: float,
+    stream: bool,
+) -> int:
+    config_file = write_run_config(work_dir / "run_config.toml", run_config)
+    run = [
+        flower_bin("flwr"),
+        *("run", str(app_dir), CONNECTION, "--run-config", str(config_file)),
+        *("--federation-config", f"num-supernodes={num_supernodes}"),
+    ]
+    if stream:
+        run.append("--stream")
+    with (work_dir / "flwr_run.log").open("w") as run_log:
+        completed = subprocess.run(
+            run,
+            env=env,
+            cwd=app_dir,
+            stdout=run_log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    return completed.returncode
+
+
 def run_federation(
     run_config: dict[str, object],
     num_supernodes: int,
@@ -54,68 +173,19 @@ def run_federation(
     """Start a SuperLink, `flwr run` the app with ``num_supernodes`` simulated sites, stop.
 
     Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log).
+    A SuperLink left running on this work dir by a killed run is stopped first; a port held
+    by any other process is an `OrphanSuperLinkError` (never silently reused).
     """
     work_dir = Path(work_dir).resolve()
-    flwr_home = work_dir / "flwr_home"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    env = flower_env(flwr_home, app_dir)
-    superlink_log = work_dir / "superlink.log"
-    command = [
-        flower_bin("flower-superlink"),
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http_port),
-        "--database",
-        str(work_dir / "superlink_state.db"),
-        "--disable-runtime-dependency-installation",
-        "--log-file",
-        str(superlink_log),
-    ]
-    superlink = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    env = flower_env(_write_flwr_home(work_dir, http_port), app_dir)
+    superlink = _start_superlink(work_dir, http_port, env)
     try:
-        _wait_healthy(http_port, superlink, superlink_log, 60.0)
-        config_file = write_run_config(work_dir / "run_config.toml", run_config)
-        run = [
-            flower_bin("flwr"),
-            "run",
-            str(app_dir),
-            CONNECTION,
-            "--run-config",
-            str(config_file),
-            "--federation-config",
-            f"num-supernodes={num_supernodes}",
-        ]
-        if stream:
-            run.append("--stream")
-        with (work_dir / "flwr_run.log").open("w") as run_log:
-            completed = subprocess.run(
-                run,
-                env=env,
-                cwd=app_dir,
-                stdout=run_log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
+        _wait_healthy(http_port, superlink, work_dir / "superlink.log", 60.0)
+        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, stream)
     finally:
         stop_process(superlink)
-    _check_completed(run_config, work_dir, completed.returncode)
-    return completed.returncode
+    _check_completed(run_config, work_dir, returncode)
+    return returncode
 
 
 class FederationError(RuntimeError):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,44 +31,79 @@ def flower_env(flwr_home: Path, app_dir: Path = REPO_ROOT) -> dict[str, str]:
         PYTHONPATH=str(app_dir) + os.pathsep + env.get("PYTHONPATH", ""),
         # SuperLink and SuperNode spawn flower-superexec by name
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        # Ray (the simulation engine) on Linux resolves even an explicit 127.0.0.1 to the
+        # machine's outward address and binds its GCS, raylet, workers and actors to every
+        # interface, with no authentication. Off, it uses the loopback address and its gRPC
+        # servers listen on 127.0.0.1 only (ray._private.services.get_node_ip_address).
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     return env
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    """Every live descendant of ``pid`` (children of children too, also in other sessions)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited (a zombie counts: its parent reaps it); the rest."""
+    deadline = time.monotonic() + timeout
+    left = list(processes)
+    while left:
+        for process in list(left):
+            with contextlib.suppress(psutil.TimeoutExpired):
+                process.wait(timeout=0)  # reaps our own children
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    left.remove(process)
+            except psutil.NoSuchProcess:
+                left.remove(process)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def stop_processes(processes: list[psutil.Process], timeout: float = 15.0) -> int:
+    """SIGTERM every process in ``processes``, SIGKILL what is left after ``timeout``.
+
+    Returns how many were still running when asked to stop.
+    """
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process.terminate()
+            alive.append(process)
+    for process in _wait_gone(alive, timeout):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process.kill()
+    _wait_gone(alive, 5.0)
+    return len(alive)
+
+
+def stop_descendants(pid: int, timeout: float = 15.0) -> int:
+    """Stop the whole process tree below ``pid`` (taken as one snapshot before any signal:
+    a child stopped first would otherwise orphan its own children). Returns the count."""
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    return stop_processes(tree, timeout)
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the process group we started, then anything it spawned into its own session."""
+    """Stop a process we started and everything it spawned (e.g. flower-superexec, which
+    runs in its own session, and the simulation and Ray processes below it)."""
     if process.poll() is not None:
         return
-    spawned = _descendants(process.pid)  # e.g. flower-superexec runs in a new session
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
-    deadline = time.monotonic() + 5.0
-    for pid in spawned:
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.1)  # flower-superexec exits by itself once its parent is gone
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = psutil.Process(process.pid)
+        stop_processes([tree, *tree.children(recursive=True)], timeout)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)  # reaps it
 
 
 def _toml_value(value: object) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,20 +27,31 @@ from omnifuse_model.data.reports.sections import report_path
 from omnifuse_model.scenario import Scenario, SiteSummary
 from omnifuse_model.site_config import (
     MIMIC_TASK_OUTPUTS,
+    SITE_NAME_PATTERN,
     BackboneConfig,
     MimicTask,
     SiteConfig,
     SiteDataConfig,
 )
+from simulation.safe_paths import (
+    STAY_FILE,
+    check_name,
+    inside,
+    link_or_copy,
+    remove_tree,
+    writable,
+)
 
 MODALITIES = ("ehr", "cxr", "rep")
 SPLITS = ("train", "val", "test")
+SERVER_TEST_SITE = "server_test"
+CXR_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 
 
 class SitePlan(StrictModel):
     """One site of the partition."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=SITE_NAME_PATTERN)
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
     size_weight: float = Field(default=1.0, gt=0, description="Relative share of patients.")
     cxr_keep: float = Field(default=1.0, ge=0, le=1, description="Share of X-ray studies kept.")
@@ -79,6 +88,8 @@ class PartitionConfig(StrictModel):
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"sites: names must be unique, got {names}")
+        if SERVER_TEST_SITE in names:
+            raise ValueError(f"sites: '{SERVER_TEST_SITE}' is the server's test site, not a name")
         return self
 
 
@@ -103,6 +114,10 @@ def default_site_plans(count: int, size_skew: float = 0.0, seed: int = 0) -> lis
 
 
 # -- reading the source ---------------------------------------------------------------------
+class InputRowError(ValueError):
+    """A row of an input file cannot be used (the message names the file, line and value)."""
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="") as handle:
@@ -120,14 +135,69 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         writer.writerows(rows)
 
 
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
-        target.unlink()
+def _binary(path: Path, line: int, column: str, value: str) -> int:
+    """A 0/1 label cell ("1", "0", "1.0"); anything else (NaN, blank, 2) names the cell."""
     try:
-        os.symlink(source.resolve(), target)
-    except OSError:  # filesystems without symlinks
-        shutil.copy2(source, target)
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number not in (0.0, 1.0):
+        raise InputRowError(f"{path}, line {line}: {column} is {value!r}, expected 0 or 1")
+    return int(number)
+
+
+def read_listfile(path: Path, task: str) -> tuple[list[str], list[list[str]]]:
+    """A task listfile whose every row is checked: a stay file name in the benchmark's
+    pattern (it becomes a path), as many cells as the header, 0/1 labels.
+
+    Raises `InputRowError` naming the file and line of the first bad row.
+    """
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header or header[0] != "stay":
+            raise InputRowError(f"{path}, line 1: header {header!r}, expected 'stay,...'")
+        labels = ["y_true"] if task == "in-hospital-mortality" else header[-25:]
+        if task == "in-hospital-mortality" and "y_true" not in header:
+            raise InputRowError(f"{path}, line 1: no y_true column in {header}")
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            if not row or not any(cell.strip() for cell in row):
+                raise InputRowError(f"{path}, line {line}: blank line, expected a stay row")
+            if len(row) != len(header):
+                raise InputRowError(
+                    f"{path}, line {line}: {len(row)} cells, expected {len(header)} ({header})"
+                )
+            if not STAY_FILE.fullmatch(row[0]):
+                raise InputRowError(
+                    f"{path}, line {line}: stay {row[0]!r}, expected a file name like "
+                    "12345_episode1_timeseries.csv"
+                )
+            for name in labels:
+                _binary(path, line, name, row[header.index(name)])
+            rows.append(row)
+    return header, rows
+
+
+def _int_cells(path: Path, header: list[str], rows: list[list[str]], column: str) -> list[int]:
+    """Column ``column`` of ``rows`` as integers ("123" or "123.0"), naming a bad cell's line."""
+    index = next((i for i, h in enumerate(header) if h.lower() == column), None)
+    if index is None:
+        raise InputRowError(f"{path}, line 1: no {column} column in {header}")
+    values = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            number = float(row[index])
+            if not number.is_integer():
+                raise ValueError
+        except (ValueError, IndexError):
+            cell = row[index] if index < len(row) else "<missing>"
+            raise InputRowError(
+                f"{path}, line {line}: {column} is {cell!r}, expected an integer"
+            ) from None
+        values.append(int(number))
+    return values
 
 
 def _subject(stay_name: str) -> int:
@@ -190,6 +260,7 @@ def assign_subjects(
 
 # -- writing site views ---------------------------------------------------------------------
 def _class_of(row: list[str], header: list[str], task: str) -> int:
+    """A row's class for label skew (rows were checked by `read_listfile`)."""
     if task == "in-hospital-mortality":
         return int(float(row[header.index("y_true")]))
     labels = [float(v) for v in row[-25:]]
@@ -228,8 +299,58 @@ def _site_config(
     )
 
 
+def _write_listfiles(
+    site_dir: Path, subjects: set[int], split_rows: dict[str, list[list[str]]], source: dict
+) -> dict[str, object]:
+    """Each split's listfile rows of ``subjects`` and a link per stay file; the counts."""
+    task, header = source["task"], source["list_header"]
+    task_dir, counts = site_dir / task, {}
+    for split in SPLITS:
+        rows = [r for r in split_rows[split] if _subject(r[0]) in subjects]
+        _write_csv(inside(site_dir, task_dir / f"{split}_listfile.csv"), header, rows)
+        folder = "test" if split == "test" else "train"
+        for row in rows:
+            link_or_copy(
+                source["paths"]["task"] / folder / row[0], task_dir / folder / row[0], site_dir
+            )
+        counts[f"{split}_stays"] = len(rows)
+        if rows and task == "in-hospital-mortality":
+            label = header.index("y_true")
+            counts[f"{split}_positive"] = sum(int(float(r[label])) for r in rows)
+    return counts
+
+
+def _write_images_and_reports(
+    site_dir: Path, plan: SitePlan, subjects: set[int], source: dict, rng: np.random.Generator
+) -> dict[str, object]:
+    """The site's kept CXR metadata rows and links to the kept studies' reports; counts."""
+    counts: dict[str, object] = {"cxr_images": 0, "reports": 0}
+    metadata = source["metadata"]
+    if metadata is None or not ({"cxr", "rep"} & set(plan.modalities)):
+        return counts
+    header, rows, subject_ids, study_ids = metadata
+    mine = [i for i, subject in enumerate(subject_ids) if subject in subjects]
+    studies = sorted({study_ids[i] for i in mine})
+    kept = {s for s in studies if rng.random() < plan.cxr_keep}
+    if "cxr" in plan.modalities:
+        kept_rows = [rows[i] for i in mine if study_ids[i] in kept]
+        _write_csv(inside(site_dir, site_dir / CXR_METADATA), header, kept_rows)
+        counts["cxr_images"] = len(kept_rows)
+    if "rep" in plan.modalities:
+        pool = kept if "cxr" in plan.modalities else studies
+        reported = {s for s in sorted(pool) if rng.random() < plan.rep_keep}
+        reports = source["paths"]["reports"]
+        for i in mine:
+            relative = report_path(subject_ids[i], study_ids[i])
+            if study_ids[i] in reported and (reports / relative).is_file():
+                target = site_dir / "mimic-cxr-reports" / relative
+                link_or_copy(reports / relative, target, site_dir)
+        counts["reports"] = len(list((site_dir / "mimic-cxr-reports").rglob("*.txt")))
+    return counts
+
+
 def _write_site(
-    site_dir: Path,
+    out_dir: Path,
     plan: SitePlan,
     subjects: set[int],
     split_rows: dict[str, list[list[str]]],
@@ -237,53 +358,19 @@ def _write_site(
     config: PartitionConfig,
     rng: np.random.Generator,
 ) -> dict[str, object]:
-    task, paths = config.task, source["paths"]
-    if site_dir.exists():
-        shutil.rmtree(site_dir)
-    task_dir = site_dir / task
+    """Replace ``out_dir/<site>`` with the site's view and site.toml; its counts."""
+    task, paths, metadata = config.task, source["paths"], source["metadata"]
+    site_dir = inside(out_dir, out_dir / check_name(plan.name, "site name"))
+    remove_tree(out_dir, site_dir)
     counts: dict[str, object] = {"site": plan.name, "subjects": len(subjects)}
-    for split in SPLITS:
-        rows = [r for r in split_rows[split] if _subject(r[0]) in subjects]
-        _write_csv(task_dir / f"{split}_listfile.csv", source["list_header"], rows)
-        folder = "test" if split == "test" else "train"
-        for row in rows:
-            _link(paths["task"] / folder / row[0], task_dir / folder / row[0])
-        counts[f"{split}_stays"] = len(rows)
-        if rows and task == "in-hospital-mortality":
-            counts[f"{split}_positive"] = sum(int(float(r[-1])) for r in rows)
-    stays_header, stays_rows = source["stays"]
-    column = next(i for i, h in enumerate(stays_header) if h.lower() == "subject_id")
-    _write_csv(
-        site_dir / "all_stays.csv",
-        stays_header,
-        [r for r in stays_rows if int(r[column]) in subjects],
-    )
-    counts["cxr_images"] = counts["reports"] = 0
-    metadata = source["metadata"]
-    if metadata is not None and ("cxr" in plan.modalities or "rep" in plan.modalities):
-        header, rows = metadata
-        col = {name: header.index(name) for name in ("dicom_id", "subject_id", "study_id")}
-        mine = [r for r in rows if int(float(r[col["subject_id"]])) in subjects]
-        studies = sorted({int(float(r[col["study_id"]])) for r in mine})
-        kept = {s for s in studies if rng.random() < plan.cxr_keep}
-        if "cxr" in plan.modalities:
-            kept_rows = [r for r in mine if int(float(r[col["study_id"]])) in kept]
-            _write_csv(site_dir / "mimic-cxr-2.0.0-metadata.csv", header, kept_rows)
-            counts["cxr_images"] = len(kept_rows)
-        if "rep" in plan.modalities:
-            reported = {
-                s
-                for s in sorted(kept if "cxr" in plan.modalities else studies)
-                if rng.random() < plan.rep_keep
-            }
-            for row in mine:
-                study = int(float(row[col["study_id"]]))
-                subject = int(float(row[col["subject_id"]]))
-                relative = report_path(subject, study)
-                source_report = paths["reports"] / relative
-                if study in reported and source_report.is_file():
-                    _link(source_report, site_dir / "mimic-cxr-reports" / relative)
-            counts["reports"] = len(list((site_dir / "mimic-cxr-reports").rglob("*.txt")))
+    counts.update(_write_listfiles(site_dir, subjects, split_rows, source))
+    stays_header, stays_rows, stay_subjects = source["stays"]
+    mine = [
+        row for row, subject in zip(stays_rows, stay_subjects, strict=True) if subject in subjects
+    ]
+    _write_csv(inside(site_dir, site_dir / "all_stays.csv"), stays_header, mine)
+    counts.update(_write_images_and_reports(site_dir, plan, subjects, source, rng))
+    writable(site_dir, site_dir / "site.toml")
     site = _site_config(plan, task, paths, config.backbones, metadata is not None)
     (site_dir / "site.toml").write_text(site.to_toml(), encoding="utf-8")
     counts["modalities"] = "+".join(plan.modalities)
@@ -303,19 +390,43 @@ def mimic_model_config(task: str, d: int) -> OmniFuseConfig:
     )
 
 
-def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
-    """Write every site's view + site.toml, the server test site, scenario.json."""
-    console = console or Console()
-    out_dir = Path(out_dir)
+def _read_source(config: PartitionConfig) -> tuple[dict, dict[str, list[list[str]]]]:
+    """Every source table, each row checked; the listfile rows per split."""
     paths = _source_paths(config.data_dir, config.task)
-    list_header, _ = _read_csv(paths["task"] / "train_listfile.csv")
-    split_rows = {s: _read_csv(paths["task"] / f"{s}_listfile.csv")[1] for s in SPLITS}
-    source = {
+    listfiles = {s: read_listfile(paths["task"] / f"{s}_listfile.csv", config.task) for s in SPLITS}
+    stays_header, stays_rows = _read_csv(paths["stays"])
+    source: dict = {
+        "task": config.task,
         "paths": paths,
-        "list_header": list_header,
-        "stays": _read_csv(paths["stays"]),
-        "metadata": _read_csv(paths["metadata"]) if paths["metadata"].is_file() else None,
+        "list_header": listfiles["train"][0],
+        "stays": (
+            stays_header,
+            stays_rows,
+            _int_cells(paths["stays"], stays_header, stays_rows, "subject_id"),
+        ),
+        "metadata": None,
     }
+    if paths["metadata"].is_file():
+        header, rows = _read_csv(paths["metadata"])
+        source["metadata"] = (
+            header,
+            rows,
+            _int_cells(paths["metadata"], header, rows, "subject_id"),
+            _int_cells(paths["metadata"], header, rows, "study_id"),
+        )
+    return source, {split: rows for split, (_, rows) in listfiles.items()}
+
+
+def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
+    """Write every site's view + site.toml, the server test site, scenario.json.
+
+    Nothing is written, linked or removed outside ``out_dir`` (`simulation.safe_paths`);
+    a bad input row raises `InputRowError` naming its file and line before anything is written.
+    """
+    console = console or Console()
+    out_dir = Path(out_dir).resolve()
+    source, split_rows = _read_source(config)
+    list_header = source["list_header"]
     subject_class: dict[int, int] = {}
     for row in split_rows["train"] + split_rows["val"]:
         subject = _subject(row[0])
@@ -330,27 +441,22 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
     for index, plan in enumerate(config.sites):
         subjects = {s for s, site in assignment.items() if site == index}
         site_rows = {**split_rows, "test": []}
-        rows.append(
-            _write_site(out_dir / plan.name, plan, subjects, site_rows, source, config, rng)
-        )
+        rows.append(_write_site(out_dir, plan, subjects, site_rows, source, config, rng))
         site_configs.append(Path(plan.name, "site.toml"))
-    test_plan = SitePlan(name="server_test")
+    test_plan = SitePlan(name=SERVER_TEST_SITE)
     test_subjects = {_subject(r[0]) for r in split_rows["test"]}
     test_rows = {"train": [], "val": [], "test": split_rows["test"]}
-    rows.append(
-        _write_site(
-            out_dir / "server_test", test_plan, test_subjects, test_rows, source, config, rng
-        )
-    )
+    rows.append(_write_site(out_dir, test_plan, test_subjects, test_rows, source, config, rng))
     scenario = Scenario(
         kind="mimic",
         task=config.task,
         site_configs=site_configs,
-        server_test_site=Path("server_test/site.toml"),
+        server_test_site=Path(SERVER_TEST_SITE, "site.toml"),
         model_config=mimic_model_config(config.task, config.d),
         partition=json.loads(config.model_dump_json()),
         sites=[SiteSummary.model_validate(row) for row in rows],
     )
+    writable(out_dir, out_dir / "scenario.json")
     scenario.write(out_dir)
     _print_table(console, rows)
     return scenario

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -65,3 +66,61 @@ def test_command_lines_enable_tls_and_node_auth(tmp_path):
     # quoted, or Flower would read a value ending in .toml as a node-config *file*
     site = (tmp_path / "site.toml").resolve()
     assert node[node.index("--node-config") + 1] == f'site-config="{site}"'
+
+
+def _modes_at_creation(monkeypatch) -> int:
+    """Files keep the mode they were created with: no later chmod, no umask narrowing."""
+    import os
+
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
+    return os.umask(0)
+
+
+def test_private_keys_are_created_0600_not_chmodded_later(tmp_path, monkeypatch):
+    import os
+
+    previous = _modes_at_creation(monkeypatch)
+    try:
+        keys = make_supernode_keys(tmp_path / "keys", "hospital_a")
+        certs = make_certificates(tmp_path / "certs")
+    finally:
+        os.umask(previous)
+    for private in (keys.private_key, certs.ca_key, certs.server_key):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    assert keys.public_key.stat().st_mode & 0o777 == 0o644
+
+
+def test_existing_keys_are_never_overwritten_without_force(tmp_path, capsys):
+    from simulation.cli import main
+
+    keys = make_supernode_keys(tmp_path, "hospital_a")
+    before = keys.private_key.read_bytes()
+    with pytest.raises(FileExistsError, match="hospital_a"):
+        make_supernode_keys(tmp_path, "hospital_a")
+    assert keys.private_key.read_bytes() == before
+    assert main(["deploy", "keys", "--out", str(tmp_path), "hospital_a"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert keys.private_key.read_bytes() == before
+    assert main(["deploy", "keys", "--out", str(tmp_path), "--force", "hospital_a"]) == 0
+    assert keys.private_key.read_bytes() != before
+    assert keys.private_key.stat().st_mode & 0o077 == 0
+
+    certs = make_certificates(tmp_path / "certs")
+    ca_key = certs.ca_key.read_bytes()
+    with pytest.raises(FileExistsError, match="ca.key"):
+        make_certificates(tmp_path / "certs")
+    assert certs.ca_key.read_bytes() == ca_key
+    assert make_certificates(tmp_path / "certs", force=True).ca_key.read_bytes() != ca_key
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "a/b", ".hidden", "x.pub"])
+def test_key_names_cannot_leave_the_output_folder(tmp_path, capsys, name):
+    from simulation.cli import main
+
+    out = tmp_path / "a" / "b" / "keys"
+    with pytest.raises(ValueError, match="SuperNode key name"):
+        make_supernode_keys(out, name)
+    assert main(["deploy", "keys", "--out", str(out), name]) == 1
+    assert "SuperNode key name" in capsys.readouterr().err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == []

@@ -15,7 +15,7 @@ AWKWARD = "a \"quoted\" dir\\with back\\\\slashes, spaces, ünïcödé ✓ # and
 def _every_field_set(folder: Path) -> SiteConfig:
     """A site with every field away from its default; awkward relative and absolute paths."""
     return SiteConfig(
-        name="hospital_x-1.2",
+        name="hospital_x-1_2",
         task="phenotyping",
         modalities=["ehr", "cxr", "rep"],
         data={

@@ -38,7 +38,7 @@ def test_train_writes_config_metrics_and_checkpoint(tmp_path):
 def test_bad_config_names_file_and_field(tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text(TINY.replace("d = 8", "d = -1"))
-    assert main(["train", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "bad.toml" in err and "d" in err
 
