@@ -19,8 +19,10 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.local_training import RoundInstructions, evaluate_global, train_round
 from client.privacy import ledger_path
+from client.registration import site_declaration
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.federation_replies import REGISTRATION, encode_declaration
 from omnifuse_model.site_config import SiteConfig, load_site_config
 from omnifuse_model.site_data import load_site_datasets
 
@@ -121,6 +123,19 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The server's warm-up before round 1 (simulation): an empty answer. Its only job is to
-    have the node's ClientApp loaded (imports done) before the first timed round."""
-    return Message(content=RecordDict(), reply_to=msg)
+    """The server's registration before round 1: this site's name and declared data sizes.
+
+    The server binds this node to the site named here, and the sizes bound every count the
+    site reports later. An error names the site, so the server can say which one failed."""
+    site = load_site_config(site_config_path(context))
+    try:
+        model_config = OmniFuseConfig.model_validate_json(
+            str(msg.content[wire.CONFIG][wire.MODEL_CONFIG])
+        )
+        declaration = site_declaration(
+            site.name, load_site_datasets(site, model_config), model_config
+        )
+    except Exception as error:
+        raise RuntimeError(f"site '{site.name}': registration failed: {error}") from error
+    record = ConfigRecord(encode_declaration(declaration))
+    return Message(content=RecordDict({REGISTRATION: record}), reply_to=msg)
