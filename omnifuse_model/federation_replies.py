@@ -39,7 +39,18 @@ class ReplyError(ValueError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.reason = reason[:300]
+        self.reason = safe_reason(reason)
+
+
+def safe_reason(text: object, limit: int = 300) -> str:
+    """One printable ASCII line of at most ``limit`` characters (site-chosen names inside a
+    reason are escaped, so logs and metrics.json stay readable)."""
+    try:
+        line = str(text).encode("ascii", "backslashreplace").decode("ascii")
+    except Exception:  # a reason must never raise
+        line = "unprintable reason"
+    line = " ".join("".join(c if c.isprintable() else " " for c in line).split())
+    return line[:limit] or "no reason given"
 
 
 def _count(key: str, value: object, upper: int = MAX_COUNT) -> int:

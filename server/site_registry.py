@@ -24,6 +24,7 @@ from omnifuse_model.federation_replies import (
     ReplyError,
     SiteDeclaration,
     decode_declaration,
+    safe_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,9 @@ REASON_CHARS = 300
 
 
 def short_reason(text: object) -> str:
-    """A reason fit for logs and metrics.json: one line, at most REASON_CHARS characters."""
-    try:
-        line = " ".join(str(text).split())
-    except Exception:  # a reason must never raise
-        line = "unprintable reason"
-    return line[:REASON_CHARS]
+    """A reason fit for logs and metrics.json: one printable ASCII line of at most
+    REASON_CHARS characters."""
+    return safe_reason(text, REASON_CHARS)
 
 
 @dataclass

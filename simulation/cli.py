@@ -116,7 +116,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _federate(args: argparse.Namespace) -> int:
-    from simulation.federation import run_federation
+    from simulation.federation import FederationError, run_federation
 
     scenario = Path(args.scenario).resolve()
     sites = json.loads((scenario / "scenario.json").read_text())["site_configs"]
@@ -132,7 +132,11 @@ def _federate(args: argparse.Namespace) -> int:
         }
     )
     work = Path(args.work_dir or Path(args.run_dir).resolve().parent / "flwr").resolve()
-    run_federation(values, num_supernodes=len(sites), work_dir=work)
+    try:
+        run_federation(values, num_supernodes=len(sites), work_dir=work)
+    except FederationError as error:  # e.g. a site failed every round: exit non-zero, say why
+        Console(stderr=True).print(f"[red]federation failed:[/red] {error}")
+        return 1
     Console().print(f"run written to {args.run_dir} (flwr log: {work / 'flwr_run.log'})")
     return 0
 

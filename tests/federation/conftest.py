@@ -90,6 +90,16 @@ def train_request(flower_task_identity) -> Message:
 
 
 @pytest.fixture
+def reply_from(flower_task_identity):
+    """reply_from(content, node): a reply (real Message) whose sender is ``node``."""
+
+    def build(content: RecordDict, node: int, message_type: str = MessageType.TRAIN) -> Message:
+        return Message(content=content, reply_to=request_to(node, message_type))
+
+    return build
+
+
+@pytest.fixture
 def site_registry(model_config) -> SiteRegistry:
     """The server's binding of ``site_round``'s nodes to their sites, as registration makes it."""
     registry = SiteRegistry()

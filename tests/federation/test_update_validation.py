@@ -11,7 +11,6 @@ from omnifuse_model import federation_schema as wire
 from server.run_config import FederationRunConfig
 from server.strategy import OmniFuseStrategy
 from server.update_validation import update_rejection
-from tests.federation.conftest import request_to
 
 NAMES = ["ehr"]
 REFERENCE = {"w": np.zeros((2, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
@@ -42,7 +41,7 @@ def test_a_good_update_passes_and_the_bound_is_optional():
     assert update_rejection(far, REFERENCE, METRICS, NAMES, max_norm=None) is None
 
 
-def _poisoned(reply: Message, key: str, value: float) -> Message:
+def _poisoned(reply: Message, key: str, value: float, reply_from) -> Message:
     state = reply.content[wire.ARRAYS].to_torch_state_dict()
     state[key] = torch.full_like(state[key], value)
     content = RecordDict(
@@ -52,18 +51,18 @@ def _poisoned(reply: Message, key: str, value: float) -> Message:
             wire.AUDIT: reply.content[wire.AUDIT],
         }
     )
-    return Message(content=content, reply_to=request_to(reply.metadata.src_node_id))
+    return reply_from(content, reply.metadata.src_node_id)
 
 
 def test_the_round_goes_on_without_the_rejected_site(
-    site_round, site_registry, model_config, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, results, replies = site_round
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1)
     strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     key = "forward_cra.blocks.0.encoder.0.weight"
-    bad = _poisoned(replies[0], key, float("nan"))  # site b_no_cxr
+    bad = _poisoned(replies[0], key, float("nan"), reply_from)  # site b_no_cxr
     arrays, metrics = strategy.aggregate_train(1, [bad, replies[1]])
     good = next(r for r in results if r.audit.site == "a_full")
     assert torch.equal(arrays.to_torch_state_dict()[key], good.state[key])
@@ -81,7 +80,7 @@ def test_the_round_goes_on_without_the_rejected_site(
 
 
 def test_too_few_accepted_updates_keep_the_global_model(
-    site_round, site_registry, model_config, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, _, replies = site_round
     run = FederationRunConfig(
@@ -96,7 +95,7 @@ def test_too_few_accepted_updates_keep_the_global_model(
 
 
 def test_an_unreadable_audit_is_a_rejection_not_a_crash(
-    site_round, site_registry, model_config, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, _, replies = site_round
     strategy = OmniFuseStrategy(
@@ -114,7 +113,7 @@ def test_an_unreadable_audit_is_a_rejection_not_a_crash(
     )
     arrays, _ = strategy.aggregate_train(
         1,
-        [Message(content=broken, reply_to=request_to(replies[0].metadata.src_node_id)), replies[1]],
+        [reply_from(broken, replies[0].metadata.src_node_id), replies[1]],
     )
     assert arrays is not None
     assert strategy.records[1].problems[0]["reason"] == "bad_audit:JSONDecodeError"
