@@ -127,15 +127,17 @@ def query(msg: Message, context: Context) -> Message:
 
     The server binds this node to the site named here, and the sizes bound every count the
     site reports later. An error names the site, so the server can say which one failed."""
-    site = load_site_config(site_config_path(context))
+    path = site_config_path(context)
+    name = path.name
     try:
+        site = load_site_config(path)
+        name = site.name
         model_config = OmniFuseConfig.model_validate_json(
             str(msg.content[wire.CONFIG][wire.MODEL_CONFIG])
         )
-        declaration = site_declaration(
-            site.name, load_site_datasets(site, model_config), model_config
-        )
+        datasets = load_site_datasets(site, model_config)
+        declaration = site_declaration(site.name, datasets, model_config)
     except Exception as error:
-        raise RuntimeError(f"site '{site.name}': registration failed: {error}") from error
+        raise RuntimeError(f"site '{name}': registration failed: {error}") from error
     record = ConfigRecord(encode_declaration(declaration))
     return Message(content=RecordDict({REGISTRATION: record}), reply_to=msg)

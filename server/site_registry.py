@@ -88,9 +88,12 @@ class SiteRegistry:
             last_counts={s: dict(c) for s, c in data.get("last_counts", {}).items()},
         )
 
-    def register(self, replies: list[Message], modality_names: list[str]) -> None:
-        """Bind each answering node, in node-id order (the first of two claims wins)."""
-        connected = {reply.metadata.src_node_id for reply in replies}
+    def register(
+        self, replies: list[Message], modality_names: list[str], connected: set[int]
+    ) -> None:
+        """Bind each answering node, in node-id order (the first of two claims wins);
+        ``connected``: the node ids connected now (a bound site's node that is not may be
+        replaced by a new node declaring the same sizes)."""
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             reason = self._registration_refusal(reply, modality_names, connected)
@@ -131,6 +134,24 @@ def registration_messages(nodes: list[int], model_config_json: str) -> list[Mess
     ]
 
 
+def register_newcomers(
+    grid: Grid,
+    registry: SiteRegistry,
+    model_config_json: str,
+    modality_names: list[str],
+    timeout: float,
+) -> None:
+    """Ask the nodes that connected since the registration (deployment: a late SuperNode),
+    or that did not answer it, to register now."""
+    connected = set(grid.get_node_ids())
+    new = sorted(connected - set(registry.nodes) - set(registry.refused))
+    if new:
+        replies = list(
+            grid.send_and_receive(registration_messages(new, model_config_json), timeout=timeout)
+        )
+        registry.register(replies, modality_names, connected)
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     """The connected node ids, once at least ``minimum`` are there (or at the timeout)."""
     deadline = time.monotonic() + timeout
@@ -158,7 +179,7 @@ def register_sites(
     nodes = wait_for_nodes(grid, min_nodes, timeout)
     messages = registration_messages(nodes, model_config_json)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    registry.register(replies, modality_names)
+    registry.register(replies, modality_names, set(nodes))
     answered = sum(1 for reply in replies if not reply.has_error())
     return {
         "startup_seconds": time.perf_counter() - started,

@@ -41,7 +41,7 @@ from server.reply_screening import (
 )
 from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
-from server.site_registry import SiteRegistry
+from server.site_registry import SiteRegistry, register_newcomers
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,13 @@ class OmniFuseStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        register_newcomers(
+            grid,
+            self.registry,
+            self.model_config.model_dump_json(),
+            self.model_config.modality_names,
+            self.run.round_timeout,
+        )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous = {k: v.numpy() for k, v in arrays.items()}
         messages = list(

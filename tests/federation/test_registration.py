@@ -17,7 +17,7 @@ from omnifuse_model.federation_replies import (
     SiteDeclaration,
     encode_declaration,
 )
-from server.site_registry import SiteRegistry, registration_messages
+from server.site_registry import SiteRegistry, register_newcomers, registration_messages
 
 NAMES = ["ehr", "cxr"]
 SITE_TOML = """name = "hospital_x"
@@ -53,6 +53,7 @@ def test_each_node_is_bound_to_the_site_it_declares(reply_from):
             _answer(reply_from, 5, encode_declaration(DECLARED)),
         ],
         NAMES,
+        connected={5, 7},
     )
     assert registry.nodes == {5: "s1", 7: "s2"}
     assert registry.declarations["s1"] == DECLARED
@@ -61,25 +62,31 @@ def test_each_node_is_bound_to_the_site_it_declares(reply_from):
 def test_a_second_node_claiming_a_bound_site_is_refused(reply_from):
     registry = SiteRegistry()
     record = encode_declaration(DECLARED)
-    registry.register([_answer(reply_from, 9, record), _answer(reply_from, 4, record)], NAMES)
+    registry.register(
+        [_answer(reply_from, 9, record), _answer(reply_from, 4, record)], NAMES, connected={4, 9}
+    )
     assert registry.nodes == {4: "s1"}  # node-id order: the first claim wins
     assert registry.refused[9] == "site_already_bound:s1:node 4"
 
 
 def test_resume_keeps_the_binding_and_a_new_node_takes_over_a_gone_one(reply_from):
     registry = SiteRegistry()
-    registry.register([_answer(reply_from, 4, encode_declaration(DECLARED))], NAMES)
+    registry.register([_answer(reply_from, 4, encode_declaration(DECLARED))], NAMES, {4})
     registry.last_counts["s1"] = {wire.NUM_EXAMPLES: 100}
     restored = SiteRegistry.from_json(registry.to_json())
     assert restored.to_json() == registry.to_json()
     # a new simulation: node 4 is gone, node 8 declares the same site and sizes
-    restored.register([_answer(reply_from, 8, encode_declaration(DECLARED))], NAMES)
+    restored.register([_answer(reply_from, 8, encode_declaration(DECLARED))], NAMES, {8})
     assert restored.nodes == {8: "s1"} and restored.last_counts["s1"] == {wire.NUM_EXAMPLES: 100}
     # ... but not with other sizes
     again = SiteRegistry.from_json(registry.to_json())
     bigger = DECLARED.model_copy(update={"num_train": 1_000_000})
-    again.register([_answer(reply_from, 8, encode_declaration(bigger))], NAMES)
+    again.register([_answer(reply_from, 8, encode_declaration(bigger))], NAMES, {8})
     assert again.nodes == {4: "s1"} and again.refused[8] == "declaration_changed:s1"
+    # while the bound node is still connected, nobody else may take its site
+    live = SiteRegistry.from_json(registry.to_json())
+    live.register([_answer(reply_from, 8, encode_declaration(DECLARED))], NAMES, {4, 8})
+    assert live.nodes == {4: "s1"} and live.refused[8] == "site_already_bound:s1:node 4"
 
 
 def _bad_registration(data) -> tuple[str, dict | RecordDict]:
@@ -137,6 +144,7 @@ def test_a_malformed_registration_is_refused_with_a_reason(data, reply_from):
             _answer(reply_from, 6, encode_declaration(good)),
         ],
         NAMES,
+        connected={3, 6},
     )
     assert registry.nodes == {6: "s2"}, how
     assert 0 < len(registry.refused[3]) <= 300
@@ -150,7 +158,7 @@ def test_the_client_app_answers_the_registration(
     [request] = registration_messages([5], model_config.model_dump_json())
     reply = query(request, _context(path))
     registry = SiteRegistry()
-    registry.register([_answer(reply_from, 5, content=reply.content)], NAMES)
+    registry.register([_answer(reply_from, 5, content=reply.content)], NAMES, {5})
     declaration = registry.declarations["hospital_x"]
     assert registry.nodes == {5: "hospital_x"}
     assert declaration.num_present["cxr"] == 0  # the site does not hold cxr
@@ -181,3 +189,23 @@ def _context(path) -> Context:
 def test_registration_state_is_plain_json():
     registry = SiteRegistry(nodes={1: "s1"}, declarations={"s1": DECLARED})
     assert copy.deepcopy(registry.to_json())["nodes"] == {"1": "s1"}
+
+
+def test_a_node_connecting_after_the_registration_is_asked_before_the_next_round(reply_from):
+    registry = SiteRegistry()
+    registry.register([_answer(reply_from, 4, encode_declaration(DECLARED))], NAMES, {4})
+    late = DECLARED.model_copy(update={"site": "s2"})
+    asked: list[list[int]] = []
+
+    class Grid:
+        def get_node_ids(self):
+            return [4, 8]
+
+        def send_and_receive(self, messages, timeout):
+            asked.append([m.metadata.dst_node_id for m in messages])
+            assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
+            return [_answer(reply_from, 8, encode_declaration(late))]
+
+    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)
+    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)  # nobody new: no query
+    assert asked == [[8]] and registry.nodes == {4: "s1", 8: "s2"}
