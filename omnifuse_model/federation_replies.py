@@ -260,7 +260,7 @@ def parse_audit(
     if not isinstance(text, str) or len(text) > MAX_AUDIT_CHARS:
         raise ReplyError("bad_audit:row:not_a_bounded_string")
     try:
-        row = wire.AuditRow.model_validate(json.loads(text))
+        row = wire.AuditRow.model_validate(json.loads(text), strict=True)
     except (ValueError, TypeError, RecursionError) as error:
         raise ReplyError(f"bad_audit:{type(error).__name__}") from error
     if row.site != site:

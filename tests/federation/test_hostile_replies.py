@@ -170,7 +170,7 @@ def mutate_audit(data, records: dict, declared) -> str:
     labels = ["ehr", "cxr", "ehr+cxr"]
     choices = {
         "site": st.one_of(st.text(max_size=10).filter(lambda s: s != BAD_SITE), st.integers()),
-        "round": st.integers().filter(lambda r: r != 1),
+        "round": st.one_of(st.integers().filter(lambda r: r != 1), st.just("1"), st.just(1.0)),
         "update_status": st.text(max_size=10).filter(lambda s: s != "accepted"),
         "num_examples": st.integers(min_value=0).filter(lambda v: v != row["num_examples"]),
         "lazy_combination": odd_name(labels),
