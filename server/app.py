@@ -179,7 +179,8 @@ def finish(run: FederationRunConfig, recorder: RoundRecorder, registry: SiteRegi
     failing = recorder.never_accepted()
     for name in list(failing):
         if name.startswith("node ") and int(name[5:]) in registry.refused:
-            failing[name] += f"; registration: {registry.refused[int(name[5:])]}"
+            # an unbound node: its registration answer says best who it is
+            failing[name] = f"registration {registry.refused[int(name[5:])]}; {failing[name]}"
     if not failing:
         write_outcome(run.run_dir, "completed")
         return

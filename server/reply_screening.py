@@ -27,7 +27,7 @@ from omnifuse_model.federation_replies import (
     parse_tla_sums,
     parse_train_metrics,
 )
-from server.site_registry import SiteRegistry, short_reason
+from server.site_registry import SiteRegistry, error_reason, short_reason
 from server.update_validation import update_rejection
 
 
@@ -124,7 +124,7 @@ def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain
     node = _node(message)
     site = context.registry.site_of(node)
     if message.has_error():
-        return Rejection(node, site, "failed", short_reason(message.error.reason))
+        return Rejection(node, site, "failed", error_reason(message.error.reason))
     if site is None:
         refused = context.registry.refused.get(node)
         return Rejection(node, None, "rejected", short_reason(f"unregistered_node:{refused}"))
@@ -174,7 +174,7 @@ def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedE
     node = _node(message)
     site = registry.site_of(node)
     if message.has_error():
-        return Rejection(node, site, "failed", short_reason(message.error.reason))
+        return Rejection(node, site, "failed", error_reason(message.error.reason))
     if site is None:
         return Rejection(node, None, "rejected", "unregistered_node")
     try:

@@ -40,6 +40,6 @@ class SitesFailedError(RuntimeError):
     """Some sites failed or were rejected in every round of the run."""
 
     def __init__(self, failing: dict[str, str]) -> None:
-        names = ", ".join(f"{name} ({reason[:200]})" for name, reason in sorted(failing.items()))
+        names = ", ".join(f"{name} ({reason[:400]})" for name, reason in sorted(failing.items()))
         super().__init__(f"sites failed or were rejected in every round: {names}")
         self.failing = failing

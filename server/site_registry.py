@@ -12,6 +12,7 @@ simulation, a restarted SuperNode) may bind its new node if it declares the same
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,26 @@ from omnifuse_model.federation_replies import (
 log = logging.getLogger(__name__)
 
 REASON_CHARS = 300
+
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+EXCEPTION_LINE = re.compile(r"^\s*[\w.]*(Error|Exception)\b.*:\s*\S")
+FLOWER_MESSAGE = "occurred. Message: "  # Flower's ClientAppException wraps the site's text
+
+
+def error_reason(text: object) -> str:
+    """The useful part of an error reply's reason: the site's own exception message rather
+    than the engine's wrapping (Ray's traceback, colour codes), shortened."""
+    try:
+        raw = ANSI_CODES.sub("", str(text))
+    except Exception:  # a reason must never raise
+        return "unprintable reason"
+    if FLOWER_MESSAGE in raw:
+        raw = raw.rsplit(FLOWER_MESSAGE, 1)[1]
+    else:
+        lines = [line for line in raw.splitlines() if EXCEPTION_LINE.match(line)]
+        raw = lines[-1] if lines else raw
+    return short_reason(raw.strip().removesuffix("'>"))
 
 
 def short_reason(text: object) -> str:
@@ -107,7 +128,7 @@ class SiteRegistry:
         self, reply: Message, modality_names: list[str], connected: set[int]
     ) -> str | None:
         if reply.has_error():
-            return short_reason(f"error_reply:{reply.error.reason}")
+            return error_reason(f"error_reply:{error_reason(reply.error.reason)}")
         try:
             content = reply.content
             if set(content.keys()) != {REGISTRATION} or not isinstance(

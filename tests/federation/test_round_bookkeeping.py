@@ -15,7 +15,7 @@ from server.checkpoint import CHECKPOINTS, LATEST, ServerState, load_latest, sav
 from server.round_record import RoundRecord, RoundRecorder
 from server.run_config import FederationRunConfig
 from server.run_outcome import SitesFailedError, read_outcome
-from server.site_registry import SiteRegistry
+from server.site_registry import SiteRegistry, error_reason
 from simulation.federation import FederationError, _check_completed
 
 
@@ -129,7 +129,7 @@ def test_finish_raises_naming_the_failing_site_and_writes_the_outcome(model_conf
     recorder(1, ArrayRecord({k: Array(v) for k, v in _weights(model_config, 0).items()}))
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
     registry = SiteRegistry(refused={4: "error_reply: site 'site_1': registration failed"})
-    with pytest.raises(SitesFailedError, match="node 4 .*site 'site_1'"):
+    with pytest.raises(SitesFailedError, match="node 4 \\(registration error_reply: site 'site_1'"):
         finish(run, recorder, registry)
     outcome = read_outcome(tmp_path)
     assert outcome["status"] == "failed" and "site_1" in outcome["reason"]
@@ -146,3 +146,19 @@ def test_finish_with_every_site_accepted_completes(model_config, tmp_path):
     finish(FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path), recorder, SiteRegistry())
     assert read_outcome(tmp_path)["status"] == "completed"
     _check_completed({"run-dir": str(tmp_path), "num-server-rounds": 3}, tmp_path, returncode=0)
+
+
+def test_an_error_replys_reason_is_the_sites_own_message_shortened():
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        ".run()\x1b[39m (pid=1)\n"
+        + '  File "ray_actor.py", line 65, in run\n    raise ClientAppException(str(ex))\n'
+        * 20
+        + "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException "
+        "occurred. Message: site 'site_1': registration failed: missing_folder not found'>"
+    )
+    assert error_reason(ray) == "site 'site_1': registration failed: missing_folder not found"
+    assert error_reason("Traceback\nValueError: x\n  more\nKeyError: 'k'") == "KeyError: 'k'"
+    assert len(error_reason("x" * 10_000)) == 300
+    assert error_reason("") == "no reason given"
+    assert error_reason("line\nbreak\x00\u2603") == "line break \\u2603"
