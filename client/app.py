@@ -16,7 +16,10 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.local_training import RoundInstructions, evaluate_global, train_round
+from client.registration import site_declaration
 from omnifuse_model import federation_schema as wire
+from omnifuse_model.config import OmniFuseConfig
+from omnifuse_model.federation_replies import REGISTRATION, encode_declaration
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.scenario import SCENARIO_FILE, Scenario
 from omnifuse_model.site_config import SiteConfig, load_site_config
@@ -90,6 +93,21 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The server's warm-up before round 1 (simulation): an empty answer. Its only job is to
-    have the node's ClientApp loaded (imports done) before the first timed round."""
-    return Message(content=RecordDict(), reply_to=msg)
+    """The server's registration before round 1: this site's name and declared data sizes.
+
+    The server binds this node to the site named here, and the sizes bound every count the
+    site reports later. An error names the site, so the server can say which one failed."""
+    path = site_config_path(context)
+    name = path.name
+    try:
+        site = load_site_config(path)
+        name = site.name
+        model_config = OmniFuseConfig.model_validate_json(
+            str(msg.content[wire.CONFIG][wire.MODEL_CONFIG])
+        )
+        datasets = load_site_datasets(site, model_config)
+        declaration = site_declaration(site.name, datasets, model_config)
+    except Exception as error:
+        raise RuntimeError(f"site '{name}': registration failed: {error}") from error
+    record = ConfigRecord(encode_declaration(declaration))
+    return Message(content=RecordDict({REGISTRATION: record}), reply_to=msg)

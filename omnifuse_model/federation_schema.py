@@ -24,6 +24,7 @@ AUDIT = "audit"  # ConfigRecord: client -> server audit aggregates (flat scalars
 TLA_SUMS = "tla-sums"  # ConfigRecord: per-combination distance sums and counts (global TLA)
 
 # -- server -> client config keys ---------------------------------------------------------
+MODEL_CONFIG = "model-config"  # JSON of OmniFuseConfig (the registration query before round 1)
 ROUND_PLAN = "round-plan"  # JSON of omnifuse_model.round_plan.RoundPlan: the round's instructions
 
 # -- client -> server metric keys ---------------------------------------------------------

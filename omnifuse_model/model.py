@@ -7,6 +7,7 @@ Shapes: B batch, M modalities, d embedding width, C classes/labels. Availability
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,29 +336,59 @@ class OmniFuse(nn.Module):
     # -- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (config, laziness, versions, extra)."""
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
-        meta = {
-            "config": self.config.model_dump(mode="json"),
-            "laziness": self.laziness.to_dict() if self.laziness else None,
-            "versions": {"torch": torch.__version__, "format": 1},
-            "extra": extra or {},
-        }
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return directory
+        return write_checkpoint(path, self.state_dict(), self.config, self.laziness, extra)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> OmniFuse:
         """Rebuild a model written by ``save_checkpoint``."""
-        directory = Path(path)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"checkpoint {directory}: missing {name}")
-        meta = json.loads((directory / CONFIG_FILE).read_text())
+        weights, meta = read_checkpoint(path, map_location)
         model = cls(OmniFuseConfig.model_validate(meta["config"]))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location))
+        model.load_state_dict(weights)
         if meta.get("laziness"):
             model.set_laziness(LazinessReport.from_dict(meta["laziness"]))
         return model.to(map_location)
+
+
+def write_checkpoint(
+    path: str | Path,
+    weights: Mapping[str, Tensor],
+    config: OmniFuseConfig,
+    laziness: LazinessReport | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """The one checkpoint format (a model's, and the server's per round): ``model.safetensors``
+    with the weights and ``config.json`` with the model config, laziness, versions and
+    ``extra`` (e.g. the server's round state). Readable by ``OmniFuse.from_checkpoint``."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    meta = {
+        "config": config.model_dump(mode="json"),
+        "laziness": laziness.to_dict() if laziness else None,
+        "versions": {"torch": torch.__version__, "format": 1},
+        "extra": extra or {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """(weights, metadata) of a checkpoint; errors name the folder and the file."""
+    directory = Path(path)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint {directory}: missing {name}")
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise ValueError(f"checkpoint {directory / CONFIG_FILE}: not JSON ({error})") from error
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"checkpoint {directory / CONFIG_FILE}: no 'config' entry")
+    try:
+        weights = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    except Exception as error:  # safetensors raises its own error type on truncated files
+        raise ValueError(
+            f"checkpoint {directory / WEIGHTS_FILE}: unreadable ({type(error).__name__}: {error})"
+        ) from error
+    return weights, meta

@@ -1,29 +1,22 @@
-"""Flower ServerApp: build the strategy, run the rounds, checkpoint and audit after each.
+"""Flower ServerApp: register the sites, build the strategy, run the rounds, checkpoint.
 
-After every round (in ``evaluate_fn``, which Flower calls once per round after federated
-evaluation) the server evaluates the global model on the scenario's held-out test set when
-configured, then writes a checkpoint, metrics.json and the audit table. With
-``resume=true`` it continues from the newest checkpoint in ``run-dir``.
+Before round 1 every node answers a registration query (``server.site_registry``) that
+binds its node id to its site. After every round (in ``evaluate_fn``, which Flower calls
+once per round after federated evaluation) the ``RoundRecorder`` evaluates the global model
+on the scenario's held-out test set when configured, then writes a checkpoint, metrics.json
+and the audit table. With ``resume=true`` it continues from the newest readable checkpoint
+in ``run-dir``. At the end ``outcome.json`` says how the run ended; a site that failed or was
+rejected in every round makes the ServerApp raise, naming it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -32,16 +25,18 @@ from flwr.serverapp.strategy import (
 )
 from flwr.superlink.grid import InMemoryGrid
 
-from omnifuse_model.config import TrainConfig
-from omnifuse_model.federation_schema import AuditRow, finite_or_none
+from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.federation_schema import finite_or_none
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import load_site_config
 from omnifuse_model.site_data import load_site_test_dataset
 from omnifuse_model.training import evaluate
-from server.audit_log import write_audit
-from server.checkpoint import ServerState, load_latest, save_round
+from server.checkpoint import ServerState, load_latest
+from server.round_record import RoundRecorder
 from server.run_config import FederationRunConfig
+from server.run_outcome import SitesFailedError, write_outcome
+from server.site_registry import SiteRegistry, register_sites
 from server.strategy import OmniFuseStrategy
 
 log = logging.getLogger(__name__)
@@ -91,113 +86,105 @@ def with_central_dp(strategy: OmniFuseStrategy, run: FederationRunConfig, sites:
     return wrapper(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, sampled)
 
 
-def warm_up(grid: Grid, timeout: float) -> dict[str, float | int]:
-    """Simulation: one empty query per node before round 1, so that the engine's start-up
-    (Ray, the ClientApp actors importing torch) is timed on its own, not inside round 1.
+def initial_state(
+    run: FederationRunConfig, model_config: OmniFuseConfig
+) -> tuple[dict[str, np.ndarray], ServerState, str]:
+    """(weights, server state, resume note): the newest readable checkpoint with ``resume``,
+    else a fresh model seeded by the run's seed."""
+    loaded = load_latest(run.run_dir) if run.resume else None
+    if loaded is not None:
+        log.info("resuming from round %d in %s", loaded.state.round, run.run_dir)
+        if loaded.note:
+            log.warning("%s", loaded.note)
+        return loaded.weights, loaded.state, loaded.note
+    torch.manual_seed(run.seed)
+    model = OmniFuse(model_config)
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    state = ServerState(
+        round=0,
+        run_config=json.loads(run.model_dump_json()),
+        model_config=model_config.model_dump(mode="json"),
+    )
+    return weights, state, ""
 
-    Returns the seconds it took and how many nodes answered; written to ``startup.json``.
-    Training does not depend on it (a node that fails here is simply not counted).
-    """
-    started = time.perf_counter()
-    nodes = list(grid.get_node_ids())
-    messages = [
-        Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    answered = sum(1 for reply in replies if not reply.has_error())
-    return {
-        "startup_seconds": time.perf_counter() - started,
-        "nodes": len(nodes),
-        "answered": answered,
-    }
+
+def register(
+    grid: Grid, run: FederationRunConfig, model_config: OmniFuseConfig, registry: SiteRegistry
+) -> None:
+    """Bind node ids to sites before round 1 (both simulation and deployment). In
+    simulation this is also when the engine starts up: timed into ``startup.json``."""
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = SIMULATION_PULL_INTERVAL
+    startup = register_sites(
+        grid,
+        registry,
+        model_config.model_dump_json(),
+        model_config.modality_names,
+        run.min_available_nodes,
+        run.round_timeout,
+    )
+    log.info(
+        "registration: %d of %d nodes bound to sites in %.1f s",
+        startup["registered"],
+        startup["nodes"],
+        startup["startup_seconds"],
+    )
+    (run.run_dir / "startup.json").write_text(json.dumps(startup, indent=2))
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = FederationRunConfig.from_flower(context.run_config)
-    startup = None
-    if isinstance(grid, InMemoryGrid):
-        grid.pull_interval = SIMULATION_PULL_INTERVAL
-        startup = warm_up(grid, run.round_timeout)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_outcome(run.run_dir, "running")
     scenario = run.scenario()
     model_config = scenario.model
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "run_config.json").write_text(run.model_dump_json(indent=2))
-    if startup is not None:
-        log.info(
-            "simulation start-up: %.1f s (%d nodes)", startup["startup_seconds"], startup["nodes"]
-        )
-        (run.run_dir / "startup.json").write_text(json.dumps(startup, indent=2))
-    loaded = load_latest(run.run_dir) if run.resume else None
-    if loaded is not None:
-        weights, state = loaded
-        log.info("resuming from round %d in %s", state.round, run.run_dir)
-    else:
-        torch.manual_seed(run.seed)
-        model = OmniFuse(model_config)
-        weights = {k: v.numpy() for k, v in model.state_dict().items()}
-        state = ServerState(
-            round=0,
-            run_config=json.loads(run.model_dump_json()),
-            model_config=model_config.model_dump(mode="json"),
-        )
-    remaining = run.num_server_rounds - state.round
-    if remaining <= 0:
+    weights, state, note = initial_state(run, model_config)
+    if run.num_server_rounds <= state.round:
         log.info("run already has %d rounds; nothing to do", state.round)
+        write_outcome(run.run_dir, "completed", "nothing to do")
         return
+    registry = SiteRegistry.from_json(state.sites)
+    register(grid, run, model_config, registry)
     strategy = OmniFuseStrategy(
-        run, model_config, state.round, state.site_laziness, state.global_laziness
+        run, model_config, state.round, state.site_laziness, state.global_laziness, registry
     )
-    runner = with_central_dp(strategy, run, len(scenario.site_configs))
-    server_evaluate = _server_evaluator(run, scenario)
-    audit_rows = [AuditRow.model_validate(r) for r in state.audit_rows]
-    history: dict = dict(state.history)
-    clock = {"start": time.perf_counter()}
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        global_round = strategy.global_round(server_round)
-        round_weights = {k: v.numpy() for k, v in arrays.items()}
-        server_metrics = (
-            server_evaluate({k: torch.from_numpy(np.array(v)) for k, v in round_weights.items()})
-            if server_evaluate
-            else {}
-        )
-        audit_rows.extend(strategy.round_audit.get(global_round, []))
-        history[str(global_round)] = {
-            "train": strategy.round_train_metrics.get(global_round, {}),
-            "evaluate_clients": strategy.round_eval_metrics.get(global_round, {}),
-            "server": server_metrics,
-            "bytes": strategy.round_bytes.get(global_round, {}),
-            "failed_or_rejected": strategy.round_problems.get(global_round, []),
-            "wall_seconds": time.perf_counter() - clock["start"],
-        }
-        clock["start"] = time.perf_counter()
-        round_state = ServerState(
-            round=global_round,
-            site_laziness=strategy.site_laziness,
-            global_laziness=strategy.global_laziness,
-            history=history,
-            audit_rows=[r.model_dump(mode="json") for r in audit_rows],
-            run_config=json.loads(run.model_dump_json()),
-            model_config=model_config.model_dump(mode="json"),
-        )
-        save_round(run.run_dir, round_weights, round_state)
-        write_audit(run.run_dir, audit_rows)
-        (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
-        return MetricRecord(server_metrics) if server_metrics else None
-
-    runner.start(
+    recorder = RoundRecorder(
+        run_dir=run.run_dir,
+        state=state,
+        records=strategy.record,
+        current=lambda: (strategy.site_laziness, strategy.global_laziness, registry.to_json()),
+        global_round=strategy.global_round,
+        server_evaluate=_server_evaluator(run, scenario),
+        note=note,
+    )
+    with_central_dp(strategy, run, len(scenario.site_configs)).start(
         grid=grid,
         initial_arrays=ArrayRecord({k: _array(v) for k, v in weights.items()}),
-        num_rounds=remaining,
+        num_rounds=run.num_server_rounds - state.round,
         timeout=run.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=after_round,
+        evaluate_fn=recorder,
     )
+    finish(run, recorder, registry)
+
+
+def finish(run: FederationRunConfig, recorder: RoundRecorder, registry: SiteRegistry) -> None:
+    """Write the outcome; raise naming every site that failed or was rejected in every round
+    (so that the run exits non-zero)."""
+    failing = recorder.never_accepted()
+    for name in list(failing):
+        if name.startswith("node ") and int(name[5:]) in registry.refused:
+            # an unbound node: its registration answer says best who it is
+            failing[name] = f"registration {registry.refused[int(name[5:])]}; {failing[name]}"
+    if not failing:
+        write_outcome(run.run_dir, "completed")
+        return
+    error = SitesFailedError(failing)
+    write_outcome(run.run_dir, "failed", str(error), failing)
+    raise error
 
 
 def _array(value: np.ndarray) -> Array:

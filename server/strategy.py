@@ -4,10 +4,14 @@ Subclasses Flower's FedAvg and overrides its hooks only (no copy of ``start``):
 - ``configure_train`` adds the model/train config, the round number that survives resumes,
   each site's (or the global) lazy combination and FedProx's mu; node sampling is seeded by
   (seed, round) so a resumed run samples as an uninterrupted one would.
-- ``aggregate_train`` averages each modality's parameters only over sites that trained the
-  modality, weighted by the samples in which it was present; shared parameters by sample
-  count. Replies are ordered by site name so sums are reproducible. It also collects the
-  audit rows and, for global TLA, merges per-combination distances weighted by counts.
+- ``aggregate_train`` first screens every reply (``server.reply_screening``: the wire
+  format in full, the site bound to the sending node, update validation), then averages the
+  accepted ones: each modality's parameters only over sites that trained the modality,
+  weighted by the samples in which it was present; shared parameters by sample count.
+  Replies are ordered by their bound site name so sums are reproducible. The round's audit
+  rows, rejections, bytes and metrics go to its ``RoundRecord``; for global TLA the
+  per-combination distances are merged weighted by counts.
+- ``aggregate_evaluate`` screens evaluate replies the same way.
 """
 
 from __future__ import annotations
@@ -26,8 +30,18 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
 from omnifuse_model.round_plan import RoundPlan
+from server.reply_screening import (
+    AcceptedEvaluate,
+    AcceptedTrain,
+    Rejection,
+    TrainContext,
+    one_reply_per_node,
+    screen_evaluate_reply,
+    screen_train_reply,
+)
+from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
-from server.update_validation import update_rejection
+from server.site_registry import SiteRegistry, register_newcomers
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +113,7 @@ class OmniFuseStrategy(FedAvg):
         round_offset: int = 0,
         site_laziness: dict[str, str] | None = None,
         global_laziness: str = "",
+        registry: SiteRegistry | None = None,
     ) -> None:
         super().__init__(
             fraction_train=run.fraction_train,
@@ -115,12 +130,9 @@ class OmniFuseStrategy(FedAvg):
         self.round_offset = round_offset
         self.site_laziness = dict(site_laziness or {})
         self.global_laziness = global_laziness
+        self.registry = registry if registry is not None else SiteRegistry()
         self.previous: dict[str, np.ndarray] | None = None
-        self.round_audit: dict[int, list[wire.AuditRow]] = {}
-        self.round_bytes: dict[int, dict[str, int]] = {}
-        self.round_train_metrics: dict[int, dict[str, float]] = {}
-        self.round_eval_metrics: dict[int, dict[str, float]] = {}
-        self.round_problems: dict[int, list[dict]] = {}
+        self.records: dict[int, RoundRecord] = {}
 
     # -- helpers --------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -148,6 +160,13 @@ class OmniFuseStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        register_newcomers(
+            grid,
+            self.registry,
+            self.model_config.model_dump_json(),
+            self.model_config.modality_names,
+            self.run.round_timeout,
+        )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous = {k: v.numpy() for k, v in arrays.items()}
         messages = list(
@@ -155,9 +174,9 @@ class OmniFuseStrategy(FedAvg):
                 server_round, arrays, self.round_config(server_round, config), grid
             )
         )
-        self.round_bytes[self.global_round(server_round)] = {
-            "sent": arrays.count_bytes() * len(messages)
-        }
+        self.record(self.global_round(server_round)).bytes["sent"] = arrays.count_bytes() * len(
+            messages
+        )
         return messages
 
     def configure_evaluate(
@@ -168,57 +187,16 @@ class OmniFuseStrategy(FedAvg):
             server_round, arrays, self.round_config(server_round, config), grid
         )
 
+    def record(self, global_round: int) -> RoundRecord:
+        """This round's record (created on first use)."""
+        return self.records.setdefault(global_round, RoundRecord(round=global_round))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen every reply (rejections named, logged, audited), then average the rest."""
         global_round = self.global_round(server_round)
-        # validate=False: Flower's own consistency check raises on the first odd reply and
-        # would stop the round; each reply is checked here instead and rejected alone.
-        valid, failed = self._check_and_log_replies(list(replies), is_train=False, validate=False)
-        problems = self.round_problems.setdefault(global_round, [])
-        for message in failed:
-            reason = message.error.reason
-            log.warning(
-                "round %d: node %d failed: %s", global_round, message.metadata.src_node_id, reason
-            )
-            problems.append(
-                {
-                    "node": message.metadata.src_node_id,
-                    "status": "failed",
-                    "reason": str(reason)[:500],
-                }
-            )
-        accepted, rows, states, rejected_rows = [], [], [], []
-        for message in valid:
-            verdict = self._verdict(message)
-            row = verdict[1]
-            if verdict[0] is None:
-                accepted.append(message)
-                rows.append(row)
-                states.append(verdict[2])
-                continue
-            log.warning(
-                "round %d: update from %s rejected: %s",
-                global_round,
-                row.site if row else f"node {message.metadata.src_node_id}",
-                verdict[0],
-            )
-            problems.append(
-                {
-                    "node": message.metadata.src_node_id,
-                    "status": "rejected",
-                    "site": row.site if row else None,
-                    "reason": verdict[0],
-                }
-            )
-            if row is not None:
-                rejected_rows.append(
-                    row.model_copy(update={"update_status": f"rejected:{verdict[0]}"})
-                )
-        self.round_audit[global_round] = sorted(rows + rejected_rows, key=lambda r: r.site)
-        self.round_bytes.setdefault(global_round, {})["received"] = sum(
-            m.content[wire.ARRAYS].count_bytes() for m in valid if wire.ARRAYS in m.content
-        )
+        accepted = self.screen_train(global_round, list(replies))
         if len(accepted) < max(1, self.min_train_nodes):
             log.warning(
                 "round %d: %d accepted updates, fewer than min-train-nodes %d; the "
@@ -228,24 +206,65 @@ class OmniFuseStrategy(FedAvg):
                 self.min_train_nodes,
             )
             return None, None
-        order = sorted(range(len(accepted)), key=lambda i: rows[i].site)
-        valid, rows = [accepted[i] for i in order], [rows[i] for i in order]
-        states = [states[i] for i in order]
-        metrics = [dict(m.content[wire.METRICS]) for m in valid]
+        return self.average(global_round, accepted)
+
+    def screen_train(self, global_round: int, replies: list[Message]) -> list[AcceptedTrain]:
+        """Accepted replies in site order; rejections go to the round's record."""
+        record = self.record(global_round)
+        context = TrainContext(
+            self.registry,
+            global_round,
+            self.previous or {},
+            self.model_config.modality_names,
+            self.run.max_update_norm or None,
+        )
+        screened = one_reply_per_node([screen_train_reply(m, context) for m in replies])
+        accepted = sorted(
+            (s for s in screened if isinstance(s, AcceptedTrain)), key=lambda a: a.site
+        )
+        rejected = [s for s in screened if isinstance(s, Rejection)]
+        rows = [a.row for a in accepted]
+        for rejection in rejected:
+            log.warning(
+                "round %d: reply from %s %s: %s",
+                global_round,
+                rejection.site or f"node {rejection.node}",
+                rejection.status,
+                rejection.reason,
+            )
+            record.problems.append(rejection.as_problem())
+            if rejection.row is not None:
+                rows.append(
+                    rejection.row.model_copy(
+                        update={"update_status": f"rejected:{rejection.reason}"}
+                    )
+                )
+        record.audit = sorted(rows, key=lambda r: r.site)
+        record.accepted_sites = [a.site for a in accepted]
+        record.bytes["received"] = sum(a.received_bytes for a in accepted)
+        return accepted
+
+    def average(
+        self, global_round: int, accepted: list[AcceptedTrain]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Modality-aware average of accepted updates (float32), laziness and metrics."""
+        record = self.record(global_round)
+        metrics = [a.metrics.as_metrics() for a in accepted]
         averaged = modality_aware_average(
-            states,
+            [a.state for a in accepted],
             metrics,
             self.model_config.modality_names,
             self.previous,
             self.run.modality_aware,
             uniform=self.run.central_dp != "off",
         )
-        for row in rows:
-            if row.lazy_combination:
-                self.site_laziness[row.site] = row.lazy_combination
+        for item in accepted:
+            self.registry.last_counts[item.site] = item.metrics.counts()
+            if item.row.lazy_combination:
+                self.site_laziness[item.site] = item.row.lazy_combination
         if self.run.tla_scope == "global":
             merged = merge_tla(
-                [dict(m.content[wire.TLA_SUMS]) for m in valid if wire.TLA_SUMS in m.content],
+                [_tla_record(a.tla) for a in accepted if a.tla is not None],
                 self.model_config.modality_names,
                 self.model_config.tla_reduction,
             )
@@ -255,47 +274,51 @@ class OmniFuseStrategy(FedAvg):
         aggregated[wire.TRAIN_SECONDS + "-sum"] = float(
             sum(m.get(wire.TRAIN_SECONDS, 0.0) for m in metrics)
         )
-        self.round_train_metrics[global_round] = aggregated
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()})
+        record.train = aggregated
+        # float32 whatever the replies held (screening admits float32 only)
+        arrays = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in averaged.items()}
+        )
         log.info(
             "round %d: aggregated %d sites, bytes sent %d received %d",
             global_round,
-            len(valid),
-            self.round_bytes[global_round].get("sent", 0),
-            self.round_bytes[global_round]["received"],
+            len(accepted),
+            record.bytes.get("sent", 0),
+            record.bytes["received"],
         )
         return arrays, MetricRecord(aggregated)
-
-    def _verdict(
-        self, message: Message
-    ) -> tuple[str | None, wire.AuditRow | None, dict[str, np.ndarray] | None]:
-        """(rejection reason or None, the reply's audit row when it decodes, its weights)."""
-        content = message.content
-        try:
-            row = wire.decode_audit(content[wire.AUDIT])
-        except (KeyError, ValueError) as error:
-            return f"bad_audit:{type(error).__name__}", None, None
-        if wire.ARRAYS not in content or wire.METRICS not in content:
-            return "missing_records", row, None
-        state = {k: v.numpy() for k, v in content[wire.ARRAYS].items()}
-        reason = update_rejection(
-            state,
-            self.previous or {},
-            dict(content[wire.METRICS]),
-            self.model_config.modality_names,
-            self.run.max_update_norm or None,
-        )
-        return reason, row, state
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=False)
-        if not valid:
+        """Screen every evaluate reply like a train reply; average the accepted ones."""
+        record = self.record(self.global_round(server_round))
+        screened = one_reply_per_node(
+            [screen_evaluate_reply(m, self.registry) for m in list(replies)]
+        )
+        accepted = [s for s in screened if isinstance(s, AcceptedEvaluate)]
+        for rejection in (s for s in screened if isinstance(s, Rejection)):
+            log.warning(
+                "round %d: evaluate reply from %s %s: %s",
+                record.round,
+                rejection.site or f"node {rejection.node}",
+                rejection.status,
+                rejection.reason,
+            )
+            record.evaluate_problems.append(rejection.as_problem())
+        if not accepted:
             return None
-        aggregated = weighted_metrics([dict(m.content[wire.METRICS]) for m in valid])
-        self.round_eval_metrics[self.global_round(server_round)] = aggregated
-        return MetricRecord(aggregated)
+        accepted.sort(key=lambda a: a.site)
+        record.evaluate_clients = weighted_metrics([a.metrics.as_metrics() for a in accepted])
+        return MetricRecord(record.evaluate_clients)
+
+
+def _tla_record(tla: tuple[dict[str, float], dict[str, int]]) -> dict[str, float | int]:
+    sums, counts = tla
+    return {
+        **{f"sum.{k}": v for k, v in sums.items()},
+        **{f"count.{k}": v for k, v in counts.items()},
+    }
 
 
 def weighted_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:

@@ -123,7 +123,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _federate(args: argparse.Namespace) -> int:
     from omnifuse_model.scenario import Scenario
-    from simulation.federation import run_federation
+    from simulation.federation import FederationError, run_federation
 
     scenario = Path(args.scenario).resolve()
     sites = Scenario.load(scenario).site_configs
@@ -139,7 +139,11 @@ def _federate(args: argparse.Namespace) -> int:
         }
     )
     work = Path(args.work_dir or Path(args.run_dir).resolve().parent / "flwr").resolve()
-    run_federation(values, num_supernodes=len(sites), work_dir=work, http_port=args.port)
+    try:
+        run_federation(values, num_supernodes=len(sites), work_dir=work, http_port=args.port)
+    except FederationError as error:  # e.g. a site failed every round: exit non-zero, say why
+        Console(stderr=True).print(f"[red]federation failed:[/red] {error}")
+        return 1
     Console().print(f"run written to {args.run_dir} (flwr log: {work / 'flwr_run.log'})")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from server.run_outcome import read_outcome
 from simulation.flower_processes import (
     REPO_ROOT,
     flower_bin,
@@ -193,11 +194,18 @@ class FederationError(RuntimeError):
 
 
 def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: int) -> None:
-    """`flwr run --stream` exits 0 even when the ServerApp raised: check the checkpoint."""
+    """`flwr run --stream` exits 0 even when the ServerApp raised: check the checkpoint and
+    the outcome the ServerApp wrote (``server.run_outcome``: e.g. a site that failed or was
+    rejected in every round)."""
     run_dir = Path(str(run_config.get("run-dir", "")))
     expected = int(run_config.get("num-server-rounds", 0) or 0)
     latest = run_dir / "checkpoints" / "latest"
     done = int(latest.read_text().strip().split("_")[-1]) if latest.is_file() else 0
+    outcome = read_outcome(run_dir) or {}
+    if outcome.get("status") == "failed":
+        raise FederationError(
+            f"federation failed after round {done} of {expected}: {outcome.get('reason', '')}"
+        )
     if returncode != 0 or (expected and done < expected):
         log_path = work_dir / "flwr_run.log"
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])

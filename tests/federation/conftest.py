@@ -12,12 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.local_training import RoundInstructions, RoundResult, train_round
+from client.registration import site_declaration
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.site_config import SiteConfig
 from omnifuse_model.site_data import load_site_datasets
 from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
+from server.site_registry import SiteRegistry
 
 
 @pytest.fixture
@@ -71,19 +73,48 @@ def reply_content(result: RoundResult) -> RecordDict:
     )
 
 
+def request_to(node: int, message_type: str = MessageType.TRAIN) -> Message:
+    """A server message to ``node``; a reply to it comes from that node."""
+    return Message(
+        content=RecordDict({"config": ConfigRecord()}), message_type=message_type, dst_node_id=node
+    )
+
+
+# the two sites of ``site_round`` and the node ids their replies come from
+ROUND_SITES = {"a_full": (["ehr", "cxr"], 1, 11), "b_no_cxr": (["ehr"], 2, 12)}
+
+
 @pytest.fixture
 def train_request(flower_task_identity) -> Message:
-    return Message(
-        content=RecordDict({"config": ConfigRecord()}),
-        message_type=MessageType.TRAIN,
-        dst_node_id=1,
-    )
+    return request_to(1)
+
+
+@pytest.fixture
+def reply_from(flower_task_identity):
+    """reply_from(content, node): a reply (real Message) whose sender is ``node``."""
+
+    def build(content: RecordDict, node: int, message_type: str = MessageType.TRAIN) -> Message:
+        return Message(content=content, reply_to=request_to(node, message_type))
+
+    return build
+
+
+@pytest.fixture
+def site_registry(model_config) -> SiteRegistry:
+    """The server's binding of ``site_round``'s nodes to their sites, as registration makes it."""
+    registry = SiteRegistry()
+    for name, (modalities, seed, node) in ROUND_SITES.items():
+        site = make_site(name, modalities, seed)
+        declaration = site_declaration(name, load_site_datasets(site, model_config), model_config)
+        assert registry.bind(node, declaration, connected=set()) is None
+    return registry
 
 
 @pytest.fixture
 def site_round(model_config, train_request):
     """One real local round at two sites (one without cxr): (global state, results, replies),
-    replies in reverse site order (arrival order must not matter)."""
+    replies in reverse site order (arrival order must not matter); the site named n replies
+    from node ``ROUND_SITES[n][2]``."""
     torch.manual_seed(0)
     global_state = OmniFuse(model_config).state_dict()
     instructions = RoundInstructions(
@@ -92,12 +123,12 @@ def site_round(model_config, train_request):
         global_round=1,
     )
     results, replies = [], []
-    for site in reversed(
-        [make_site("a_full", ["ehr", "cxr"], 1), make_site("b_no_cxr", ["ehr"], 2)]
-    ):
+    for name in reversed(ROUND_SITES):
+        modalities, seed, node = ROUND_SITES[name]
+        site = make_site(name, modalities, seed)
         result = train_round(
             site.name, load_site_datasets(site, model_config), instructions, global_state
         )
         results.append(result)
-        replies.append(Message(content=reply_content(result), reply_to=train_request))
+        replies.append(Message(content=reply_content(result), reply_to=request_to(node)))
     return global_state, results, replies

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,10 +134,10 @@ def test_audit_suppression_and_round_trip():
         wire.decode_audit({})
 
 
-def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_path):
+def test_strategy_aggregates_real_site_replies(site_round, site_registry, model_config, tmp_path):
     global_state, results, replies = site_round
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
-    strategy = OmniFuseStrategy(run, model_config)
+    strategy = OmniFuseStrategy(run, model_config, registry=copy.deepcopy(site_registry))
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     aggregated, metrics = strategy.aggregate_train(1, replies)
     state = aggregated.to_torch_state_dict()
@@ -151,8 +153,8 @@ def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_pat
         by_site["a_full"].state[key].double() * n_a + by_site["b_no_cxr"].state[key].double() * n_b
     ) / (n_a + n_b)
     assert torch.allclose(state[key].double(), expected, atol=1e-6)
-    assert [row.site for row in strategy.round_audit[1]] == ["a_full", "b_no_cxr"]
-    assert strategy.round_bytes[1]["received"] > 0
+    assert [row.site for row in strategy.records[1].audit] == ["a_full", "b_no_cxr"]
+    assert strategy.records[1].bytes["received"] > 0
     assert metrics["num-examples"] == n_a + n_b
     config = RoundPlan.model_validate_json(
         str(strategy.round_config(2, ConfigRecord())[wire.ROUND_PLAN])
@@ -161,7 +163,7 @@ def test_strategy_aggregates_real_site_replies(site_round, model_config, tmp_pat
 
     # global TLA scope: the server merges the sites' sums and sends one combination back
     global_run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, tla_scope="global")
-    global_strategy = OmniFuseStrategy(global_run, model_config)
+    global_strategy = OmniFuseStrategy(global_run, model_config, registry=site_registry)
     global_strategy.previous = strategy.previous
     global_strategy.aggregate_train(1, replies)
     expected = merge_tla(

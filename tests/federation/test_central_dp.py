@@ -26,7 +26,7 @@ def _clipped_uniform_mean(global_state, results, clip):
 
 @pytest.mark.parametrize("noise", [0.0, 2.0])
 def test_server_side_clipping_then_uniform_average_then_noise(
-    site_round, model_config, tmp_path, noise
+    site_round, site_registry, model_config, tmp_path, noise
 ):
     global_state, results, replies = site_round
     clip = 0.05  # far below the real update norms: every update is clipped
@@ -38,7 +38,7 @@ def test_server_side_clipping_then_uniform_average_then_noise(
         dp_clipping_norm=clip,
         min_train_nodes=2,
     )
-    strategy = OmniFuseStrategy(run, model_config)
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     wrapper = with_central_dp(strategy, run, sites=2)
     assert isinstance(wrapper, DifferentialPrivacyServerSideFixedClipping)

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
 from server.audit_log import read_audit
-from simulation.federation import run_federation
+from simulation.federation import FederationError, run_federation
 from simulation.scenarios import write_feature_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -95,19 +95,24 @@ def test_three_sites_two_rounds_then_resume_matches_uninterrupted(tmp_path):
     assert [r.model_dump() for r in read_audit(resumed_dir)] == [r.model_dump() for r in rows]
 
 
-def test_a_failing_site_does_not_stop_the_round(tmp_path):
+def test_a_site_failing_every_round_does_not_stop_the_rounds_but_fails_the_run(tmp_path):
     _scenario(tmp_path / "scenario")
     broken = tmp_path / "scenario" / "site_1.toml"  # its data folder does not exist
     broken.write_text(
         'name = "site_1"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing_folder"\n'
     )
-    run_dir = _run(tmp_path, "flwr", rounds=2)
+    # every round runs with the other sites; then the run fails, naming the site
+    with pytest.raises(FederationError, match="site_1"):
+        _run(tmp_path, "flwr", rounds=2)
+    run_dir = tmp_path / "run"
     history = json.loads((run_dir / "metrics.json").read_text())
     for round_ in ("1", "2"):
         problems = history[round_]["failed_or_rejected"]
         assert [p["status"] for p in problems] == ["failed"]
         assert problems[0]["reason"]  # Flower's error text of the site's exception
     assert {r.site for r in read_audit(run_dir)} == {"site_0", "site_2"}
+    outcome = json.loads((run_dir / "outcome.json").read_text())
+    assert outcome["status"] == "failed" and "site_1" in outcome["reason"]
 
 
 def test_an_interrupted_server_resumes_from_its_last_checkpoint(tmp_path):

@@ -41,7 +41,7 @@ def test_a_good_update_passes_and_the_bound_is_optional():
     assert update_rejection(far, REFERENCE, METRICS, NAMES, max_norm=None) is None
 
 
-def _poisoned(reply: Message, request: Message, key: str, value: float) -> Message:
+def _poisoned(reply: Message, key: str, value: float, reply_from) -> Message:
     state = reply.content[wire.ARRAYS].to_torch_state_dict()
     state[key] = torch.full_like(state[key], value)
     content = RecordDict(
@@ -51,24 +51,24 @@ def _poisoned(reply: Message, request: Message, key: str, value: float) -> Messa
             wire.AUDIT: reply.content[wire.AUDIT],
         }
     )
-    return Message(content=content, reply_to=request)
+    return reply_from(content, reply.metadata.src_node_id)
 
 
 def test_the_round_goes_on_without_the_rejected_site(
-    site_round, model_config, train_request, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, results, replies = site_round
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1)
-    strategy = OmniFuseStrategy(run, model_config)
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     key = "forward_cra.blocks.0.encoder.0.weight"
-    bad = _poisoned(replies[0], train_request, key, float("nan"))  # site b_no_cxr
+    bad = _poisoned(replies[0], key, float("nan"), reply_from)  # site b_no_cxr
     arrays, metrics = strategy.aggregate_train(1, [bad, replies[1]])
     good = next(r for r in results if r.audit.site == "a_full")
     assert torch.equal(arrays.to_torch_state_dict()[key], good.state[key])
-    statuses = {row.site: row.update_status for row in strategy.round_audit[1]}
+    statuses = {row.site: row.update_status for row in strategy.records[1].audit}
     assert statuses == {"a_full": "accepted", "b_no_cxr": f"rejected:non_finite:{key}"}
-    assert strategy.round_problems[1] == [
+    assert strategy.records[1].problems == [
         {
             "node": bad.metadata.src_node_id,
             "status": "rejected",
@@ -80,27 +80,28 @@ def test_the_round_goes_on_without_the_rejected_site(
 
 
 def test_too_few_accepted_updates_keep_the_global_model(
-    site_round, model_config, train_request, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, _, replies = site_round
     run = FederationRunConfig(
         scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=2, max_update_norm=1e-9
     )  # every real update moves further
-    strategy = OmniFuseStrategy(run, model_config)
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert all(
-        r.update_status.startswith("rejected:norm_exceeded") for r in strategy.round_audit[1]
+        r.update_status.startswith("rejected:norm_exceeded") for r in strategy.records[1].audit
     )
 
 
 def test_an_unreadable_audit_is_a_rejection_not_a_crash(
-    site_round, model_config, train_request, tmp_path
+    site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, _, replies = site_round
     strategy = OmniFuseStrategy(
         FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1),
         model_config,
+        registry=site_registry,
     )
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     broken = RecordDict(
@@ -111,7 +112,8 @@ def test_an_unreadable_audit_is_a_rejection_not_a_crash(
         }
     )
     arrays, _ = strategy.aggregate_train(
-        1, [Message(content=broken, reply_to=train_request), replies[1]]
+        1,
+        [reply_from(broken, replies[0].metadata.src_node_id), replies[1]],
     )
     assert arrays is not None
-    assert strategy.round_problems[1][0]["reason"] == "bad_audit:JSONDecodeError"
+    assert strategy.records[1].problems[0]["reason"] == "bad_audit:JSONDecodeError"

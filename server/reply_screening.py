@@ -1,0 +1,208 @@
+"""Screening of site replies before anything in them is used: accept, or reject by name.
+
+One function per phase turns a Flower reply into an ``Accepted*`` object (typed metrics,
+float32 weights, the audit row, TLA sums) or a ``Rejection`` (node, bound site, reason).
+Screening never raises: a reply that cannot be read is a rejection like any other. The site
+is the one the registry bound to the sending node; a reply's own claims (audit row site and
+round) must agree with it. Weight checks beyond the wire format (keys, shapes, finiteness,
+distance to the global model) are ``server.update_validation``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.federation_replies import (
+    EvaluateMetrics,
+    ReplyError,
+    TrainMetrics,
+    check_counts_bound,
+    parse_audit,
+    parse_evaluate_metrics,
+    parse_tla_sums,
+    parse_train_metrics,
+)
+from server.site_registry import SiteRegistry, error_reason, short_reason
+from server.update_validation import update_rejection
+
+
+@dataclass
+class Rejection:
+    """A reply left out of the round, and why (``status``: 'failed' for an error reply)."""
+
+    node: int
+    site: str | None
+    status: str
+    reason: str
+    row: wire.AuditRow | None = None
+
+    def as_problem(self) -> dict:
+        if self.status == "failed":
+            problem = {"node": self.node, "status": "failed", "reason": self.reason}
+            if self.site is not None:
+                problem["site"] = self.site
+            return problem
+        return {"node": self.node, "status": self.status, "site": self.site, "reason": self.reason}
+
+
+@dataclass
+class AcceptedTrain:
+    node: int
+    site: str
+    metrics: TrainMetrics
+    state: dict[str, np.ndarray]
+    row: wire.AuditRow
+    tla: tuple[dict[str, float], dict[str, int]] | None
+    received_bytes: int
+
+
+@dataclass
+class AcceptedEvaluate:
+    node: int
+    site: str
+    metrics: EvaluateMetrics
+
+
+@dataclass
+class TrainContext:
+    """What screening a train reply checks against."""
+
+    registry: SiteRegistry
+    global_round: int
+    reference: Mapping[str, np.ndarray]
+    modality_names: list[str]
+    max_norm: float | None
+
+
+def _records(message: Message, required: dict[str, type], optional: dict[str, type]) -> dict:
+    content = message.content
+    keys = set(content.keys())
+    for key in sorted(set(required) - keys):
+        raise ReplyError(f"missing_record:{key}")
+    for key in sorted(keys - set(required) - set(optional)):
+        raise ReplyError(f"unexpected_record:{str(key)[:60]}")
+    records = {}
+    for key in keys:
+        kind = {**required, **optional}[key]
+        if not isinstance(content[key], kind):
+            raise ReplyError(f"record_type:{key}:{type(content[key]).__name__}")
+        records[key] = content[key]
+    return records
+
+
+def decode_weights(
+    record: ArrayRecord, reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The reply's arrays as numpy, each of its reference's dtype (float32) and shape."""
+    state: dict[str, np.ndarray] = {}
+    for key in record:
+        if key not in reference:
+            raise ReplyError(f"unexpected_keys:{str(key)[:80]}")
+        expected = reference[key]
+        array = record[key]
+        if array.dtype != expected.dtype.name or tuple(array.shape) != expected.shape:
+            raise ReplyError(f"declared_dtype_or_shape:{key}:{str(array.dtype)[:20]}")
+        try:
+            value = array.numpy()
+        except Exception as error:  # malformed bytes are the site's fault
+            raise ReplyError(f"undecodable_array:{key}:{type(error).__name__}") from error
+        if value.dtype != expected.dtype:
+            raise ReplyError(f"dtype_mismatch:{key}:{value.dtype}!={expected.dtype}")
+        if value.shape != expected.shape:
+            raise ReplyError(f"shape_mismatch:{key}")
+        state[key] = value
+    return state
+
+
+def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain | Rejection:
+    """Accept a train reply or say why not; never raises."""
+    node = _node(message)
+    site = context.registry.site_of(node)
+    if message.has_error():
+        return Rejection(node, site, "failed", error_reason(message.error.reason))
+    if site is None:
+        refused = context.registry.refused.get(node)
+        return Rejection(node, None, "rejected", short_reason(f"unregistered_node:{refused}"))
+    row = None
+    try:
+        records = _records(
+            message,
+            {wire.ARRAYS: ArrayRecord, wire.METRICS: MetricRecord, wire.AUDIT: ConfigRecord},
+            {wire.TLA_SUMS: ConfigRecord},
+        )
+        metrics = parse_train_metrics(dict(records[wire.METRICS]), context.modality_names)
+        check_counts_bound(
+            metrics.counts(),
+            context.registry.declarations[site],
+            context.registry.last_counts.get(site),
+        )
+        row = parse_audit(
+            dict(records[wire.AUDIT]), site, context.global_round, metrics, context.modality_names
+        )
+        tla = (
+            parse_tla_sums(
+                dict(records[wire.TLA_SUMS]), context.modality_names, metrics.num_examples
+            )
+            if wire.TLA_SUMS in records
+            else None
+        )
+        state = decode_weights(records[wire.ARRAYS], context.reference)
+        reason = update_rejection(
+            state,
+            context.reference,
+            metrics.as_metrics(),
+            context.modality_names,
+            context.max_norm,
+        )
+        if reason is not None:
+            raise ReplyError(reason)
+        received = records[wire.ARRAYS].count_bytes()
+    except ReplyError as error:
+        return Rejection(node, site, "rejected", error.reason, row)
+    except Exception as error:  # a reply never stops the server
+        return Rejection(node, site, "rejected", short_reason(f"unreadable:{type(error).__name__}"))
+    return AcceptedTrain(node, site, metrics, state, row, tla, received)
+
+
+def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedEvaluate | Rejection:
+    """Accept an evaluate reply (exactly a MetricRecord of the evaluate keys) or say why not."""
+    node = _node(message)
+    site = registry.site_of(node)
+    if message.has_error():
+        return Rejection(node, site, "failed", error_reason(message.error.reason))
+    if site is None:
+        return Rejection(node, None, "rejected", "unregistered_node")
+    try:
+        records = _records(message, {wire.METRICS: MetricRecord}, {})
+        metrics = parse_evaluate_metrics(dict(records[wire.METRICS]), registry.declarations[site])
+    except ReplyError as error:
+        return Rejection(node, site, "rejected", error.reason)
+    except Exception as error:  # a reply never stops the server
+        return Rejection(node, site, "rejected", short_reason(f"unreadable:{type(error).__name__}"))
+    return AcceptedEvaluate(node, site, metrics)
+
+
+def _node(message: Message) -> int:
+    try:
+        return int(message.metadata.src_node_id)
+    except Exception:
+        return -1
+
+
+def one_reply_per_node(
+    screened: list[AcceptedTrain | AcceptedEvaluate | Rejection],
+) -> list[AcceptedTrain | AcceptedEvaluate | Rejection]:
+    """A node's second reply in a round is rejected (and so is any later one)."""
+    seen: set[int] = set()
+    result: list[AcceptedTrain | AcceptedEvaluate | Rejection] = []
+    for item in screened:
+        if not isinstance(item, Rejection) and item.node in seen:
+            item = Rejection(item.node, item.site, "rejected", "duplicate_reply")
+        seen.add(item.node)
+        result.append(item)
+    return result

@@ -1,0 +1,211 @@
+"""Registration before round 1: node ids bound to sites, claims refused by name, never a crash."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.app import query
+from omnifuse_model import federation_schema as wire
+from omnifuse_model.federation_replies import (
+    REGISTRATION,
+    SITE_NAME,
+    SiteDeclaration,
+    encode_declaration,
+)
+from server.site_registry import SiteRegistry, register_newcomers, registration_messages
+
+NAMES = ["ehr", "cxr"]
+SITE_TOML = """name = "hospital_x"
+modalities = ["ehr"]
+cache_dir = "cache"
+[data]
+source = "synthetic_features"
+synthetic_sizes = [120, 60]
+[data.synthetic]
+seed = 3
+[[data.synthetic.modalities]]
+name = "ehr"
+dim = 8
+[[data.synthetic.modalities]]
+name = "cxr"
+dim = 8
+"""
+DECLARED = SiteDeclaration(site="s1", num_train=100, num_val=20, num_present={"ehr": 90, "cxr": 40})
+
+
+def _answer(reply_from, node: int, record: dict | None = None, content=None) -> Message:
+    if content is None:
+        content = RecordDict({REGISTRATION: ConfigRecord(record)})
+    return reply_from(content, node, MessageType.QUERY)
+
+
+def test_each_node_is_bound_to_the_site_it_declares(reply_from):
+    registry = SiteRegistry()
+    other = DECLARED.model_copy(update={"site": "s2"})
+    registry.register(
+        [
+            _answer(reply_from, 7, encode_declaration(other)),
+            _answer(reply_from, 5, encode_declaration(DECLARED)),
+        ],
+        NAMES,
+        connected={5, 7},
+    )
+    assert registry.nodes == {5: "s1", 7: "s2"}
+    assert registry.declarations["s1"] == DECLARED
+
+
+def test_a_second_node_claiming_a_bound_site_is_refused(reply_from):
+    registry = SiteRegistry()
+    record = encode_declaration(DECLARED)
+    registry.register(
+        [_answer(reply_from, 9, record), _answer(reply_from, 4, record)], NAMES, connected={4, 9}
+    )
+    assert registry.nodes == {4: "s1"}  # node-id order: the first claim wins
+    assert registry.refused[9] == "site_already_bound:s1:node 4"
+
+
+def test_resume_keeps_the_binding_and_a_new_node_takes_over_a_gone_one(reply_from):
+    registry = SiteRegistry()
+    registry.register([_answer(reply_from, 4, encode_declaration(DECLARED))], NAMES, {4})
+    registry.last_counts["s1"] = {wire.NUM_EXAMPLES: 100}
+    restored = SiteRegistry.from_json(registry.to_json())
+    assert restored.to_json() == registry.to_json()
+    # a new simulation: node 4 is gone, node 8 declares the same site and sizes
+    restored.register([_answer(reply_from, 8, encode_declaration(DECLARED))], NAMES, {8})
+    assert restored.nodes == {8: "s1"} and restored.last_counts["s1"] == {wire.NUM_EXAMPLES: 100}
+    # ... but not with other sizes
+    again = SiteRegistry.from_json(registry.to_json())
+    bigger = DECLARED.model_copy(update={"num_train": 1_000_000})
+    again.register([_answer(reply_from, 8, encode_declaration(bigger))], NAMES, {8})
+    assert again.nodes == {4: "s1"} and again.refused[8] == "declaration_changed:s1"
+    # while the bound node is still connected, nobody else may take its site
+    live = SiteRegistry.from_json(registry.to_json())
+    live.register([_answer(reply_from, 8, encode_declaration(DECLARED))], NAMES, {4, 8})
+    assert live.nodes == {4: "s1"} and live.refused[8] == "site_already_bound:s1:node 4"
+
+
+def _bad_registration(data) -> tuple[str, dict | RecordDict]:
+    record: dict = encode_declaration(DECLARED)
+    keys = sorted(record)
+    how = data.draw(st.sampled_from(["value", "delete", "extra", "records"]))
+    if how == "value":
+        key = data.draw(st.sampled_from(keys))
+        if key == "site":
+            bad = st.one_of(st.integers(), st.text().filter(lambda s: not SITE_NAME.match(s)))
+        else:
+            above = 101 if key.startswith("num-present") else 100_000_001  # num-train, MAX_COUNT
+            bad = st.one_of(
+                st.integers(min_value=above),
+                st.integers(max_value=-1),
+                st.floats(),
+                st.text(max_size=5),
+                st.booleans(),
+            )
+        record[key] = data.draw(bad)
+    elif how == "delete":
+        del record[data.draw(st.sampled_from(keys))]
+    elif how == "extra":
+        record[data.draw(st.text(min_size=1).filter(lambda k: k not in keys))] = 1
+    else:
+        content = data.draw(
+            st.sampled_from(
+                [
+                    RecordDict(),
+                    RecordDict({REGISTRATION: MetricRecord({"num-train": 1})}),
+                    RecordDict({REGISTRATION: ConfigRecord(record), "x": ConfigRecord()}),
+                ]
+            )
+        )
+        return how, content
+    return how, record
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+)
+@given(data=st.data())
+def test_a_malformed_registration_is_refused_with_a_reason(data, reply_from):
+    how, bad = _bad_registration(data)
+    content = bad if isinstance(bad, RecordDict) else None
+    record = None if content is not None else bad
+    good = SiteDeclaration(site="s2", num_train=10, num_val=5, num_present={"ehr": 10, "cxr": 0})
+    registry = SiteRegistry()
+    registry.register(
+        [
+            _answer(reply_from, 3, record, content),
+            _answer(reply_from, 6, encode_declaration(good)),
+        ],
+        NAMES,
+        connected={3, 6},
+    )
+    assert registry.nodes == {6: "s2"}, how
+    assert 0 < len(registry.refused[3]) <= 300
+
+
+def test_the_client_app_answers_the_registration(
+    flower_task_identity, model_config, tmp_path, reply_from
+):
+    path = tmp_path / "site.toml"
+    path.write_text(SITE_TOML)
+    [request] = registration_messages([5], model_config.model_dump_json())
+    reply = query(request, _context(path))
+    registry = SiteRegistry()
+    registry.register([_answer(reply_from, 5, content=reply.content)], NAMES, {5})
+    declaration = registry.declarations["hospital_x"]
+    assert registry.nodes == {5: "hospital_x"}
+    assert declaration.num_present["cxr"] == 0  # the site does not hold cxr
+    assert 0 < declaration.num_present["ehr"] <= declaration.num_train
+    assert declaration.num_val > 0
+
+
+def test_a_site_whose_data_does_not_load_names_itself_in_the_error(
+    flower_task_identity, model_config, tmp_path
+):
+    path = tmp_path / "broken.toml"
+    path.write_text('name = "site_9"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing"\n')
+    [request] = registration_messages([5], model_config.model_dump_json())
+    with pytest.raises(RuntimeError, match="site 'site_9': registration failed"):
+        query(request, _context(path))
+
+
+def _context(path) -> Context:
+    return Context(
+        run_id=1,
+        node_id=5,
+        node_config={"site-config": str(path)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_registration_state_is_plain_json():
+    registry = SiteRegistry(nodes={1: "s1"}, declarations={"s1": DECLARED})
+    assert copy.deepcopy(registry.to_json())["nodes"] == {"1": "s1"}
+
+
+def test_a_node_connecting_after_the_registration_is_asked_before_the_next_round(reply_from):
+    registry = SiteRegistry()
+    registry.register([_answer(reply_from, 4, encode_declaration(DECLARED))], NAMES, {4})
+    late = DECLARED.model_copy(update={"site": "s2"})
+    asked: list[list[int]] = []
+
+    class Grid:
+        def get_node_ids(self):
+            return [4, 8]
+
+        def send_and_receive(self, messages, timeout):
+            asked.append([m.metadata.dst_node_id for m in messages])
+            assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
+            return [_answer(reply_from, 8, encode_declaration(late))]
+
+    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)
+    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)  # nobody new: no query
+    assert asked == [[8]] and registry.nodes == {4: "s1", 8: "s2"}

@@ -1,0 +1,164 @@
+"""Round bookkeeping: one record per round, the recorder, checkpoints and resume, the outcome."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from omnifuse_model.model import OmniFuse
+from server.app import finish
+from server.checkpoint import CHECKPOINTS, LATEST, ServerState, load_latest, save_round
+from server.round_record import RoundRecord, RoundRecorder
+from server.run_config import FederationRunConfig
+from server.run_outcome import SitesFailedError, read_outcome
+from server.site_registry import SiteRegistry, error_reason
+from simulation.federation import FederationError, _check_completed
+
+
+def _weights(model_config, seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    return {k: v.numpy() for k, v in OmniFuse(model_config).state_dict().items()}
+
+
+def _state(model_config, round_: int) -> ServerState:
+    return ServerState(
+        round=round_,
+        site_laziness={"a": "ehr"},
+        history={str(r): {"train": {}} for r in range(1, round_ + 1)},
+        model_config=model_config.model_dump(mode="json"),
+        sites={"nodes": {"4": "a"}, "declarations": {}, "last_counts": {}},
+    )
+
+
+def test_a_round_checkpoint_is_a_model_checkpoint_and_resumes_exactly(model_config, tmp_path):
+    weights = _weights(model_config, 1)
+    folder = save_round(tmp_path, weights, _state(model_config, 1))
+    model = OmniFuse.from_checkpoint(folder)  # the model's own loader reads it
+    assert all(torch.equal(model.state_dict()[k], torch.from_numpy(v)) for k, v in weights.items())
+    loaded = load_latest(tmp_path)
+    assert loaded.note == "" and loaded.state == _state(model_config, 1)
+    assert all(np.array_equal(loaded.weights[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "corrupt_config", "remove_folder"])
+def test_resume_falls_back_to_the_newest_readable_checkpoint(model_config, tmp_path, damage):
+    save_round(tmp_path, _weights(model_config, 1), _state(model_config, 1))
+    save_round(tmp_path, _weights(model_config, 2), _state(model_config, 2))
+    newest = tmp_path / CHECKPOINTS / "round_0002"
+    if damage == "truncate_weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt_config":
+        (newest / "config.json").write_text('{"config": ')
+    else:
+        for path in newest.iterdir():
+            path.unlink()
+        newest.rmdir()
+    loaded = load_latest(tmp_path)
+    assert loaded.state.round == 1
+    assert loaded.note.startswith("resumed from round_0001; skipped unreadable round_0002")
+    expected = _weights(model_config, 1)
+    assert all(np.array_equal(loaded.weights[k], v) for k, v in expected.items())
+
+
+def test_no_readable_checkpoint_is_an_error_and_none_at_all_is_a_fresh_start(
+    model_config, tmp_path
+):
+    assert load_latest(tmp_path) is None
+    save_round(tmp_path, _weights(model_config, 1), _state(model_config, 1))
+    (tmp_path / CHECKPOINTS / "round_0001" / "config.json").write_text("not json")
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        load_latest(tmp_path)
+    assert (tmp_path / CHECKPOINTS / LATEST).read_text() == "round_0001"
+
+
+def _recorder(model_config, tmp_path, records: dict[int, RoundRecord], note: str = ""):
+    state = ServerState(round=0, model_config=model_config.model_dump(mode="json"))
+    return RoundRecorder(
+        run_dir=tmp_path,
+        state=state,
+        records=lambda r: records.setdefault(r, RoundRecord(round=r)),
+        current=lambda: ({"a": "ehr"}, "", {"nodes": {"4": "a"}}),
+        global_round=lambda r: r + 2,  # resumed after round 2
+        note=note,
+    )
+
+
+def test_the_recorder_writes_one_record_per_round_and_names_sites_never_accepted(
+    model_config, tmp_path
+):
+    records = {
+        3: RoundRecord(
+            round=3,
+            accepted_sites=["a"],
+            problems=[
+                {"node": 4, "status": "failed", "site": "b", "reason": "boom"},
+                {"node": 9, "status": "rejected", "site": None, "reason": "unregistered_node"},
+            ],
+        ),
+        4: RoundRecord(
+            round=4,
+            accepted_sites=["a", "c"],
+            problems=[{"node": 4, "status": "rejected", "site": "b", "reason": "dtype"}],
+        ),
+    }
+    recorder = _recorder(model_config, tmp_path, records, note="resumed from round_0002")
+    weights = ArrayRecord({k: Array(v) for k, v in _weights(model_config, 0).items()})
+    assert recorder(0, weights) is None  # Flower's call before round 1
+    recorder(1, weights)
+    recorder(2, weights)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(history) == {"3", "4"}
+    assert history["3"]["note"] == "resumed from round_0002" and "note" not in history["4"]
+    assert history["4"]["failed_or_rejected"][0]["reason"] == "dtype"
+    loaded = load_latest(tmp_path)
+    assert loaded.state.round == 4 and loaded.state.sites == {"nodes": {"4": "a"}}
+    assert recorder.never_accepted() == {
+        "b": "rejected: dtype",
+        "node 9": "rejected: unregistered_node",
+    }
+
+
+def test_finish_raises_naming_the_failing_site_and_writes_the_outcome(model_config, tmp_path):
+    records = {3: RoundRecord(round=3, problems=[{"node": 4, "status": "failed", "reason": "x"}])}
+    recorder = _recorder(model_config, tmp_path, records)
+    recorder(1, ArrayRecord({k: Array(v) for k, v in _weights(model_config, 0).items()}))
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
+    registry = SiteRegistry(refused={4: "error_reply: site 'site_1': registration failed"})
+    with pytest.raises(SitesFailedError, match="node 4 \\(registration error_reply: site 'site_1'"):
+        finish(run, recorder, registry)
+    outcome = read_outcome(tmp_path)
+    assert outcome["status"] == "failed" and "site_1" in outcome["reason"]
+    # the simulation harness turns the outcome into a failure, even with all rounds done
+    config = {"run-dir": str(tmp_path), "num-server-rounds": 3}
+    with pytest.raises(FederationError, match="site_1"):
+        _check_completed(config, tmp_path, returncode=0)
+
+
+def test_finish_with_every_site_accepted_completes(model_config, tmp_path):
+    records = {3: RoundRecord(round=3, accepted_sites=["a"])}
+    recorder = _recorder(model_config, tmp_path, records)
+    recorder(1, ArrayRecord({k: Array(v) for k, v in _weights(model_config, 0).items()}))
+    finish(FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path), recorder, SiteRegistry())
+    assert read_outcome(tmp_path)["status"] == "completed"
+    _check_completed({"run-dir": str(tmp_path), "num-server-rounds": 3}, tmp_path, returncode=0)
+
+
+def test_an_error_replys_reason_is_the_sites_own_message_shortened():
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        ".run()\x1b[39m (pid=1)\n"
+        + '  File "ray_actor.py", line 65, in run\n    raise ClientAppException(str(ex))\n'
+        * 20
+        + "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException "
+        "occurred. Message: site 'site_1': registration failed: missing_folder not found'>"
+    )
+    assert error_reason(ray) == "site 'site_1': registration failed: missing_folder not found"
+    assert error_reason("Traceback\nValueError: x\n  more\nKeyError: 'k'") == "KeyError: 'k'"
+    assert len(error_reason("x" * 10_000)) == 300
+    assert error_reason("") == "no reason given"
+    assert error_reason("line\nbreak\x00\u2603") == "line break \\u2603"
