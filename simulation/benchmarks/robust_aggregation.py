@@ -75,11 +75,11 @@ class RobustBenchmarkConfig(StrictModel):
     )
     num_sites: int = Field(default=10, ge=3)
     malicious_site: int = Field(default=0, ge=0)
-    total_train: int = Field(default=2000, gt=0)
+    total_train: int = Field(default=1200, gt=0)
     val_fraction: float = Field(default=0.25, gt=0)
     min_val: int = Field(default=20, gt=0)
     test_size: int = Field(default=1000, gt=0)
-    rounds: int = Field(default=4, gt=0)
+    rounds: int = Field(default=3, gt=0)
     local_epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=32, gt=0)
     lr: float = Field(default=3e-3, gt=0)
@@ -428,7 +428,7 @@ QUICK = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 (0 with --quick)")
-    parser.add_argument("--rounds", type=int, help="default 4 (2 with --quick)")
+    parser.add_argument("--rounds", type=int, help="default 3 (2 with --quick)")
     parser.add_argument(
         "--cost-sites", type=int, nargs="+", help="default 10 100 (10 with --quick)"
     )
