@@ -7,9 +7,15 @@ import itertools
 import random
 
 import pytest
+import torch
 
+from client.local_training import RoundInstructions, evaluate_global, train_round
+from omnifuse_model.config import TrainConfig
 from omnifuse_model.federation_schema import exact_combination_counts
+from omnifuse_model.model import OmniFuse
+from omnifuse_model.site_data import load_site_datasets
 from omnifuse_model.suppression import protect_combination_counts, statistic_or_none
+from tests.federation.conftest import make_site
 
 THREE = ["ehr", "cxr", "rep"]
 TWO = ["ehr", "cxr"]
@@ -140,3 +146,35 @@ def test_statistics_over_too_few_samples_are_withheld_and_bad_input_is_named():
         protect_combination_counts(_cells(TWO, [1, -1, 3]), TWO, 5)
     with pytest.raises(ValueError, match="not in"):
         protect_combination_counts({"ehr": 1, "pet": 2}, TWO, 5)
+
+
+def test_a_round_at_a_small_site_withholds_what_too_few_samples_give(model_config, caplog):
+    """A site with 4 validation samples (threshold 8) sends no validation statistics; its
+    small availability cells are suppressed, and (two modalities: the weighting counts
+    determine every cell) logged as exposed."""
+    site = make_site("tiny", ["ehr", "cxr"], 3).model_copy(deep=True)
+    site.data.synthetic_sizes = (40, 4)
+    datasets = load_site_datasets(site, model_config)
+    torch.manual_seed(0)
+    state = OmniFuse(model_config).state_dict()
+    train = TrainConfig(epochs=1, batch_size=16, progress=False, bootstrap_samples=0)
+    instructions = RoundInstructions(model_config, train, global_round=1, audit_min_count=8)
+    with caplog.at_level("WARNING", logger="client.local_training"):
+        result = train_round(site.name, datasets, instructions, state)
+    assert result.metrics["val-auroc"] == -1.0 and result.metrics["val-auprc"] == -1.0
+    assert result.metrics["train-loss"] != -1.0  # 40 training samples
+    audit = result.audit
+    assert audit.val_auroc is None
+    assert set(audit.mean_dwfuse_weight.values()) == {None}
+    assert set(audit.imputation_error.values()) == {None}
+    availability = datasets.train.availability
+    counts = exact_combination_counts(availability.tolist(), ["ehr", "cxr"])
+    small = [label for label, count in counts.items() if 0 < count < 8]
+    assert small, counts  # the fixture must exercise suppression
+    for label, count in counts.items():
+        assert audit.availability_counts[label] == (None if label in small else count)
+    assert all(label in caplog.text for label in small)
+    assert result.metrics["num-present.cxr"] == int(availability[:, 1].sum())  # sent exactly
+    metrics = evaluate_global(datasets, model_config, state, train, min_count=8)
+    assert metrics["val-auroc"] == -1.0 and metrics["num-examples"] == 4
+    assert evaluate_global(datasets, model_config, state, train, min_count=4)["val-auroc"] != -1.0
