@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from rich.console import Console
 from rich.table import Table
 
@@ -88,6 +88,15 @@ class RobustBenchmarkConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     rules: list[str] = Field(default_factory=lambda: list(RULES))
     attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
+
+    @model_validator(mode="after")
+    def _known_names(self) -> RobustBenchmarkConfig:
+        if self.malicious_site >= self.num_sites:
+            raise ValueError(f"malicious_site {self.malicious_site}: expected < {self.num_sites}")
+        unknown = sorted(set(self.rules) - set(RULES)) + sorted(set(self.attacks) - set(ATTACKS))
+        if unknown:
+            raise ValueError(f"unknown rules/attacks {unknown}: expected {RULES} and {ATTACKS}")
+        return self
 
     def omnifuse_config(self) -> OmniFuseConfig:
         base = {"modalities": self.data.modality_specs(), "task": self.data.task}
