@@ -6,10 +6,17 @@ reply holds trainable weights, the counts used for (modality-aware) weighting an
 row of aggregates; nothing per-sample. A DP site adds the epsilon it has spent; once its
 budget is spent it trains no more and sends the global weights back with zero counts, so
 they carry no weight in the average.
+
+Small counts (``audit-min-count``, default 5): statistics computed over fewer samples
+(validation AUROC/AUPRC, mean DWFuse weights, imputation errors, TLA scores, the training
+loss) are not sent (None in the audit, -1.0 in the MetricRecord), and the exact-combination
+counts get complementary suppression (``omnifuse_model.suppression``, which also says what the
+exact weighting counts num-examples / num-present.m still disclose).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from client.privacy import PrivacyLedger, PrivacyPlan, ledger_path, planned_epochs, private_fit
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
@@ -38,7 +46,10 @@ from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import PrivacyConfig, SiteConfig
 from omnifuse_model.site_data import SiteDatasets
-from omnifuse_model.training import FitResult, evaluate, fit
+from omnifuse_model.suppression import protect_combination_counts, statistic_or_none
+from omnifuse_model.training import EvaluationResult, FitResult, evaluate, fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,16 +119,14 @@ def train_round(
 ) -> RoundResult:
     """Local epochs from the global weights, then a local validation pass for the audit."""
     started = time.perf_counter()
-    dp = instructions.privacy.dp_sgd
     model_config = instructions.model_config
-    if dp:
+    if instructions.privacy.dp_sgd:
         model_config = model_config.model_copy(update={"dp_compatible": True})
     model = build_model(model_config, global_state)
     if instructions.lazy_combination is not None:
         model.set_laziness(LazinessReport(lazy_combination=instructions.lazy_combination))
-    train_config = instructions.train_config
     epsilon = None
-    if dp:
+    if instructions.privacy.dp_sgd:
         result, epsilon = _private_round(site_name, model, datasets, instructions, global_state)
     else:
         extra = (
@@ -125,49 +134,101 @@ def train_round(
             if instructions.proximal_mu > 0
             else None
         )
-        result = fit(model, datasets.train, None, train_config, extra_loss=extra)
+        result = fit(model, datasets.train, None, instructions.train_config, extra_loss=extra)
     evaluation = evaluate(
-        model, datasets.val, train_config.model_copy(update={"bootstrap_samples": 0})
+        model, datasets.val, instructions.train_config.model_copy(update={"bootstrap_samples": 0})
     )
-    names = instructions.model_config.modality_names
-    availability = _availability(datasets.train)
-    num_examples = int(availability.shape[0])
-    trained = result is not None
-    metrics: dict[str, float | int] = {
-        NUM_EXAMPLES: num_examples if trained else 0,
-        TRAIN_LOSS: float(result.history[-1].losses.get("total", math.nan)) if trained else -1.0,
-        TRAIN_SECONDS: time.perf_counter() - started,
-        VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
-        VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
-    }
-    for index, name in enumerate(names):
-        metrics[present_key(name)] = int(availability[:, index].sum()) if trained else 0
-    if epsilon is not None:
-        metrics[EPSILON] = epsilon
-    threshold = instructions.audit_min_count
-    counts = exact_combination_counts(availability.tolist(), names)
-    report = model.laziness
-    audit = AuditRow(
-        site=site_name,
-        round=instructions.global_round,
-        num_examples=suppress(num_examples, threshold),
-        availability_counts={k: suppress(v, threshold) for k, v in counts.items()},
-        tla_scores={
-            k: (finite_or_none(v) if report.counts.get(k, 0) >= threshold else None)
-            for k, v in report.scores.items()
-        }
-        if report
-        else {},
-        lazy_combination="+".join(report.lazy_combination)
-        if report and report.lazy_combination
-        else None,
-        mean_dwfuse_weight={k: finite_or_none(v) for k, v in evaluation.mean_dwfuse_weight.items()},
-        imputation_error={k: finite_or_none(v) for k, v in evaluation.imputation_error.items()},
-        val_auroc=finite_or_none(evaluation.metrics.get("auroc")),
-        epsilon=epsilon,
-    )
+    report = _RoundReport(site_name, instructions, _availability(datasets.train), datasets.val)
+    metrics = report.metrics(result, evaluation, epsilon)
+    metrics[TRAIN_SECONDS] = time.perf_counter() - started
+    audit = report.audit(evaluation, model.laziness, epsilon)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RoundResult(state, metrics, audit, report)
+    return RoundResult(state, metrics, audit, model.laziness)
+
+
+class _RoundReport:
+    """What a round sends besides weights: counts for weighting, metrics and the audit row.
+
+    Every statistic computed over fewer than ``audit_min_count`` samples is withheld (None in
+    the audit, -1.0 or left out in the MetricRecord), and the exact-combination counts are
+    protected by complementary suppression (``omnifuse_model.suppression``). The counts used
+    for weighting (num-examples, num-present.m) are sent exactly; what that discloses is in
+    the suppression module's docstring, and cells they give away are logged here.
+    """
+
+    def __init__(
+        self, site: str, instructions: RoundInstructions, availability: Tensor, val: Dataset
+    ) -> None:
+        self.site, self.instructions = site, instructions
+        self.names = instructions.model_config.modality_names
+        self.threshold = instructions.audit_min_count
+        self.availability = availability
+        self.num_examples = int(availability.shape[0])
+        self.num_val = len(val)
+        held = _availability(val)
+        others = held.sum(dim=1) > 1
+        # imputation error of m is measured on val samples holding m and another modality
+        self.imputation_samples = {
+            name: int((held[:, i] & others).sum()) for i, name in enumerate(self.names)
+        }
+
+    def _val(self, value: float | None) -> float | None:
+        return statistic_or_none(finite_or_none(value), self.num_val, self.threshold)
+
+    def metrics(
+        self, result: FitResult | None, evaluation: EvaluationResult, epsilon: float | None
+    ) -> dict[str, float | int]:
+        trained = result is not None
+        loss = float(result.history[-1].losses.get("total", math.nan)) if trained else None
+        metrics: dict[str, float | int] = {
+            NUM_EXAMPLES: self.num_examples if trained else 0,
+            TRAIN_LOSS: _finite(statistic_or_none(loss, self.num_examples, self.threshold)),
+            VAL_AUROC: _finite(self._val(evaluation.metrics.get("auroc"))),
+            VAL_AUPRC: _finite(self._val(evaluation.metrics.get("auprc"))),
+        }
+        for index, name in enumerate(self.names):
+            present = int(self.availability[:, index].sum())
+            metrics[present_key(name)] = present if trained else 0
+        if epsilon is not None:
+            metrics[EPSILON] = epsilon
+        return metrics
+
+    def audit(
+        self, evaluation: EvaluationResult, report: LazinessReport | None, epsilon: float | None
+    ) -> AuditRow:
+        counts = exact_combination_counts(self.availability.tolist(), self.names)
+        protected = protect_combination_counts(counts, self.names, self.threshold)
+        if protected.exposed:
+            log.warning(
+                "site %s: audit cells %s are below %d but follow from the num-present / "
+                "num-examples counts sent for weighting; suppressing them hides nothing",
+                self.site,
+                list(protected.exposed),
+                self.threshold,
+            )
+        tla = report.scores if report else {}
+        tla_counts = report.counts if report else {}
+        threshold = self.threshold
+        return AuditRow(
+            site=self.site,
+            round=self.instructions.global_round,
+            num_examples=suppress(self.num_examples, threshold),
+            availability_counts=protected.reported,
+            tla_scores={
+                k: statistic_or_none(finite_or_none(v), tla_counts.get(k, 0), threshold)
+                for k, v in tla.items()
+            },
+            lazy_combination="+".join(report.lazy_combination)
+            if report and report.lazy_combination
+            else None,
+            mean_dwfuse_weight={k: self._val(v) for k, v in evaluation.mean_dwfuse_weight.items()},
+            imputation_error={
+                k: statistic_or_none(finite_or_none(v), self.imputation_samples[k], threshold)
+                for k, v in evaluation.imputation_error.items()
+            },
+            val_auroc=self._val(evaluation.metrics.get("auroc")),
+            epsilon=epsilon,
+        )
 
 
 def _private_round(
@@ -198,8 +259,10 @@ def evaluate_global(
     model_config: OmniFuseConfig,
     state: dict[str, Tensor],
     train_config: TrainConfig,
+    min_count: int = 5,
 ) -> dict[str, float | int]:
-    """Federated evaluation of the global model on the site's validation split."""
+    """Federated evaluation of the global model on the site's validation split; AUROC/AUPRC
+    over fewer than ``min_count`` (the audit's suppression threshold) samples are sent as -1."""
     model = build_model(model_config, state)
     evaluation = evaluate(
         model,
@@ -207,10 +270,11 @@ def evaluate_global(
         train_config.model_copy(update={"bootstrap_samples": 0}),
         imputation_error=False,
     )
+    size = len(datasets.val)
     return {
-        NUM_EXAMPLES: len(datasets.val),
-        VAL_AUROC: _finite(evaluation.metrics.get("auroc")),
-        VAL_AUPRC: _finite(evaluation.metrics.get("auprc")),
+        NUM_EXAMPLES: size,
+        VAL_AUROC: _finite(statistic_or_none(evaluation.metrics.get("auroc"), size, min_count)),
+        VAL_AUPRC: _finite(statistic_or_none(evaluation.metrics.get("auprc"), size, min_count)),
     }
 
 

@@ -250,33 +250,9 @@ def private_fit(
         epochs = affordable_epochs(
             engine.accountant, privacy, sigma, sample_rate, steps, config.epochs
         )
-        log.info(
-            "site %s: DP-SGD round %d: noise multiplier %.3f, sample rate %.4f, %d planned "
-            "epochs for epsilon %.2f at delta %g",
-            site_name,
-            plan.global_round,
-            sigma,
-            sample_rate,
-            plan.total_epochs,
-            privacy.target_epsilon,
-            privacy.target_delta,
-        )
-        result = None
+        _log_plan(site_name, plan, privacy, sigma, sample_rate)
         try:
-            if epochs > 0:
-                if proximal is not None:
-                    proximal_step_hook(optimizer, model, proximal[0], proximal[1])
-                # bfloat16 per-sample gradients would blur the clipping: full precision here
-                update = {"epochs": epochs, "grad_clip": None, "patience": 0}
-                result = fit(
-                    model,
-                    train_data,
-                    None,
-                    config.model_copy(update={**update, "mixed_precision": False}),
-                    optimizer=optimizer,
-                    batches=private_batches(loader, optimizer),
-                    keep_best=False,
-                )
+            result = _private_epochs(model, train_data, config, optimizer, loader, epochs, proximal)
         finally:
             hooks.cleanup()
         epsilon = spent_epsilon(engine.accountant, privacy.target_delta)
@@ -285,6 +261,49 @@ def private_fit(
     if outcome.budget_reached:
         _log_budget_reached(site_name, plan.global_round, privacy, outcome)
     return outcome
+
+
+def _private_epochs(
+    model: OmniFuse,
+    train_data: Dataset,
+    config: TrainConfig,
+    optimizer: DPOptimizer,
+    loader: DataLoader,
+    epochs: int,
+    proximal: tuple[dict[str, Tensor], float] | None,
+) -> FitResult | None:
+    """``epochs`` epochs of ``fit`` through Opacus' optimizer and Poisson loader (None if 0)."""
+    if epochs == 0:
+        return None
+    if proximal is not None:
+        proximal_step_hook(optimizer, model, proximal[0], proximal[1])
+    # bfloat16 per-sample gradients would blur the clipping: full precision here
+    update = {"epochs": epochs, "grad_clip": None, "patience": 0, "mixed_precision": False}
+    return fit(
+        model,
+        train_data,
+        None,
+        config.model_copy(update=update),
+        optimizer=optimizer,
+        batches=private_batches(loader, optimizer),
+        keep_best=False,
+    )
+
+
+def _log_plan(
+    site_name: str, plan: PrivacyPlan, privacy: PrivacyConfig, sigma: float, sample_rate: float
+) -> None:
+    log.info(
+        "site %s: DP-SGD round %d: noise multiplier %.3f, sample rate %.4f, %d planned "
+        "epochs for epsilon %.2f at delta %g",
+        site_name,
+        plan.global_round,
+        sigma,
+        sample_rate,
+        plan.total_epochs,
+        privacy.target_epsilon,
+        privacy.target_delta,
+    )
 
 
 # Expected on every DP round: inputs that need no gradient (Opacus' hooks still fire), the
