@@ -87,7 +87,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     instructions = _instructions(msg.content[wire.CONFIG], site)
     datasets = load_site_datasets(site, instructions.model_config)
     state = msg.content[wire.ARRAYS].to_torch_state_dict()
-    metrics = evaluate_global(datasets, instructions.model_config, state, instructions.train_config)
+    metrics = evaluate_global(
+        datasets,
+        instructions.model_config,
+        state,
+        instructions.train_config,
+        min_count=instructions.audit_min_count,
+    )
     return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -24,6 +24,24 @@ class FederationRunConfig(StrictModel):
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(default=0.01, ge=0)
     modality_aware: bool = Field(default=True, description="Modality-aware aggregation.")
+    aggregation: Literal["fedavg", "median", "trimmed-mean"] = Field(
+        default="fedavg",
+        description=(
+            "How accepted updates are combined (server.aggregation): sample-weighted FedAvg, "
+            "or the unweighted coordinate-wise median / trimmed mean per modality group, "
+            "which bound the influence of one hostile site."
+        ),
+    )
+    trim_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=0.5,
+        description=(
+            "trimmed-mean: share of sites dropped at each end per coordinate (floor of "
+            "fraction x sites; 0.2 trims one of 5-9 sites, so a modality held by 7 of 10 "
+            "sites is still trimmed)."
+        ),
+    )
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     min_train_nodes: int = Field(default=2, ge=1)

@@ -6,8 +6,10 @@ Subclasses Flower's FedAvg and overrides its hooks only (no copy of ``start``):
   (seed, round) so a resumed run samples as an uninterrupted one would.
 - ``aggregate_train`` first screens every reply (``server.reply_screening``: the wire
   format in full, the site bound to the sending node, update validation), then averages the
-  accepted ones: each modality's parameters only over sites that trained the modality,
-  weighted by the samples in which it was present; shared parameters by sample count.
+  accepted ones with the run's rule (``server.aggregation``): by default each modality's
+  parameters only over sites that trained the modality, weighted by the samples in which it
+  was present, shared parameters by sample count; or coordinate-wise median / trimmed mean
+  per modality group (``aggregation`` in the run config).
   Replies are ordered by their bound site name so sums are reproducible. The round's audit
   rows, rejections, bytes and metrics go to its ``RoundRecord``; for global TLA the
   per-combination distances are merged weighted by counts.
@@ -30,6 +32,7 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
 from omnifuse_model.round_plan import RoundPlan
+from server.aggregation import aggregate_states
 from server.reply_screening import (
     AcceptedEvaluate,
     AcceptedTrain,
@@ -44,52 +47,6 @@ from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry, register_newcomers
 
 log = logging.getLogger(__name__)
-
-
-def modality_aware_average(
-    states: list[dict[str, np.ndarray]],
-    metrics: list[dict[str, float]],
-    modality_names: list[str],
-    previous: dict[str, np.ndarray] | None,
-    modality_aware: bool = True,
-    uniform: bool = False,
-) -> dict[str, np.ndarray]:
-    """Weighted average of site states (all with the same keys).
-
-    Parameters of modality m are weighted by ``num-present.m`` (sites without m get weight
-    0; when no site trained m the previous global value is kept); all others by
-    ``num-examples``. With ``modality_aware=False`` everything is weighted by sample count;
-    with ``uniform=True`` every site weighs the same for every parameter (central DP: each
-    site's influence must be bounded by clipping_norm / n for the Gaussian noise to give the
-    stated guarantee).
-    """
-    if not states:
-        raise ValueError("no site states to aggregate")
-    keys = list(states[0])
-    for index, state in enumerate(states[1:], start=1):
-        if list(state) != keys:
-            raise ValueError(f"site state {index} has different parameter keys")
-    examples = np.array([float(m[wire.NUM_EXAMPLES]) for m in metrics])
-    if uniform:
-        examples = np.ones(len(states))
-        modality_aware = False
-    result: dict[str, np.ndarray] = {}
-    for key in keys:
-        modality = wire.parameter_modality(key, modality_names) if modality_aware else None
-        weights = (
-            np.array([float(m[wire.present_key(modality)]) for m in metrics])
-            if modality is not None
-            else examples
-        )
-        if weights.sum() <= 0:
-            if previous is None:
-                raise ValueError(f"parameter '{key}': no site trained it and no previous value")
-            result[key] = previous[key]
-            continue
-        stacked = np.stack([state[key].astype(np.float64) for state in states])
-        average = np.tensordot(weights / weights.sum(), stacked, axes=1)
-        result[key] = average.astype(states[0][key].dtype)
-    return result
 
 
 def merge_tla(
@@ -247,16 +204,19 @@ class OmniFuseStrategy(FedAvg):
     def average(
         self, global_round: int, accepted: list[AcceptedTrain]
     ) -> tuple[ArrayRecord, MetricRecord]:
-        """Modality-aware average of accepted updates (float32), laziness and metrics."""
+        """Aggregate accepted updates with the run's rule (``server.aggregation``: modality-
+        aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics."""
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
-        averaged = modality_aware_average(
+        averaged = aggregate_states(
             [a.state for a in accepted],
             metrics,
             self.model_config.modality_names,
             self.previous,
-            self.run.modality_aware,
+            rule=self.run.aggregation,
+            modality_aware=self.run.modality_aware,
             uniform=self.run.central_dp != "off",
+            trim_fraction=self.run.trim_fraction,
         )
         for item in accepted:
             self.registry.last_counts[item.site] = item.metrics.counts()

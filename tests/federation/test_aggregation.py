@@ -13,13 +13,9 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
+from server.aggregation import aggregate_states as modality_aware_average
 from server.run_config import FederationRunConfig
-from server.strategy import (
-    OmniFuseStrategy,
-    merge_tla,
-    modality_aware_average,
-    weighted_metrics,
-)
+from server.strategy import OmniFuseStrategy, merge_tla, weighted_metrics
 
 NAMES = ["ehr", "cxr"]
 
@@ -177,3 +173,32 @@ def test_strategy_aggregates_real_site_replies(site_round, site_registry, model_
     )
     assert sent.lazy_combination == "+".join(expected)
     assert config.lazy_combination == ""  # site scope sends none globally
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_the_run_configs_robust_rule_is_what_the_strategy_applies(
+    rule, site_round, site_registry, model_config, tmp_path
+):
+    """aggregation = median / trimmed-mean: shared parameters are the unweighted coordinate-
+    wise statistic of the sites (with two sites both are their plain mean, not the sample-
+    weighted one); a modality's parameters still come only from the sites that held it."""
+    global_state, results, replies = site_round
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, aggregation=rule)
+    strategy = OmniFuseStrategy(run, model_config, registry=copy.deepcopy(site_registry))
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    state = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    by_site = {r.audit.site: r for r in results}
+    key = "forward_cra.blocks.0.encoder.0.weight"
+    plain = (by_site["a_full"].state[key].double() + by_site["b_no_cxr"].state[key].double()) / 2
+    assert torch.allclose(state[key].double(), plain, atol=1e-6)
+    n_a, n_b = (by_site[s].metrics["num-examples"] for s in ("a_full", "b_no_cxr"))
+    assert n_a != n_b  # so the weighted mean would differ
+    cxr = "encoders.encoders.cxr.net.0.weight"
+    assert torch.allclose(state[cxr], by_site["a_full"].state[cxr].float())
+
+
+def test_an_unknown_aggregation_rule_is_named(tmp_path):
+    with pytest.raises(ValueError, match="aggregation"):
+        FederationRunConfig.from_flower(
+            {"scenario-dir": str(tmp_path), "run-dir": str(tmp_path), "aggregation": "krum"}
+        )
