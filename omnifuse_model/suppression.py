@@ -34,8 +34,11 @@ least two feasible values. What is not:
 
 - cells the margins determine on their own ("exposed"): with exact margins and M = 2 that is
   every cell, with M = 3 a margin of 0 or of N pins cells down (the 9-sample example). With
-  rounded margins a cell can still be exposed in corner cases (the brute-force tests find
-  none for threshold 3); such cells are still reported as suppressed, and the site logs them.
+  rounded margins a cell can still be exposed in rare small tables, because suppressed cells
+  are known to be >= 1 and zero cells are published (threshold 3: with M = 2 only the table
+  1 / 1 / 1, whose total 3 is published as 3; with M = 3 about 2 % of random small tables
+  with a small cell; threshold 5: none in the tests' samples). Such cells are still reported
+  as suppressed, and the site logs them.
 - the width of the feasible range: a suppressed cell may be known to be 1 or 2; uniqueness is
   the guarantee, not a protection interval.
 - an attacker who also knows this greedy rule may exclude tables it would not have produced.
