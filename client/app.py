@@ -102,18 +102,33 @@ def query(msg: Message, context: Context) -> Message:
     """The server's registration before round 1: this site's name and declared data sizes.
 
     The server binds this node to the site named here, and the sizes bound every count the
-    site reports later. An error names the site, so the server can say which one failed."""
+    site reports later; they are rounded with the run's audit-min-count, which the query
+    carries. An error names the site, so the server can say which one failed."""
     path = site_config_path(context)
     name = path.name
     try:
         site = load_site_config(path)
         name = site.name
-        model_config = OmniFuseConfig.model_validate_json(
-            str(msg.content[wire.CONFIG][wire.MODEL_CONFIG])
-        )
+        config = msg.content[wire.CONFIG]
+        model_config = OmniFuseConfig.model_validate_json(str(config[wire.MODEL_CONFIG]))
+        threshold = _registration_threshold(config)
         datasets = load_site_datasets(site, model_config)
-        declaration = site_declaration(site.name, datasets, model_config)
+        declaration = site_declaration(site.name, datasets, model_config, threshold)
     except Exception as error:
         raise RuntimeError(f"site '{name}': registration failed: {error}") from error
     record = ConfigRecord(encode_declaration(declaration))
     return Message(content=RecordDict({REGISTRATION: record}), reply_to=msg)
+
+
+def _registration_threshold(config: ConfigRecord) -> int:
+    """The registration query's audit-min-count: the threshold declared sizes are rounded to."""
+    if wire.AUDIT_MIN_COUNT not in config:
+        raise ValueError(
+            f"registration query: no '{wire.AUDIT_MIN_COUNT}' key, got keys {sorted(config)}"
+        )
+    value = config[wire.AUDIT_MIN_COUNT]
+    if type(value) is not int or value < 1:
+        raise ValueError(
+            f"registration query: '{wire.AUDIT_MIN_COUNT}' = {value!r}: expected int >= 1"
+        )
+    return value

@@ -9,9 +9,11 @@ they carry no weight in the average.
 
 Small counts (``audit-min-count``, default 5): statistics computed over fewer samples
 (validation AUROC/AUPRC, mean DWFuse weights, imputation errors, TLA scores, the training
-loss) are not sent (None in the audit, -1.0 in the MetricRecord), and the exact-combination
-counts get complementary suppression (``omnifuse_model.suppression``, which also says what the
-exact weighting counts num-examples / num-present.m still disclose).
+loss) are not sent (None in the audit, -1.0 in the MetricRecord), every count sent for
+weighting (num-examples, num-present.m, the audit's num_examples, TLA-sum counts) is rounded
+up to a multiple of it (``published_count``), and the exact-combination counts get
+complementary suppression (``omnifuse_model.suppression`` says what this protects and what
+not).
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ from omnifuse_model.federation_schema import (
     exact_combination_counts,
     finite_or_none,
     present_key,
-    suppress,
 )
 from omnifuse_model.laziness import LazinessReport
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import PrivacyConfig, SiteConfig
 from omnifuse_model.site_data import SiteDatasets
-from omnifuse_model.suppression import protect_combination_counts, statistic_or_none
+from omnifuse_model.suppression import (
+    protect_combination_counts,
+    published_count,
+    statistic_or_none,
+)
 from omnifuse_model.training import EvaluationResult, FitResult, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -152,8 +157,9 @@ class _RoundReport:
     Every statistic computed over fewer than ``audit_min_count`` samples is withheld (None in
     the audit, -1.0 or left out in the MetricRecord), and the exact-combination counts are
     protected by complementary suppression (``omnifuse_model.suppression``). The counts used
-    for weighting (num-examples, num-present.m) are sent exactly; what that discloses is in
-    the suppression module's docstring, and cells they give away are logged here.
+    for weighting (num-examples, num-present.m) and the audit's num_examples are sent as
+    ``published_count`` (rounded up to a multiple of the threshold); cells the published
+    counts would still give away are logged here.
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class _RoundReport:
         self.availability = availability
         self.num_examples = int(availability.shape[0])
         self.num_val = len(val)
+        self.published_examples = published_count(self.num_examples, self.threshold)
         held = _availability(val)
         others = held.sum(dim=1) > 1
         # imputation error of m is measured on val samples holding m and another modality
@@ -180,15 +187,18 @@ class _RoundReport:
     ) -> dict[str, float | int]:
         trained = result is not None
         loss = float(result.history[-1].losses.get("total", math.nan)) if trained else None
+        self.published_examples = (
+            published_count(self.num_examples, self.threshold) if trained else 0
+        )
         metrics: dict[str, float | int] = {
-            NUM_EXAMPLES: self.num_examples if trained else 0,
+            NUM_EXAMPLES: self.published_examples,
             TRAIN_LOSS: _finite(statistic_or_none(loss, self.num_examples, self.threshold)),
             VAL_AUROC: _finite(self._val(evaluation.metrics.get("auroc"))),
             VAL_AUPRC: _finite(self._val(evaluation.metrics.get("auprc"))),
         }
         for index, name in enumerate(self.names):
             present = int(self.availability[:, index].sum())
-            metrics[present_key(name)] = present if trained else 0
+            metrics[present_key(name)] = published_count(present, self.threshold) if trained else 0
         if epsilon is not None:
             metrics[EPSILON] = epsilon
         return metrics
@@ -197,11 +207,17 @@ class _RoundReport:
         self, evaluation: EvaluationResult, report: LazinessReport | None, epsilon: float | None
     ) -> AuditRow:
         counts = exact_combination_counts(self.availability.tolist(), self.names)
-        protected = protect_combination_counts(counts, self.names, self.threshold)
+        protected = protect_combination_counts(
+            counts,
+            self.names,
+            self.threshold,
+            tla_counts=report.counts if report and report.counts else None,  # sent as TLA sums
+        )
         if protected.exposed:
             log.warning(
-                "site %s: audit cells %s are below %d but follow from the num-present / "
-                "num-examples counts sent for weighting; suppressing them hides nothing",
+                "site %s: audit cells %s are below %d but follow from the (rounded) "
+                "num-present / num-examples counts sent for weighting; suppressing them "
+                "hides nothing",
                 self.site,
                 list(protected.exposed),
                 self.threshold,
@@ -212,7 +228,7 @@ class _RoundReport:
         return AuditRow(
             site=self.site,
             round=self.instructions.global_round,
-            num_examples=suppress(self.num_examples, threshold),
+            num_examples=self.published_examples,  # as in the MetricRecord
             availability_counts=protected.reported,
             tla_scores={
                 k: statistic_or_none(finite_or_none(v), tla_counts.get(k, 0), threshold)
@@ -262,7 +278,8 @@ def evaluate_global(
     min_count: int = 5,
 ) -> dict[str, float | int]:
     """Federated evaluation of the global model on the site's validation split; AUROC/AUPRC
-    over fewer than ``min_count`` (the audit's suppression threshold) samples are sent as -1."""
+    over fewer than ``min_count`` (the audit's suppression threshold) samples are sent as -1,
+    and the validation size as ``published_count(size, min_count)``."""
     model = build_model(model_config, state)
     evaluation = evaluate(
         model,
@@ -272,7 +289,7 @@ def evaluate_global(
     )
     size = len(datasets.val)
     return {
-        NUM_EXAMPLES: size,
+        NUM_EXAMPLES: published_count(size, min_count),
         VAL_AUROC: _finite(statistic_or_none(evaluation.metrics.get("auroc"), size, min_count)),
         VAL_AUPRC: _finite(statistic_or_none(evaluation.metrics.get("auprc"), size, min_count)),
     }

@@ -252,9 +252,16 @@ def parse_audit(
     global_round: int,
     metrics: TrainMetrics,
     modality_names: list[str],
+    declared_train: int | None = None,
 ) -> wire.AuditRow:
     """The reply's audit row; it must be about ``site`` and ``global_round`` and agree with
-    the reply's metrics. Statistics must be finite and in range."""
+    the reply's metrics. Statistics must be finite and in range.
+
+    Counts are compared as published (``suppression.published_count``): the row's
+    ``num_examples`` must equal the MetricRecord's, and each exact availability cell is at
+    most the published training size, or the declared one (``declared_train``) when the
+    site trained nothing this round (a DP-SGD site at its budget sends num-examples 0 but
+    still describes its training data)."""
     _exact_keys("bad_audit", record, {"row"})
     text = record["row"]
     if not isinstance(text, str) or len(text) > MAX_AUDIT_CHARS:
@@ -272,7 +279,8 @@ def parse_audit(
     if row.num_examples is not None and row.num_examples != metrics.num_examples:
         raise ReplyError("bad_audit:num_examples_disagrees")
     labels = {combination_label(c) for c in modality_combinations(modality_names)}
-    _check_stats("availability_counts", row.availability_counts, labels, 0, metrics.num_examples)
+    cells_bound = max(metrics.num_examples, declared_train or 0)
+    _check_stats("availability_counts", row.availability_counts, labels, 0, cells_bound)
     _check_stats("tla_scores", row.tla_scores, labels, 0.0, 1e12)
     _check_stats("mean_dwfuse_weight", row.mean_dwfuse_weight, set(modality_names), 0.0, 1.0)
     _check_stats("imputation_error", row.imputation_error, set(modality_names), 0.0, 1e12)

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from omnifuse_model.config import StrictModel
 from omnifuse_model.laziness import LazinessReport, combination_label, modality_combinations
+from omnifuse_model.suppression import published_count
 
 # -- records in a message -----------------------------------------------------------------
 ARRAYS = "arrays"  # ArrayRecord: trainable weights only
@@ -25,6 +26,7 @@ TLA_SUMS = "tla-sums"  # ConfigRecord: per-combination distance sums and counts 
 
 # -- server -> client config keys ---------------------------------------------------------
 MODEL_CONFIG = "model-config"  # JSON of OmniFuseConfig (the registration query before round 1)
+AUDIT_MIN_COUNT = "audit-min-count"  # the registration query's suppression threshold (int)
 ROUND_PLAN = "round-plan"  # JSON of omnifuse_model.round_plan.RoundPlan: the round's instructions
 
 # -- client -> server metric keys ---------------------------------------------------------
@@ -121,12 +123,14 @@ def finite_or_none(value: float | None) -> float | None:
 
 def encode_tla_sums(report: LazinessReport, threshold: int) -> dict[str, float | int]:
     """Per-combination distance sums and counts for the server's global merge; combinations
-    held by fewer than ``threshold`` samples are left out."""
+    held by fewer than ``threshold`` samples are left out, and each count is sent rounded up
+    to a multiple of ``threshold`` (``suppression.published_count``; the merged mean's
+    relative error is below threshold / count)."""
     record: dict[str, float | int] = {}
     for key, count in report.counts.items():
         if count >= threshold:
             record[f"sum.{key}"] = float(report.distance_sums[key])
-            record[f"count.{key}"] = int(count)
+            record[f"count.{key}"] = published_count(int(count), threshold)
     return record
 
 

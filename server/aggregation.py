@@ -15,6 +15,9 @@ Rules, per group, coordinate-wise over the participating sites:
 
 - ``fedavg``: the mean weighted by ``num-present.m`` (modality groups) or ``num-examples``
   (shared group): exactly the former float64 ``modality_aware_average`` up to float32 rounding.
+  The counts are the ones sites publish, rounded up to a multiple of audit-min-count k
+  (``omnifuse_model.suppression.published_count``): a weight is off by less than k / n
+  relative to the true count n, and a modality a site holds never gets weight 0.
 - ``median``: the median (the mean of the two middle values for an even count).
 - ``trimmed-mean``: the mean after dropping the ``floor(trim_fraction * n)`` largest and
   smallest values.

@@ -122,6 +122,7 @@ def register(
         model_config.modality_names,
         run.min_available_nodes,
         run.round_timeout,
+        run.audit_min_count,
     )
     log.info(
         "registration: %d of %d nodes bound to sites in %.1f s",

@@ -136,13 +136,15 @@ def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain
             {wire.TLA_SUMS: ConfigRecord},
         )
         metrics = parse_train_metrics(dict(records[wire.METRICS]), context.modality_names)
-        check_counts_bound(
-            metrics.counts(),
-            context.registry.declarations[site],
-            context.registry.last_counts.get(site),
-        )
+        declaration = context.registry.declarations[site]
+        check_counts_bound(metrics.counts(), declaration, context.registry.last_counts.get(site))
         row = parse_audit(
-            dict(records[wire.AUDIT]), site, context.global_round, metrics, context.modality_names
+            dict(records[wire.AUDIT]),
+            site,
+            context.global_round,
+            metrics,
+            context.modality_names,
+            declaration.num_train,
         )
         tla = (
             parse_tla_sums(

@@ -1,7 +1,8 @@
 """Which node is which site: a registration before round 1 binds node ids to site names.
 
 The server sends every connected node a registration query (a QUERY message carrying the
-model config); each ClientApp answers with its site name and declared data sizes
+model config and the run's audit-min-count); each ClientApp answers with its site name and
+declared data sizes, rounded as its rounds round them
 (``omnifuse_model.federation_replies.SiteDeclaration``). From then on every record is named
 by the site bound to the sending node, never by what a reply claims; the declared sizes and
 the last accepted round's counts bound what later replies may report. The registry is saved
@@ -143,8 +144,14 @@ class SiteRegistry:
         return self.bind(reply.metadata.src_node_id, declaration, connected)
 
 
-def registration_messages(nodes: list[int], model_config_json: str) -> list[Message]:
-    config = ConfigRecord({wire.MODEL_CONFIG: model_config_json})
+def registration_messages(
+    nodes: list[int], model_config_json: str, audit_min_count: int
+) -> list[Message]:
+    """The registration query: the model config and the run's audit-min-count (sites round
+    the sizes they declare to multiples of it, as they round every count a round sends)."""
+    config = ConfigRecord(
+        {wire.MODEL_CONFIG: model_config_json, wire.AUDIT_MIN_COUNT: audit_min_count}
+    )
     return [
         Message(
             content=RecordDict({wire.CONFIG: config}),
@@ -161,6 +168,7 @@ def register_newcomers(
     model_config_json: str,
     modality_names: list[str],
     timeout: float,
+    audit_min_count: int,
 ) -> None:
     """Ask the nodes that connected since the registration (deployment: a late SuperNode),
     or that did not answer it, to register now."""
@@ -168,7 +176,9 @@ def register_newcomers(
     new = sorted(connected - set(registry.nodes) - set(registry.refused))
     if new:
         replies = list(
-            grid.send_and_receive(registration_messages(new, model_config_json), timeout=timeout)
+            grid.send_and_receive(
+                registration_messages(new, model_config_json, audit_min_count), timeout=timeout
+            )
         )
         registry.register(replies, modality_names, connected)
 
@@ -190,6 +200,7 @@ def register_sites(
     modality_names: list[str],
     min_nodes: int,
     timeout: float,
+    audit_min_count: int,
 ) -> dict[str, float | int]:
     """Send the registration query to every connected node and bind the answers.
 
@@ -198,7 +209,7 @@ def register_sites(
     """
     started = time.perf_counter()
     nodes = wait_for_nodes(grid, min_nodes, timeout)
-    messages = registration_messages(nodes, model_config_json)
+    messages = registration_messages(nodes, model_config_json, audit_min_count)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     registry.register(replies, modality_names, set(nodes))
     answered = sum(1 for reply in replies if not reply.has_error())

@@ -123,6 +123,7 @@ class OmniFuseStrategy(FedAvg):
             self.model_config.model_dump_json(),
             self.model_config.modality_names,
             self.run.round_timeout,
+            self.run.audit_min_count,
         )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous = {k: v.numpy() for k, v in arrays.items()}

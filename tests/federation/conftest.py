@@ -105,7 +105,8 @@ def site_registry(model_config) -> SiteRegistry:
     registry = SiteRegistry()
     for name, (modalities, seed, node) in ROUND_SITES.items():
         site = make_site(name, modalities, seed)
-        declaration = site_declaration(name, load_site_datasets(site, model_config), model_config)
+        datasets = load_site_datasets(site, model_config)
+        declaration = site_declaration(name, datasets, model_config, threshold=5)
         assert registry.bind(node, declaration, connected=set()) is None
     return registry
 

@@ -22,9 +22,11 @@ from client.privacy import (
     noise_only_step,
     private_fit,
 )
+from client.registration import site_declaration
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.federation_replies import check_counts_bound, parse_audit, parse_train_metrics
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import PrivacyConfig, SiteConfig, load_site_config
@@ -112,6 +114,15 @@ def test_epsilon_grows_over_rounds_then_the_site_stops_at_its_budget(
     assert spent.metrics[wire.EPSILON] == pytest.approx(epsilons[1])
     assert spent.audit.epsilon == pytest.approx(epsilons[1])
     assert spent.audit.val_auroc is not None  # the site still evaluates
+    # the server's screening accepts the spent site's reply: the audit's num_examples is the
+    # MetricRecord's 0, and its training-table cells are bounded by the declared size
+    declaration = site_declaration(site.name, datasets, model_config, threshold=5)
+    metrics = parse_train_metrics(spent.metrics, ["ehr", "cxr"])
+    check_counts_bound(metrics.counts(), declaration, None)
+    row = parse_audit(
+        wire.encode_audit(spent.audit), site.name, 3, metrics, ["ehr", "cxr"], declaration.num_train
+    )
+    assert row.num_examples == 0 and any(row.availability_counts.values())
 
 
 def test_ledger_continues_across_restarts_and_a_rerun_round_replaces_its_entry(tmp_path):

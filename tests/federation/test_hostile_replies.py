@@ -379,6 +379,28 @@ def test_counts_above_the_last_accepted_round_are_rejected(hostile_round, reply_
     assert strategy.records[1].problems[0]["reason"].startswith("num-examples:above_last_round")
 
 
+def test_published_counts_fit_the_declaration_and_one_above_it_is_rejected(
+    hostile_round, reply_from
+):
+    """Honest sites declare and report counts rounded the same way (multiples of
+    audit-min-count 5): both sites are accepted; a count one above the declared one is not."""
+    fresh, good, bad, _ = hostile_round
+    strategy = fresh()
+    declared = strategy.registry.declarations[BAD_SITE]
+    metrics = dict(bad.content[wire.METRICS])
+    assert metrics[wire.NUM_EXAMPLES] == declared.num_train and declared.num_train % 5 == 0
+    assert all(metrics[wire.present_key(m)] % 5 == 0 for m in declared.num_present)
+    strategy.aggregate_train(1, [bad, good])
+    assert strategy.records[1].accepted_sites == ["a_full", BAD_SITE]
+    records = {key: bad.content[key] for key in bad.content}
+    records[wire.METRICS] = MetricRecord({**metrics, wire.NUM_EXAMPLES: declared.num_train + 1})
+    strategy = fresh()
+    strategy.aggregate_train(1, [reply_from(RecordDict(records), BAD_NODE), good])
+    assert strategy.records[1].problems[0]["reason"] == (
+        f"num-examples:above_declared:{declared.num_train + 1}>{declared.num_train}"
+    )
+
+
 # -- evaluate replies ------------------------------------------------------------------------
 @pytest.fixture
 def evaluate_round(site_registry, model_config, tmp_path, reply_from):

@@ -155,7 +155,8 @@ def test_the_client_app_answers_the_registration(
 ):
     path = tmp_path / "site.toml"
     path.write_text(SITE_TOML)
-    [request] = registration_messages([5], model_config.model_dump_json())
+    [request] = registration_messages([5], model_config.model_dump_json(), 7)
+    assert request.content["config"]["audit-min-count"] == 7
     reply = query(request, _context(path))
     registry = SiteRegistry()
     registry.register([_answer(reply_from, 5, content=reply.content)], NAMES, {5})
@@ -164,6 +165,20 @@ def test_the_client_app_answers_the_registration(
     assert declaration.num_present["cxr"] == 0  # the site does not hold cxr
     assert 0 < declaration.num_present["ehr"] <= declaration.num_train
     assert declaration.num_val > 0
+    # every declared size is published as a round publishes it: rounded up to a multiple of 7
+    sizes = [declaration.num_train, declaration.num_val, *declaration.num_present.values()]
+    assert all(size % 7 == 0 for size in sizes), sizes
+
+
+def test_a_registration_query_without_the_threshold_is_refused_by_name(
+    flower_task_identity, model_config, tmp_path
+):
+    path = tmp_path / "site.toml"
+    path.write_text(SITE_TOML)
+    [request] = registration_messages([5], model_config.model_dump_json(), 5)
+    del request.content["config"]["audit-min-count"]
+    with pytest.raises(RuntimeError, match="no 'audit-min-count' key"):
+        query(request, _context(path))
 
 
 def test_a_site_whose_data_does_not_load_names_itself_in_the_error(
@@ -171,7 +186,7 @@ def test_a_site_whose_data_does_not_load_names_itself_in_the_error(
 ):
     path = tmp_path / "broken.toml"
     path.write_text('name = "site_9"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing"\n')
-    [request] = registration_messages([5], model_config.model_dump_json())
+    [request] = registration_messages([5], model_config.model_dump_json(), 5)
     with pytest.raises(RuntimeError, match="site 'site_9': registration failed"):
         query(request, _context(path))
 
@@ -206,6 +221,8 @@ def test_a_node_connecting_after_the_registration_is_asked_before_the_next_round
             assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
             return [_answer(reply_from, 8, encode_declaration(late))]
 
-    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)
-    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5)  # nobody new: no query
+    register_newcomers(Grid(), registry, "{}", NAMES, timeout=5, audit_min_count=5)
+    register_newcomers(
+        Grid(), registry, "{}", NAMES, timeout=5, audit_min_count=5
+    )  # nobody new: no query
     assert asked == [[8]] and registry.nodes == {4: "s1", 8: "s2"}
