@@ -16,7 +16,8 @@ with its honest counts, global + a * delta where delta is its honest update:
 Each round runs in-process: every site's ``train_round`` from the global weights, the attack,
 the server's update validation as deployed (``server.update_validation.update_rejection``
 with the run config's default ``max_update_norm``), ``server.aggregation.aggregate_states``
-with the rule (modality-aware; trimmed-mean drops 10% per end, i.e. one of ten sites), then
+with the rule (modality-aware; trimmed-mean drops floor(0.2 x n) sites per end: two of ten,
+one of the seven that hold cxr or rep), then
 the global model's AUROC on a held-out test set. Round 1 starts every (rule, attack) from the
 same global weights, so its honest site updates are computed once per seed and reused, and
 ``deviation_round1`` (L2 distance of the round-1 aggregate to FedAvg of the ten honest updates)
@@ -83,7 +84,7 @@ class RobustBenchmarkConfig(StrictModel):
     local_epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=32, gt=0)
     lr: float = Field(default=3e-3, gt=0)
-    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)  # the run config's default
     max_update_norm: float = Field(default=DEFAULT_MAX_NORM, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     rules: list[str] = Field(default_factory=lambda: list(RULES))
@@ -386,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny model and data, 2 rounds, 1 seed"
     )
+    parser.add_argument("--trim-fraction", type=float, help="trimmed mean, per end (default 0.2)")
     parser.add_argument("--out", default="benchmark_results/robust/", help="folder for the JSON")
     args = parser.parse_args(argv)
     overrides: dict = dict(QUICK) if args.quick else {}
-    for key in ("seeds", "rounds"):
+    for key in ("seeds", "rounds", "trim_fraction"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     config = RobustBenchmarkConfig.model_validate(overrides)
