@@ -16,6 +16,7 @@ import logging
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from simulation.flower_processes import (
     REPO_ROOT,
     flower_bin,
     flower_env,
+    free_port,
     stop_process,
     stop_processes,
     write_run_config,
@@ -96,7 +98,7 @@ def check_port_free(port: int) -> None:
     raise OrphanSuperLinkError(
         f"127.0.0.1:{port} is already in use ({'; '.join(sorted(set(owners))) or 'owner unknown'})"
         ": a SuperLink left by another federation or work dir, or another program. Stop it, or "
-        "choose another port (omnifuse federate --port)."
+        "leave out --port to use a free one."
     )
 
 
@@ -139,27 +141,34 @@ def _flwr_run(
     app_dir: Path,
     env: dict[str, str],
     timeout: float,
-    stream: bool,
+    on_poll: Callable[[], None] | None,
 ) -> int:
+    """`flwr run --stream` until it exits; ``on_poll`` is called about once a second
+    meanwhile (progress display). Its output goes to ``work_dir/flwr_run.log``."""
     config_file = write_run_config(work_dir / "run_config.toml", run_config)
     run = [
         flower_bin("flwr"),
         *("run", str(app_dir), CONNECTION, "--run-config", str(config_file)),
-        *("--federation-config", f"num-supernodes={num_supernodes}"),
+        *("--federation-config", f"num-supernodes={num_supernodes}", "--stream"),
     ]
-    if stream:
-        run.append("--stream")
+    deadline = time.monotonic() + timeout
     with (work_dir / "flwr_run.log").open("w") as run_log:
-        completed = subprocess.run(
-            run,
-            env=env,
-            cwd=app_dir,
-            stdout=run_log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
+        process = subprocess.Popen(
+            run, env=env, cwd=app_dir, stdout=run_log, stderr=subprocess.STDOUT
         )
-    return completed.returncode
+        try:
+            while process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(run, timeout)
+                if on_poll is not None:
+                    on_poll()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)
+        finally:
+            stop_process(process)
+    if on_poll is not None:
+        on_poll()
+    return process.returncode
 
 
 def run_federation(
@@ -167,22 +176,25 @@ def run_federation(
     num_supernodes: int,
     work_dir: Path,
     app_dir: Path = REPO_ROOT,
-    http_port: int = 39191,
+    http_port: int | None = None,
     timeout: float = 3600.0,
-    stream: bool = True,
+    on_poll: Callable[[], None] | None = None,
 ) -> int:
     """Start a SuperLink, `flwr run` the app with ``num_supernodes`` simulated sites, stop.
 
-    Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log).
-    A SuperLink left running on this work dir by a killed run is stopped first; a port held
-    by any other process is an `OrphanSuperLinkError` (never silently reused).
+    Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log),
+    which is also the run's FLWR_HOME; ``http_port`` None picks a free port, so runs with
+    their own work dirs never collide. A SuperLink left running on this work dir by a killed
+    run is stopped first; a given port held by any other process is an
+    `OrphanSuperLinkError` (never silently reused).
     """
     work_dir = Path(work_dir).resolve()
-    env = flower_env(_write_flwr_home(work_dir, http_port), app_dir)
-    superlink = _start_superlink(work_dir, http_port, env)
+    port = free_port() if http_port is None else http_port
+    env = flower_env(_write_flwr_home(work_dir, port), app_dir)
+    superlink = _start_superlink(work_dir, port, env)
     try:
-        _wait_healthy(http_port, superlink, work_dir / "superlink.log", 60.0)
-        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, stream)
+        _wait_healthy(port, superlink, work_dir / "superlink.log", 60.0)
+        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, on_poll)
     finally:
         stop_process(superlink)
     _check_completed(run_config, work_dir, returncode)
@@ -208,8 +220,24 @@ def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: 
         )
     if returncode != 0 or (expected and done < expected):
         log_path = work_dir / "flwr_run.log"
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         raise FederationError(
             f"federation stopped after round {done} of {expected} (flwr run exit code "
-            f"{returncode}); log {log_path}:\n{tail}"
+            f"{returncode}): {_last_error(log_path)}; full log: {log_path}"
         )
+
+
+def _last_error(log_path: Path) -> str:
+    """The last line of the `flwr run` log that reads like an error (Flower prints the
+    ServerApp's exception as ERROR lines and a traceback ending in ``Type: message``)."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no flwr run log"
+    marked = [
+        line
+        for line in lines
+        if line
+        and ("ERROR" in line or "Error" in line or "Exception" in line)
+        and not line.startswith(("File ", "Traceback"))
+    ]
+    return (marked or [line for line in lines if line] or ["empty flwr run log"])[-1][:300]

@@ -417,9 +417,63 @@ def _read_source(config: PartitionConfig) -> tuple[dict, dict[str, list[list[str
     return source, {split: rows for split, (_, rows) in listfiles.items()}
 
 
-def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
+class SmallSplitError(ValueError):
+    """A site's validation or test split is too small to score (``partition --strict``)."""
+
+
+def split_problems(
+    rows: list[list[str]], header: list[str], task: str, min_count: int
+) -> str | None:
+    """Why a split cannot be scored: fewer than ``min_count`` stays, or (mortality) fewer
+    than ``min_count`` positives or negatives (AUROC needs both; the audit suppresses counts
+    below its threshold). None when it can."""
+    if len(rows) < min_count:
+        return f"{len(rows)} stays (fewer than {min_count})"
+    if task != "in-hospital-mortality":
+        return None
+    label = header.index("y_true")
+    positives = sum(int(float(r[label])) for r in rows)
+    negatives = len(rows) - positives
+    if min(positives, negatives) < min_count:
+        return (
+            f"{positives} positive and {negatives} negative of {len(rows)} stays "
+            f"(fewer than {min_count} of a class)"
+        )
+    return None
+
+
+def _check_split_sizes(
+    config: PartitionConfig,
+    site_subjects: list[set[int]],
+    split_rows: dict[str, list[list[str]]],
+    header: list[str],
+    min_count: int,
+) -> list[str]:
+    """One line per site split (validation per site, test for the server) that is too small."""
+    found = []
+    checks = [
+        (p.name, "val", subjects) for p, subjects in zip(config.sites, site_subjects, strict=True)
+    ]
+    checks.append((SERVER_TEST_SITE, "test", None))
+    for name, split, subjects in checks:
+        rows = [r for r in split_rows[split] if subjects is None or _subject(r[0]) in subjects]
+        problem = split_problems(rows, header, config.task, min_count)
+        if problem:
+            found.append(f"site '{name}' {split} split: {problem}")
+    return found
+
+
+def partition(
+    config: PartitionConfig,
+    out_dir: Path,
+    console: Console | None = None,
+    min_count: int = 5,
+    strict: bool = False,
+) -> Scenario:
     """Write every site's view + site.toml, the server test site, scenario.json.
 
+    A validation or test split too small to score (`split_problems`) is a warning, or with
+    ``strict`` a `SmallSplitError` raised before anything is written.
     Nothing is written, linked or removed outside ``out_dir`` (`simulation.safe_paths`);
     a bad input row raises `InputRowError` naming its file and line before anything is written.
     """
@@ -436,10 +490,19 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
     assignment = assign_subjects(
         subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
     )
+    site_subjects = [
+        {s for s, site in assignment.items() if site == index} for index in range(len(config.sites))
+    ]
+    small = _check_split_sizes(config, site_subjects, split_rows, list_header, min_count)
+    if small and strict:
+        raise SmallSplitError(
+            "partition --strict: splits too small to score: "
+            + "; ".join(small)
+            + ". Use fewer sites, more data, or a smaller --min-count."
+        )
     rng = np.random.default_rng(config.seed + 1)
     rows, site_configs = [], []
-    for index, plan in enumerate(config.sites):
-        subjects = {s for s, site in assignment.items() if site == index}
+    for plan, subjects in zip(config.sites, site_subjects, strict=True):
         site_rows = {**split_rows, "test": []}
         rows.append(_write_site(out_dir, plan, subjects, site_rows, source, config, rng))
         site_configs.append(Path(plan.name, "site.toml"))
@@ -459,6 +522,8 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
     writable(out_dir, out_dir / "scenario.json")
     scenario.write(out_dir)
     _print_table(console, rows)
+    for line in small:
+        console.print(f"[yellow]warning:[/yellow] {line}: too small to score", highlight=False)
     return scenario
 
 
@@ -475,8 +540,13 @@ def _print_table(console: Console, rows: list[dict]) -> None:
         "cxr_images",
         "reports",
     ]
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="left" if column == "site" else "right")
+    for column in columns:  # headers wrap at spaces; site names are never cut to "hospi…"
+        table.add_column(
+            column.replace("_", " "),
+            justify="left" if column == "site" else "right",
+            no_wrap=column == "site",
+            min_width=max(len(str(r["site"])) for r in rows) if column == "site" else None,
+        )
     for row in rows:
         table.add_row(*(str(row.get(c, "-")) for c in columns))
     console.print(table)
