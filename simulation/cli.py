@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import tomllib
@@ -58,7 +59,10 @@ def _schema(args: argparse.Namespace) -> int:
     schema = scenario_json_schema if args.command == "scenario-schema" else site_config_json_schema
     text = schema()
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"{args.command} --out {out}: folder {out.parent} not found")
+        out.write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -77,7 +81,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
-    values = json.loads(args.config_json) if args.config_json else {}
+    try:
+        values = json.loads(args.config_json) if args.config_json else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"synth --config-json: not JSON ({error})") from error
     values.update({"num_stays": args.stays, "seed": args.seed})
     if args.messy_rate is not None:
         values["messy_rate"] = args.messy_rate
@@ -94,6 +101,8 @@ def _partition(args: argparse.Namespace) -> int:
 
     if args.config:
         path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"partition --config {path}: no such file")
         try:
             config = PartitionConfig.model_validate(tomllib.loads(path.read_text()))
         except ValueError as error:  # TOML or pydantic: name the file
@@ -343,6 +352,10 @@ def _run_handler(args: argparse.Namespace) -> int:
         ValueError,
         FileNotFoundError,
         FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        subprocess.TimeoutExpired,
         FederationError,
         OrphanSuperLinkError,
         DeploymentError,

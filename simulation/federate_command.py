@@ -56,6 +56,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check everything, then run with a progress display and print a summary table."""
     from omnifuse_model.scenario import Scenario
+    from omnifuse_model.site_config import load_site_config
     from simulation.federation import run_federation
     from simulation.federation_progress import FederationProgress, read_rounds, summary_table
     from simulation.run_config_args import (
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         known=known,
     )
-    sites = [p.parent.name if p.name == "site.toml" else p.stem for p in scenario.site_configs]
+    sites = [load_site_config(path).name for path in scenario.site_configs]
     values.setdefault("num-server-rounds", known["num-server-rounds"])  # checked at the end
     total = int(values["num-server-rounds"])  # type: ignore[arg-type]
     work = Path(args.work_dir).resolve() if args.work_dir else run_dir / FLWR_WORK_DIR

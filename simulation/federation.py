@@ -39,18 +39,25 @@ CONNECTION = "omnifuse-sim"
 DATABASE = "superlink_state.db"
 
 
+class FederationError(RuntimeError):
+    """`flwr run` did not complete every round, or the SuperLink did not start (the message
+    gives the reason and the log's path)."""
+
+
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log_file}")
+            raise FederationError(
+                f"flower-superlink exited with {process.returncode}; see {log_file}"
+            )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f}s; see {log_file}")
+    raise FederationError(f"flower-superlink not healthy after {timeout:.0f}s; see {log_file}")
 
 
 class OrphanSuperLinkError(RuntimeError):
@@ -199,10 +206,6 @@ def run_federation(
         stop_process(superlink)
     _check_completed(run_config, work_dir, returncode)
     return returncode
-
-
-class FederationError(RuntimeError):
-    """`flwr run` did not complete every round (its log tail is in the message)."""
 
 
 def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: int) -> None:
