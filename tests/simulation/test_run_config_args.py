@@ -85,3 +85,19 @@ def test_node_minimums_follow_the_scenario_size():
     assert _merge({"min-train-nodes": 3}, sites=5)["min-train-nodes"] == 3
     with pytest.raises(ValueError, match="min-train-nodes=4: the scenario has 3 site"):
         _merge({"min-train-nodes": 4}, sites=3)
+
+
+def test_pyprojects_relative_scenario_dir_fails_with_where_it_looked_and_what_to_do(
+    tmp_path, monkeypatch
+):
+    """Plain `flwr run .` with pyproject's defaults: the ServerApp runs in Flower's app
+    folder, so the relative scenario-dir is not found; the error says why and what to do."""
+    from server.run_config import FederationRunConfig
+
+    monkeypatch.chdir(tmp_path)  # as Flower's app folder: no runs/ there
+    run = FederationRunConfig.from_flower(KNOWN)
+    with pytest.raises(FileNotFoundError) as error:
+        run.scenario()
+    message = str(error.value)
+    assert "run config 'scenario-dir'" in message and str(Path.cwd()) in message
+    assert "give absolute paths" in message and "omnifuse federate" in message
