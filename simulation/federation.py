@@ -32,6 +32,7 @@ from simulation.flower_processes import (
     stop_processes,
     write_run_config,
 )
+from simulation.run_config_args import app_config_defaults
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,20 @@ def _flwr_run(
     return process.returncode
 
 
+PATH_KEYS = ("scenario-dir", "run-dir")
+
+
+def complete_run_config(run_config: dict[str, object], app_dir: Path) -> dict[str, object]:
+    """``run_config`` with the app's defaults for missing keys and ``scenario-dir`` /
+    ``run-dir`` made absolute against this process's folder: the ServerApp runs in Flower's
+    app folder, where a relative path names nothing (plain `flwr run .` with pyproject's
+    defaults fails there), and the completion check needs the real run dir and round count."""
+    values = {**app_config_defaults(app_dir), **run_config}
+    for key in PATH_KEYS:
+        values[key] = str(Path(str(values[key])).resolve())
+    return values
+
+
 def run_federation(
     run_config: dict[str, object],
     num_supernodes: int,
@@ -196,6 +211,7 @@ def run_federation(
     `OrphanSuperLinkError` (never silently reused).
     """
     work_dir = Path(work_dir).resolve()
+    run_config = complete_run_config(run_config, app_dir)
     port = free_port() if http_port is None else http_port
     env = flower_env(_write_flwr_home(work_dir, port), app_dir)
     superlink = _start_superlink(work_dir, port, env)

@@ -101,3 +101,16 @@ def test_pyprojects_relative_scenario_dir_fails_with_where_it_looked_and_what_to
     message = str(error.value)
     assert "run config 'scenario-dir'" in message and str(Path.cwd()) in message
     assert "give absolute paths" in message and "omnifuse federate" in message
+
+
+def test_the_harness_sends_absolute_paths_and_every_key(tmp_path, monkeypatch):
+    """run_federation's run config: pyproject's defaults for missing keys, paths absolute
+    against the caller's folder (so the completion check reads the real run dir)."""
+    from simulation.federation import complete_run_config
+    from simulation.flower_processes import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    values = complete_run_config({"run-dir": "mine", "num-server-rounds": 2}, REPO_ROOT)
+    assert values["run-dir"] == str(tmp_path / "mine")
+    assert values["scenario-dir"] == str(tmp_path / KNOWN["scenario-dir"])
+    assert values["num-server-rounds"] == 2 and set(values) == set(KNOWN)
