@@ -41,6 +41,7 @@ from simulation.safe_paths import (
     remove_tree,
     writable,
 )
+from simulation.split_scoring import SmallSplitError, small_splits
 
 MODALITIES = ("ehr", "cxr", "rep")
 SPLITS = ("train", "val", "test")
@@ -417,50 +418,20 @@ def _read_source(config: PartitionConfig) -> tuple[dict, dict[str, list[list[str
     return source, {split: rows for split, (_, rows) in listfiles.items()}
 
 
-class SmallSplitError(ValueError):
-    """A site's validation or test split is too small to score (``partition --strict``)."""
-
-
-def split_problems(
-    rows: list[list[str]], header: list[str], task: str, min_count: int
-) -> str | None:
-    """Why a split cannot be scored: fewer than ``min_count`` stays, or (mortality) fewer
-    than ``min_count`` positives or negatives (AUROC needs both; the audit suppresses counts
-    below its threshold). None when it can."""
-    if len(rows) < min_count:
-        return f"{len(rows)} stays (fewer than {min_count})"
-    if task != "in-hospital-mortality":
-        return None
-    label = header.index("y_true")
-    positives = sum(int(float(r[label])) for r in rows)
-    negatives = len(rows) - positives
-    if min(positives, negatives) < min_count:
-        return (
-            f"{positives} positive and {negatives} negative of {len(rows)} stays "
-            f"(fewer than {min_count} of a class)"
-        )
-    return None
-
-
-def _check_split_sizes(
+def _small_splits(
     config: PartitionConfig,
     site_subjects: list[set[int]],
     split_rows: dict[str, list[list[str]]],
     header: list[str],
     min_count: int,
 ) -> list[str]:
-    """One line per site split (validation per site, test for the server) that is too small."""
-    found = []
-    checks = [
-        (p.name, "val", subjects) for p, subjects in zip(config.sites, site_subjects, strict=True)
+    """Each site's validation split and the server's test split, checked for scoring."""
+    named = [
+        (plan.name, "val", [r for r in split_rows["val"] if _subject(r[0]) in subjects])
+        for plan, subjects in zip(config.sites, site_subjects, strict=True)
     ]
-    checks.append((SERVER_TEST_SITE, "test", None))
-    for name, split, subjects in checks:
-        rows = [r for r in split_rows[split] if subjects is None or _subject(r[0]) in subjects]
-        problem = split_problems(rows, header, config.task, min_count)
-        if problem:
-            found.append(f"site '{name}' {split} split: {problem}")
-    return found
+    named.append((SERVER_TEST_SITE, "test", split_rows["test"]))
+    return small_splits(named, header, config.task, min_count)
 
 
 def partition(
@@ -493,13 +464,9 @@ def partition(
     site_subjects = [
         {s for s, site in assignment.items() if site == index} for index in range(len(config.sites))
     ]
-    small = _check_split_sizes(config, site_subjects, split_rows, list_header, min_count)
+    small = _small_splits(config, site_subjects, split_rows, list_header, min_count)
     if small and strict:
-        raise SmallSplitError(
-            "partition --strict: splits too small to score: "
-            + "; ".join(small)
-            + ". Use fewer sites, more data, or a smaller --min-count."
-        )
+        raise SmallSplitError(small)
     rng = np.random.default_rng(config.seed + 1)
     rows, site_configs = [], []
     for plan, subjects in zip(config.sites, site_subjects, strict=True):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from simulation.cli import main
-from simulation.partition import split_problems
+from simulation.split_scoring import split_problems
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 HEADER = ["stay", "period_length", "y_true"]
