@@ -87,7 +87,7 @@ class FederationRunConfig(StrictModel):
                 'flwr run . --run-config \'scenario-dir="$PWD/runs/demo/scenario" '
                 'run-dir="$PWD/runs/demo/federation"\', or use `omnifuse federate`)'
                 if not self.scenario_dir.is_absolute()
-                else " (write one with `omnifuse partition` or `omnifuse demo`)"
+                else ""
             )
             raise FileNotFoundError(f"run config 'scenario-dir': {error}{hint}") from error
 

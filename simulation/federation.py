@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import subprocess
 import time
@@ -245,18 +246,20 @@ def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: 
         )
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\w*: \S")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _last_error(log_path: Path) -> str:
-    """The last line of the `flwr run` log that reads like an error (Flower prints the
-    ServerApp's exception as ERROR lines and a traceback ending in ``Type: message``)."""
+    """What went wrong, from the `flwr run` log: the last Python exception line
+    (``FileNotFoundError: ...``; Flower logs the ServerApp's exception with its traceback,
+    then "Exit Code: 700"), else the last ERROR line, else the last line."""
     try:
-        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+        text = log_path.read_text(errors="replace")
     except OSError:
         return "no flwr run log"
-    marked = [
-        line
-        for line in lines
-        if line
-        and ("ERROR" in line or "Error" in line or "Exception" in line)
-        and not line.startswith(("File ", "Traceback"))
-    ]
-    return (marked or [line for line in lines if line] or ["empty flwr run log"])[-1][:300]
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    errors = [line for line in lines if "ERROR" in line]
+    return (exceptions or errors or lines or ["empty flwr run log"])[-1][:300]

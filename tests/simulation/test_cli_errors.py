@@ -216,11 +216,14 @@ def test_a_failed_federation_is_one_line_after_the_rounds_that_finished(
     assert "ValueError: boom" in err[0] and "Traceback" not in captured.err
 
 
-def test_an_incomplete_run_names_the_last_error_of_the_flwr_log(tmp_path):
+def test_an_incomplete_run_names_the_last_exception_of_the_flwr_log(tmp_path):
+    """As flwr 1.42 logs a ServerApp that raised (measured: `flwr run` then exits 0)."""
     (tmp_path / "flwr_run.log").write_text(
         'INFO : Starting\nTraceback (most recent call last):\n  File "x.py", line 1\n'
         "ERROR :     ServerApp thread raised an exception\n"
         "FileNotFoundError: scenario runs/demo/scenario/scenario.json not found\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 700\n"
+        "An unhandled exception occurred when running the simulation.\n"
     )
     config = {"run-dir": str(tmp_path / "run"), "num-server-rounds": 2}
     with pytest.raises(FederationError) as error:
