@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import tomli_w
 
 from server.run_outcome import read_outcome
 from simulation.flower_processes import (
@@ -114,9 +115,10 @@ def check_port_free(port: int) -> None:
 def _write_flwr_home(work_dir: Path, http_port: int) -> Path:
     flwr_home = work_dir / "flwr_home"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    connection = {"address": f"127.0.0.1:{http_port}", "insecure": True}
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}),
+        encoding="utf-8",
     )
     return flwr_home
 
