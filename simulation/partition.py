@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field, model_validator
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +42,7 @@ from simulation.safe_paths import (
     remove_tree,
     writable,
 )
+from simulation.site_names import SiteLegend
 from simulation.split_scoring import SmallSplitError, small_splits
 
 MODALITIES = ("ehr", "cxr", "rep")
@@ -494,26 +496,37 @@ def partition(
     return scenario
 
 
+PARTITION_COLUMNS = {  # count -> header (short, so that the table fits 80 columns)
+    "modalities": "holds",
+    "subjects": "subjects",
+    "train_stays": "train",
+    "val_stays": "val",
+    "test_stays": "test",
+    "train_positive": "train pos",
+    "cxr_images": "X-rays",
+    "reports": "reports",
+}
+
+
 def _print_table(console: Console, rows: list[dict]) -> None:
-    table = Table(title="Sites")
-    columns = [
-        "site",
-        "modalities",
-        "subjects",
-        "train_stays",
-        "val_stays",
-        "test_stays",
-        "train_positive",
-        "cxr_images",
-        "reports",
-    ]
-    for column in columns:  # headers wrap at spaces; site names are never cut to "hospi…"
-        table.add_column(
-            column.replace("_", " "),
-            justify="left" if column == "site" else "right",
-            no_wrap=column == "site",
-            min_width=max(len(str(r["site"])) for r in rows) if column == "site" else None,
-        )
+    """Stays per split, training positives, X-rays and reports per site. Names longer than
+    the site column can hold at this width become S1, S2, ... with a legend (never "hospi…")."""
+    names = [str(row["site"]) for row in rows]
+    legend = SiteLegend.for_column(names, console.width - 64)  # what the counts leave
+    table = Table(
+        title="Sites (stays per split)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("site", no_wrap=True)
+    for header in PARTITION_COLUMNS.values():  # headers wrap at spaces
+        table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*(str(row.get(c, "-")) for c in columns))
+        cells = [str(row.get(c, "-")) for c in PARTITION_COLUMNS]
+        cells[0] = cells[0].replace("+", " ")  # modalities wrap at spaces
+        table.add_row(legend.short(str(row["site"])), *cells)
     console.print(table)
+    if legend.abbreviated:
+        console.print(legend.text())

@@ -28,6 +28,14 @@ class SiteLegend:
             return cls()
         return cls({name: f"S{index + 1}" for index, name in enumerate(unique)})
 
+    @classmethod
+    def for_column(cls, names: list[str], room: int) -> SiteLegend:
+        """Abbreviate when the longest name is wider than ``room`` (a column of its own)."""
+        unique = list(dict.fromkeys(names))
+        if max(map(len, unique), default=0) <= room:
+            return cls()
+        return cls({name: f"S{index + 1}" for index, name in enumerate(unique)})
+
     @property
     def abbreviated(self) -> bool:
         return bool(self.codes)

@@ -67,3 +67,28 @@ def test_a_split_without_positives_is_flagged_even_at_threshold_one(mimic, tmp_p
     assert _partition(mimic, tmp_path / "p", "--sites", "1", "--min-count", "1") == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "val split: 0 positive and 4 negative of 4 stays (fewer than 1 of a class)" in out
+
+
+@pytest.mark.parametrize(
+    "names", [["hospital_a", "hospital_b", "server_test"], ["hospital_north_general_long"]]
+)
+def test_the_sites_table_fits_80_columns_and_never_cuts_a_name(names):
+    import io
+
+    from rich.console import Console
+
+    from simulation.partition import _print_table
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    rows = [
+        {"site": n, "modalities": "ehr+cxr+rep", "subjects": 1200, "train_stays": 3000}
+        | {"val_stays": 400, "test_stays": 0, "train_positive": 400, "cxr_images": 2500}
+        | {"reports": 2000}
+        for n in names
+    ]
+    _print_table(console, rows)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    flat = " ".join(text.split())
+    for name in names:
+        assert f" {name} " in f" {flat} " or f"= {name}" in flat, name
