@@ -110,20 +110,21 @@ def round_line(done: RoundProgress, total: int, legend: SiteLegend) -> str:
 class FederationProgress:
     """Polled by `run_federation` about once a second; prints each newly finished round.
 
-    Rounds already in ``run_dir`` when it starts (a resumed run) are not announced again.
+    Rounds already in ``run_dir`` when it starts (a resumed run) are not announced again,
+    unless the server rewrites them (a fresh run into an old run dir).
     """
 
     run_dir: Path
     total_rounds: int
     sites: list[str]
     console: Console
-    seen: set[int] = field(default_factory=set)
+    seen: dict[int, RoundProgress] = field(default_factory=dict)
     _progress: Progress | None = None
     _task: int | None = None
 
     def __post_init__(self) -> None:
         self.legend = SiteLegend.for_width(self.sites, self.console.width)
-        self.seen = {r.round for r in read_rounds(self.run_dir)}
+        self.seen = {r.round: r for r in read_rounds(self.run_dir)}
 
     def __enter__(self) -> FederationProgress:
         self._progress = Progress(
@@ -146,9 +147,9 @@ class FederationProgress:
 
     def __call__(self) -> None:
         for done in read_rounds(self.run_dir):
-            if done.round in self.seen:
+            if self.seen.get(done.round) == done:
                 continue
-            self.seen.add(done.round)
+            self.seen[done.round] = done
             self.console.print(round_line(done, self.total_rounds, self.legend))
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, completed=min(done.round, self.total_rounds))

@@ -232,3 +232,31 @@ def test_an_incomplete_run_names_the_last_exception_of_the_flwr_log(tmp_path):
     assert "\n" not in message and "after round 0 of 2" in message
     assert "FileNotFoundError: scenario runs/demo/scenario/scenario.json not found" in message
     assert str(tmp_path / "flwr_run.log") in message
+
+
+def test_progress_announces_new_rounds_only(tmp_path):
+    """A resumed run's earlier rounds are not announced again; a rewritten round is."""
+    import io
+
+    from rich.console import Console
+
+    from simulation.federation_progress import FederationProgress
+
+    def write(rounds: dict[int, float]) -> None:
+        history = {
+            str(k): {"server": {"test-auroc": v}, "wall_seconds": 1.0} for k, v in rounds.items()
+        }
+        (tmp_path / "metrics.json").write_text(json.dumps(history))
+
+    write({1: 0.6})
+    out = io.StringIO()
+    progress = FederationProgress(tmp_path, 3, ["a"], Console(file=out, width=80))
+    progress()
+    assert out.getvalue() == ""
+    write({1: 0.6, 2: 0.7})
+    progress()
+    write({1: 0.65, 2: 0.7})  # the server rewrote round 1 (a fresh run into an old run dir)
+    progress()
+    lines = out.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["round 2 of 3", "round 1 of 3"]
+    assert "AUROC 0.650" in lines[1] and "replied: none" in lines[1]
