@@ -136,9 +136,9 @@ def register(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = FederationRunConfig.from_flower(context.run_config)
+    scenario = run.scenario()  # before anything is written: a wrong path fails first
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_outcome(run.run_dir, "running")
-    scenario = run.scenario()
     model_config = scenario.model
     (run.run_dir / "run_config.json").write_text(run.model_dump_json(indent=2))
     weights, state, note = initial_state(run, model_config)

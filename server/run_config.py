@@ -81,7 +81,15 @@ class FederationRunConfig(StrictModel):
         try:
             return Scenario.load(self.scenario_dir)
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"run config 'scenario-dir': {error}") from error
+            hint = (
+                f" ('{self.scenario_dir}' is relative: the ServerApp runs in {Path.cwd()}, "
+                "Flower's app folder, not the repository; give absolute paths, e.g. "
+                'flwr run . --run-config \'scenario-dir="$PWD/runs/demo/scenario" '
+                'run-dir="$PWD/runs/demo/federation"\', or use `omnifuse federate`)'
+                if not self.scenario_dir.is_absolute()
+                else ""
+            )
+            raise FileNotFoundError(f"run config 'scenario-dir': {error}{hint}") from error
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model

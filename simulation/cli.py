@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
+import subprocess
 import sys
 import threading
 import tomllib
@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
+
+from simulation import federate_command
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -57,7 +59,10 @@ def _schema(args: argparse.Namespace) -> int:
     schema = scenario_json_schema if args.command == "scenario-schema" else site_config_json_schema
     text = schema()
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"{args.command} --out {out}: folder {out.parent} not found")
+        out.write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -76,7 +81,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
-    values = json.loads(args.config_json) if args.config_json else {}
+    try:
+        values = json.loads(args.config_json) if args.config_json else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"synth --config-json: not JSON ({error})") from error
     values.update({"num_stays": args.stays, "seed": args.seed})
     if args.messy_rate is not None:
         values["messy_rate"] = args.messy_rate
@@ -92,7 +100,18 @@ def _partition(args: argparse.Namespace) -> int:
     from simulation.partition import PartitionConfig, default_site_plans, partition
 
     if args.config:
-        config = PartitionConfig.model_validate(tomllib.loads(Path(args.config).read_text()))
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"partition --config {path}: no such file")
+        try:
+            config = PartitionConfig.model_validate(tomllib.loads(path.read_text()))
+        except ValueError as error:  # TOML or pydantic: name the file
+            raise ValueError(f"partition --config {path}: {error}") from error
+    elif not args.data:
+        raise ValueError(
+            "partition: give --data FOLDER (the MIMIC-format data, e.g. from `omnifuse synth`) "
+            "or --config FILE.toml"
+        )
     else:
         config = PartitionConfig(
             data_dir=Path(args.data),
@@ -101,7 +120,7 @@ def _partition(args: argparse.Namespace) -> int:
             label_alpha=args.alpha,
             seed=args.seed,
         )
-    partition(config, Path(args.out))
+    partition(config, Path(args.out), min_count=args.min_count, strict=args.strict)
     Console().print(f"site views, site configs and scenario.json written to {args.out}")
     return 0
 
@@ -118,33 +137,6 @@ def _prepare(args: argparse.Namespace) -> int:
         Console().print(f"{path}: {summary.hits} cache hits, {summary.misses} computed")
     if not args.scenario and not args.sites:
         raise ValueError("prepare: give site config files or --scenario DIR")
-    return 0
-
-
-def _federate(args: argparse.Namespace) -> int:
-    from omnifuse_model.scenario import Scenario
-    from simulation.federation import FederationError, run_federation
-
-    scenario = Path(args.scenario).resolve()
-    sites = Scenario.load(scenario).site_configs
-    pairs = shlex.split(args.run_config, posix=False) if args.run_config else []
-    values: dict[str, object] = tomllib.loads("\n".join(pairs))
-    values.update(
-        {
-            "scenario-dir": str(scenario),
-            "run-dir": str(Path(args.run_dir).resolve()),
-            "num-server-rounds": args.rounds,
-            "min-available-nodes": len(sites),
-            "resume": args.resume,
-        }
-    )
-    work = Path(args.work_dir or Path(args.run_dir).resolve().parent / "flwr").resolve()
-    try:
-        run_federation(values, num_supernodes=len(sites), work_dir=work, http_port=args.port)
-    except FederationError as error:  # e.g. a site failed every round: exit non-zero, say why
-        Console(stderr=True).print(f"[red]federation failed:[/red] {error}")
-        return 1
-    Console().print(f"run written to {args.run_dir} (flwr log: {work / 'flwr_run.log'})")
     return 0
 
 
@@ -191,8 +183,8 @@ def _add_train_and_synth(commands: argparse._SubParsersAction) -> None:
 
     synth = commands.add_parser("synth", help="write synthetic data in the real MIMIC layouts")
     synth.add_argument("--out", required=True, help="new or empty folder")
-    synth.add_argument("--stays", type=int, default=200)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--stays", type=int, default=200, help="ICU stays to write")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument("--messy-rate", type=float, help="share of files made messy")
     synth.add_argument("--config-json", help="SyntheticMimicConfig fields as JSON")
     synth.set_defaults(handler=_synth)
@@ -201,15 +193,28 @@ def _add_train_and_synth(commands: argparse._SubParsersAction) -> None:
 def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
     part = commands.add_parser("partition", help="split a MIMIC-format dataset into sites")
     part.add_argument("--data", help="folder with root/, <task>/, mimic-cxr-jpg/, ...")
-    part.add_argument("--out", required=True)
+    part.add_argument("--out", required=True, help="folder for the site views and scenario.json")
     part.add_argument(
-        "--task", default="in-hospital-mortality", choices=["in-hospital-mortality", "phenotyping"]
+        "--task",
+        default="in-hospital-mortality",
+        choices=["in-hospital-mortality", "phenotyping"],
+        help="MIMIC-III benchmark task",
     )
-    part.add_argument("--sites", type=int, default=3)
+    part.add_argument("--sites", type=int, default=3, help="number of hospitals")
     part.add_argument("--alpha", type=float, help="Dirichlet label skew (smaller = more)")
     part.add_argument("--size-skew", type=float, default=0.0, help="log-normal size spread")
-    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--seed", type=int, default=0, help="random seed")
     part.add_argument("--config", help="a PartitionConfig TOML instead of the options above")
+    part.add_argument(
+        "--min-count",
+        type=int,
+        default=5,
+        help="fewest validation/test stays (and, for mortality, positives and negatives) "
+        "a site's split needs to be scored; the audit's default suppression threshold",
+    )
+    part.add_argument(
+        "--strict", action="store_true", help="refuse (exit 1) instead of warning on small splits"
+    )
     part.set_defaults(handler=_partition)
 
     prepare = commands.add_parser("prepare", help="run frozen backbones into feature caches")
@@ -219,25 +224,11 @@ def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
     prepare.set_defaults(handler=_prepare)
 
 
-def _add_federate(commands: argparse._SubParsersAction) -> None:
-    federate = commands.add_parser("federate", help="`flwr run` a scenario (simulation)")
-    federate.add_argument("--scenario", required=True, help="folder with scenario.json")
-    federate.add_argument("--run-dir", required=True)
-    federate.add_argument("--rounds", type=int, default=3)
-    federate.add_argument("--resume", action="store_true", help="continue from run-dir")
-    federate.add_argument("--run-config", help="more run-config keys: 'k1=v1 k2=\"v2\"'")
-    federate.add_argument("--work-dir", help="SuperLink state, FLWR_HOME and logs")
-    federate.add_argument(
-        "--port", type=int, default=39191, help="the SuperLink's port on 127.0.0.1"
-    )
-    federate.set_defaults(handler=_federate)
-
-
 def _add_deploy(commands: argparse._SubParsersAction) -> None:
     deploy = commands.add_parser("deploy", help="TLS certificates, SuperNode keys, loopback demo")
     deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
     certs = deploy_commands.add_parser("certs", help="a consortium CA + SuperLink certificate")
-    certs.add_argument("--out", required=True)
+    certs.add_argument("--out", required=True, help="folder for the CA and certificate")
     certs.add_argument(
         "--host",
         action="append",
@@ -245,29 +236,29 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
         help="SuperLink host names / IPs for the certificate (repeatable)",
     )
     keys = deploy_commands.add_parser("keys", help="SuperNode authentication key pairs")
-    keys.add_argument("--out", required=True)
+    keys.add_argument("--out", required=True, help="folder for the key pairs")
     keys.add_argument("names", nargs="+", help="one key pair per hospital name")
     for command in (certs, keys):
         command.add_argument("--force", action="store_true", help="replace existing files")
     local = deploy_commands.add_parser(
         "demo", help="TLS SuperLink + one authenticated SuperNode per site on 127.0.0.1"
     )
-    local.add_argument("--scenario", required=True)
-    local.add_argument("--work-dir", required=True)
-    local.add_argument("--rounds", type=int, default=1)
+    local.add_argument("--scenario", required=True, help="folder with scenario.json")
+    local.add_argument("--work-dir", required=True, help="certificates, keys, state and logs")
+    local.add_argument("--rounds", type=int, default=1, help="federated rounds")
     deploy.set_defaults(handler=_deploy)
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="synth -> partition -> prepare -> flwr run -> audit")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--stays", type=int)
-    demo.add_argument("--sites", type=int)
-    demo.add_argument("--rounds", type=int)
+    demo.add_argument("--out", default="runs/demo", help="folder for every step's output")
+    demo.add_argument("--stays", type=int, help="synthetic ICU stays (default 800)")
+    demo.add_argument("--sites", type=int, help="hospitals (default 3)")
+    demo.add_argument("--rounds", type=int, help="federated rounds (default 3)")
     demo.set_defaults(handler=_demo)
 
     validate = commands.add_parser("validate-config", help="validate site config TOML files")
-    validate.add_argument("files", nargs="+")
+    validate.add_argument("files", nargs="+", help="site.toml files")
     validate.set_defaults(handler=_validate_config)
 
     schema = commands.add_parser("site-config-schema", help="JSON schema of a site config")
@@ -278,22 +269,51 @@ def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
     scenario_schema.set_defaults(handler=_schema)
 
     audit = commands.add_parser("audit", help="per-site lazy-modality audit of a run")
-    audit.add_argument("run_dir")
+    audit.add_argument("run_dir", help="a federation's run directory (with audit.json)")
     audit.add_argument("--out", help="report folder (default RUN_DIR/audit_report)")
     audit.add_argument("--min-count", type=int, help="suppression threshold shown as '<k'")
     audit.set_defaults(handler=_audit)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless there is none to show (None, or
+    the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: defaults in --help, its one-line help as description."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def _describe(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give each subcommand without a description its one-line help (recursively)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                sub = action.choices[choice.dest]
+                sub.description = sub.description or choice.help
+                _describe(sub)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnifuse", description=__doc__)
+    parser = Parser(prog="omnifuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_train_and_synth(commands)
     _add_partition_and_prepare(commands)
-    _add_federate(commands)
+    federate_command.add_parser(commands)
     _add_deploy(commands)
     _add_demo_and_checks(commands)
-    return parser
+    return _describe(parser)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -332,6 +352,10 @@ def _run_handler(args: argparse.Namespace) -> int:
         ValueError,
         FileNotFoundError,
         FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        subprocess.TimeoutExpired,
         FederationError,
         OrphanSuperLinkError,
         DeploymentError,

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from omnifuse_model.config import StrictModel
+from simulation.federate_command import FLWR_WORK_DIR
 from simulation.federation import run_federation
 from simulation.partition import PartitionConfig, default_site_plans, partition
 from simulation.preparation import prepare_scenario
@@ -89,7 +90,7 @@ def _federate(out: Path, scenario_dir: Path, config: DemoConfig) -> Path:
             "min-available-nodes": config.sites,
         },
         num_supernodes=config.sites,
-        work_dir=out / "flwr",
+        work_dir=run_dir / FLWR_WORK_DIR,  # its own SuperLink state and FLWR_HOME; free port
     )
     return run_dir
 
@@ -155,7 +156,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
         "scenario": str(scenario_dir),
         "run_dir": str(run_dir),
         "audit_report": str(report.out_dir),
-        "flwr_log": str(out / "flwr" / "flwr_run.log"),
+        "flwr_log": str(run_dir / FLWR_WORK_DIR / "flwr_run.log"),
         "seconds": timings,
     }
     writable(out, out / "demo_result.json").write_text(json.dumps(result, indent=2))

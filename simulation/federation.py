@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
+import tomli_w
 
 from server.run_outcome import read_outcome
 from simulation.flower_processes import (
     REPO_ROOT,
     flower_bin,
     flower_env,
+    free_port,
     stop_process,
     stop_processes,
     write_run_config,
 )
+from simulation.run_config_args import app_config_defaults
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +42,25 @@ CONNECTION = "omnifuse-sim"
 DATABASE = "superlink_state.db"
 
 
+class FederationError(RuntimeError):
+    """`flwr run` did not complete every round, or the SuperLink did not start (the message
+    gives the reason and the log's path)."""
+
+
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log_file}")
+            raise FederationError(
+                f"flower-superlink exited with {process.returncode}; see {log_file}"
+            )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f}s; see {log_file}")
+    raise FederationError(f"flower-superlink not healthy after {timeout:.0f}s; see {log_file}")
 
 
 class OrphanSuperLinkError(RuntimeError):
@@ -96,16 +108,17 @@ def check_port_free(port: int) -> None:
     raise OrphanSuperLinkError(
         f"127.0.0.1:{port} is already in use ({'; '.join(sorted(set(owners))) or 'owner unknown'})"
         ": a SuperLink left by another federation or work dir, or another program. Stop it, or "
-        "choose another port (omnifuse federate --port)."
+        "leave out --port to use a free one."
     )
 
 
 def _write_flwr_home(work_dir: Path, http_port: int) -> Path:
     flwr_home = work_dir / "flwr_home"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    connection = {"address": f"127.0.0.1:{http_port}", "insecure": True}
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}),
+        encoding="utf-8",
     )
     return flwr_home
 
@@ -139,27 +152,48 @@ def _flwr_run(
     app_dir: Path,
     env: dict[str, str],
     timeout: float,
-    stream: bool,
+    on_poll: Callable[[], None] | None,
 ) -> int:
+    """`flwr run --stream` until it exits; ``on_poll`` is called about once a second
+    meanwhile (progress display). Its output goes to ``work_dir/flwr_run.log``."""
     config_file = write_run_config(work_dir / "run_config.toml", run_config)
     run = [
         flower_bin("flwr"),
         *("run", str(app_dir), CONNECTION, "--run-config", str(config_file)),
-        *("--federation-config", f"num-supernodes={num_supernodes}"),
+        *("--federation-config", f"num-supernodes={num_supernodes}", "--stream"),
     ]
-    if stream:
-        run.append("--stream")
+    deadline = time.monotonic() + timeout
     with (work_dir / "flwr_run.log").open("w") as run_log:
-        completed = subprocess.run(
-            run,
-            env=env,
-            cwd=app_dir,
-            stdout=run_log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
+        process = subprocess.Popen(
+            run, env=env, cwd=app_dir, stdout=run_log, stderr=subprocess.STDOUT
         )
-    return completed.returncode
+        try:
+            while process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(run, timeout)
+                if on_poll is not None:
+                    on_poll()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)
+        finally:
+            stop_process(process)
+    if on_poll is not None:
+        on_poll()
+    return process.returncode
+
+
+PATH_KEYS = ("scenario-dir", "run-dir")
+
+
+def complete_run_config(run_config: dict[str, object], app_dir: Path) -> dict[str, object]:
+    """``run_config`` with the app's defaults for missing keys and ``scenario-dir`` /
+    ``run-dir`` made absolute against this process's folder: the ServerApp runs in Flower's
+    app folder, where a relative path names nothing (plain `flwr run .` with pyproject's
+    defaults fails there), and the completion check needs the real run dir and round count."""
+    values = {**app_config_defaults(app_dir), **run_config}
+    for key in PATH_KEYS:
+        values[key] = str(Path(str(values[key])).resolve())
+    return values
 
 
 def run_federation(
@@ -167,30 +201,30 @@ def run_federation(
     num_supernodes: int,
     work_dir: Path,
     app_dir: Path = REPO_ROOT,
-    http_port: int = 39191,
+    http_port: int | None = None,
     timeout: float = 3600.0,
-    stream: bool = True,
+    on_poll: Callable[[], None] | None = None,
 ) -> int:
     """Start a SuperLink, `flwr run` the app with ``num_supernodes`` simulated sites, stop.
 
-    Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log).
-    A SuperLink left running on this work dir by a killed run is stopped first; a port held
-    by any other process is an `OrphanSuperLinkError` (never silently reused).
+    Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log),
+    which is also the run's FLWR_HOME; ``http_port`` None picks a free port, so runs with
+    their own work dirs never collide. A SuperLink left running on this work dir by a killed
+    run is stopped first; a given port held by any other process is an
+    `OrphanSuperLinkError` (never silently reused).
     """
     work_dir = Path(work_dir).resolve()
-    env = flower_env(_write_flwr_home(work_dir, http_port), app_dir)
-    superlink = _start_superlink(work_dir, http_port, env)
+    run_config = complete_run_config(run_config, app_dir)
+    port = free_port() if http_port is None else http_port
+    env = flower_env(_write_flwr_home(work_dir, port), app_dir)
+    superlink = _start_superlink(work_dir, port, env)
     try:
-        _wait_healthy(http_port, superlink, work_dir / "superlink.log", 60.0)
-        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, stream)
+        _wait_healthy(port, superlink, work_dir / "superlink.log", 60.0)
+        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, on_poll)
     finally:
         stop_process(superlink)
     _check_completed(run_config, work_dir, returncode)
     return returncode
-
-
-class FederationError(RuntimeError):
-    """`flwr run` did not complete every round (its log tail is in the message)."""
 
 
 def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: int) -> None:
@@ -208,8 +242,26 @@ def _check_completed(run_config: dict[str, object], work_dir: Path, returncode: 
         )
     if returncode != 0 or (expected and done < expected):
         log_path = work_dir / "flwr_run.log"
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         raise FederationError(
             f"federation stopped after round {done} of {expected} (flwr run exit code "
-            f"{returncode}); log {log_path}:\n{tail}"
+            f"{returncode}): {_last_error(log_path)}; full log: {log_path}"
         )
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\w*: \S")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _last_error(log_path: Path) -> str:
+    """What went wrong, from the `flwr run` log: the last Python exception line
+    (``FileNotFoundError: ...``; Flower logs the ServerApp's exception with its traceback,
+    then "Exit Code: 700"), else the last ERROR line, else the last line."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return "no flwr run log"
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    errors = [line for line in lines if "ERROR" in line]
+    return (exceptions or errors or lines or ["empty flwr run log"])[-1][:300]

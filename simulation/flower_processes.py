@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import tomli_w
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,16 +108,16 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
         process.wait(timeout=timeout)  # reaps it
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick), so that
+    simulations started at the same time never share a SuperLink."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def write_run_config(path: Path, values: dict[str, object]) -> Path:
     """A TOML file of run-config overrides for `flwr run --run-config FILE`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{key} = {_toml_value(v)}\n" for key, v in values.items()))
+    path.write_text(tomli_w.dumps(values), encoding="utf-8")
     return path

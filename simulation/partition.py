@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field, model_validator
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +42,8 @@ from simulation.safe_paths import (
     remove_tree,
     writable,
 )
+from simulation.site_names import SiteLegend
+from simulation.split_scoring import SmallSplitError, small_splits
 
 MODALITIES = ("ehr", "cxr", "rep")
 SPLITS = ("train", "val", "test")
@@ -417,9 +420,33 @@ def _read_source(config: PartitionConfig) -> tuple[dict, dict[str, list[list[str
     return source, {split: rows for split, (_, rows) in listfiles.items()}
 
 
-def partition(config: PartitionConfig, out_dir: Path, console: Console | None = None) -> Scenario:
+def _small_splits(
+    config: PartitionConfig,
+    site_subjects: list[set[int]],
+    split_rows: dict[str, list[list[str]]],
+    header: list[str],
+    min_count: int,
+) -> list[str]:
+    """Each site's validation split and the server's test split, checked for scoring."""
+    named = [
+        (plan.name, "val", [r for r in split_rows["val"] if _subject(r[0]) in subjects])
+        for plan, subjects in zip(config.sites, site_subjects, strict=True)
+    ]
+    named.append((SERVER_TEST_SITE, "test", split_rows["test"]))
+    return small_splits(named, header, config.task, min_count)
+
+
+def partition(
+    config: PartitionConfig,
+    out_dir: Path,
+    console: Console | None = None,
+    min_count: int = 5,
+    strict: bool = False,
+) -> Scenario:
     """Write every site's view + site.toml, the server test site, scenario.json.
 
+    A validation or test split too small to score (`split_problems`) is a warning, or with
+    ``strict`` a `SmallSplitError` raised before anything is written.
     Nothing is written, linked or removed outside ``out_dir`` (`simulation.safe_paths`);
     a bad input row raises `InputRowError` naming its file and line before anything is written.
     """
@@ -436,10 +463,15 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
     assignment = assign_subjects(
         subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
     )
+    site_subjects = [
+        {s for s, site in assignment.items() if site == index} for index in range(len(config.sites))
+    ]
+    small = _small_splits(config, site_subjects, split_rows, list_header, min_count)
+    if small and strict:
+        raise SmallSplitError(small)
     rng = np.random.default_rng(config.seed + 1)
     rows, site_configs = [], []
-    for index, plan in enumerate(config.sites):
-        subjects = {s for s, site in assignment.items() if site == index}
+    for plan, subjects in zip(config.sites, site_subjects, strict=True):
         site_rows = {**split_rows, "test": []}
         rows.append(_write_site(out_dir, plan, subjects, site_rows, source, config, rng))
         site_configs.append(Path(plan.name, "site.toml"))
@@ -459,24 +491,42 @@ def partition(config: PartitionConfig, out_dir: Path, console: Console | None = 
     writable(out_dir, out_dir / "scenario.json")
     scenario.write(out_dir)
     _print_table(console, rows)
+    for line in small:
+        console.print(f"[yellow]warning:[/yellow] {line}: too small to score", highlight=False)
     return scenario
 
 
+PARTITION_COLUMNS = {  # count -> header (short, so that the table fits 80 columns)
+    "modalities": "holds",
+    "subjects": "subjects",
+    "train_stays": "train",
+    "val_stays": "val",
+    "test_stays": "test",
+    "train_positive": "train pos",
+    "cxr_images": "X-rays",
+    "reports": "reports",
+}
+
+
 def _print_table(console: Console, rows: list[dict]) -> None:
-    table = Table(title="Sites")
-    columns = [
-        "site",
-        "modalities",
-        "subjects",
-        "train_stays",
-        "val_stays",
-        "test_stays",
-        "train_positive",
-        "cxr_images",
-        "reports",
-    ]
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="left" if column == "site" else "right")
+    """Stays per split, training positives, X-rays and reports per site. Names longer than
+    the site column can hold at this width become S1, S2, ... with a legend (never "hospi…")."""
+    names = [str(row["site"]) for row in rows]
+    legend = SiteLegend.for_column(names, console.width - 64)  # what the counts leave
+    table = Table(
+        title="Sites (stays per split)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("site", no_wrap=True)
+    for header in PARTITION_COLUMNS.values():  # headers wrap at spaces
+        table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*(str(row.get(c, "-")) for c in columns))
+        cells = [str(row.get(c, "-")) for c in PARTITION_COLUMNS]
+        cells[0] = cells[0].replace("+", " ")  # modalities wrap at spaces
+        table.add_row(legend.short(str(row["site"])), *cells)
     console.print(table)
+    if legend.abbreviated:
+        console.print(legend.text())

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.scenario import Scenario
+from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
 from simulation.cli import main
 from simulation.deploy import scenario_sites
 from simulation.federation import (
@@ -27,6 +27,7 @@ from simulation.federation import (
 )
 from simulation.flower_processes import stop_descendants, stop_process
 from simulation.partition import PartitionConfig, default_site_plans, partition
+from simulation.scenarios import write_feature_scenario
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 
@@ -45,16 +46,15 @@ def test_a_held_port_is_refused_naming_its_owner(listener):
 
 
 def test_federate_refuses_a_held_port_before_starting_anything(listener, tmp_path, capsys):
+    data = SyntheticFeatureConfig(
+        modalities=[
+            SyntheticModality(name=n, dim=2, signal=1.0, noise=1.0, missing_rate=0.1)
+            for n in ("x", "y")
+        ]
+    )
+    model = OmniFuseConfig(modalities=data.modality_specs(), task="binary", d=8)
     scenario = tmp_path / "scenario"
-    scenario.mkdir()
-    Scenario(
-        kind="synthetic_features",
-        site_configs=[Path("a.toml")],
-        model_config=OmniFuseConfig(
-            modalities=[{"name": n, "kind": "vector", "input_dim": 2} for n in ("x", "y")],
-            task="binary",
-        ),
-    ).write(scenario)
+    write_feature_scenario(scenario, data, model, [["x", "y"]], [(10, 5)], test_size=10)
     work = tmp_path / "work"
     code = main(
         [
