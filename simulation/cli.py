@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
+from simulation.site_cli import add_kit_command, add_site_commands
+
 
 def _train(args: argparse.Namespace) -> int:
     from simulation.central import load_run_config, run_central
@@ -256,6 +258,7 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--work-dir", required=True)
     local.add_argument("--rounds", type=int, default=1)
     deploy.set_defaults(handler=_deploy)
+    add_kit_command(deploy_commands)  # after the group's default: its own handler wins
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
@@ -292,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition_and_prepare(commands)
     _add_federate(commands)
     _add_deploy(commands)
+    add_site_commands(commands)
     _add_demo_and_checks(commands)
     return parser
 
