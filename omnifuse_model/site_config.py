@@ -128,6 +128,70 @@ class PrivacyConfig(StrictModel):
     )
 
 
+SUPERLINK_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):[0-9]{1,5}$"
+"""``host:port`` of a SuperLink (a DNS name, an IPv4 address or a bracketed IPv6 address),
+without a URL scheme, as ``flower-supernode --superlink`` takes it."""
+
+
+class DeploymentConfig(StrictModel):
+    """How the site's SuperNode joins a real federation (``omnifuse site start``).
+
+    Relative paths resolve against the site config's folder, so a site kit folder
+    (``omnifuse deploy kit``) can be moved as a whole.
+    """
+
+    superlink: str = Field(
+        pattern=SUPERLINK_ADDRESS_PATTERN,
+        description=(
+            "The consortium SuperLink's Fleet API as host:port (no scheme); the host must be "
+            "a name in the SuperLink's TLS certificate."
+        ),
+    )
+    root_certificates: Path = Field(
+        description="The consortium CA certificate (ca.pem) that the SuperLink's must chain to."
+    )
+    auth_private_key: Path = Field(
+        description=(
+            "This site's SuperNode private key (OpenSSH ECDSA, mode 0600); its public key is "
+            "registered at the SuperLink by the consortium."
+        )
+    )
+    runtime_host: Literal["127.0.0.1", "::1", "0.0.0.0", "::"] = Field(
+        default="127.0.0.1",
+        description=(
+            "Interface of the SuperNode's local Runtime API (its ClientApp processes connect "
+            "there): loopback unless a separately run SuperExec on another host needs it."
+        ),
+    )
+    runtime_port: int = Field(
+        default=9094, ge=1, le=65535, description="Port of the SuperNode's local Runtime API."
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Optional plain-gRPC health service on 127.0.0.1 (None: not started).",
+    )
+    flwr_home: Path = Field(
+        default=Path("flwr_home"), description="FLWR_HOME of the SuperNode (its own state)."
+    )
+    approved_apps: Path | None = Field(
+        default=None,
+        description=(
+            "The site's allowlist of approved Flower app bundles (approved_apps.toml: a list "
+            "of [[app]] tables with sha256 and note); code approval at the site reads it."
+        ),
+    )
+    max_retries: int | None = Field(
+        default=None,
+        ge=0,
+        description="Reconnection attempts before the SuperNode gives up (None: no limit).",
+    )
+    min_free_disk_gb: float = Field(
+        default=1.0, ge=0, description="Free disk the preflight requires at the feature cache."
+    )
+
+
 class SiteConfig(StrictModel):
     """One hospital: its data, the modalities it holds, backbones, cache, device, overrides."""
 
@@ -142,6 +206,10 @@ class SiteConfig(StrictModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     training: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    deployment: DeploymentConfig | None = Field(
+        default=None,
+        description="How the site joins a deployed federation (`omnifuse site start`).",
+    )
 
     def resolve_paths(self, base: Path) -> SiteConfig:
         """Copy with every relative path made absolute against ``base``."""
@@ -168,11 +236,20 @@ class SiteConfig(StrictModel):
                 for k in ("resnet34_weights", "bert_dir", "wordpiece_vocab")
             }
         )
+        deployment = self.deployment
+        if deployment is not None:
+            deployment = deployment.model_copy(
+                update={
+                    k: fix(getattr(deployment, k)) or getattr(deployment, k)
+                    for k in ("root_certificates", "auth_private_key", "flwr_home", "approved_apps")
+                }
+            )
         return self.model_copy(
             update={
                 "data": data,
                 "backbones": backbones,
                 "cache_dir": fix(self.cache_dir) or self.cache_dir,
+                "deployment": deployment,
             }
         )
 

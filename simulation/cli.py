@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from simulation import federate_command
+from simulation.site_cli import add_kit_command, add_site_commands
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -247,6 +248,7 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--work-dir", required=True, help="certificates, keys, state and logs")
     local.add_argument("--rounds", type=int, default=1, help="federated rounds")
     deploy.set_defaults(handler=_deploy)
+    add_kit_command(deploy_commands)  # after the group's default: its own handler wins
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition_and_prepare(commands)
     federate_command.add_parser(commands)
     _add_deploy(commands)
+    add_site_commands(commands)
     _add_demo_and_checks(commands)
     return _describe(parser)
 

@@ -68,6 +68,18 @@ def _every_field_set(folder: Path) -> SiteConfig:
             "max_grad_norm": 0.35,
             "accountant": "prv",
         },
+        deployment={
+            "superlink": "[::1]:9092",
+            "root_certificates": Path("c a.pem"),
+            "auth_private_key": folder / "kéy",
+            "runtime_host": "::1",
+            "runtime_port": 19094,
+            "health_port": 19095,
+            "flwr_home": Path("flwr home"),
+            "approved_apps": Path("approved apps.toml"),
+            "max_retries": 0,
+            "min_free_disk_gb": 0.5,
+        },
     )
 
 
