@@ -38,6 +38,7 @@ from server.run_config import FederationRunConfig
 from server.run_outcome import SitesFailedError, write_outcome
 from server.site_registry import SiteRegistry, register_sites
 from server.strategy import OmniFuseStrategy
+from server.tracking import TensorBoardTracker
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -159,6 +160,7 @@ def main(grid: Grid, context: Context) -> None:
         global_round=strategy.global_round,
         server_evaluate=_server_evaluator(run, scenario),
         note=note,
+        tracker=TensorBoardTracker(run.run_dir) if run.tensorboard else None,
     )
     with_central_dp(strategy, run, len(scenario.site_configs)).start(
         grid=grid,
