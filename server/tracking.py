@@ -5,8 +5,9 @@ Enabled by the run-config key ``tensorboard = true`` (off by default); events go
 'omnifuse-fl[tracking]'``); asking for it without the package is an error that says so.
 The tags are ``global/<group>/<metric>`` (groups: server, evaluate_clients, train, bytes,
 time) and ``site/<site>/<statistic>`` from each accepted audit row (val_auroc, epsilon,
-weight/<modality>, imputation_error_normalised/<modality>, tla/<combination>). Suppressed or
-undefined values are not written.
+weight/<modality>, weight_imputed/<modality> for a modality the site does not hold,
+imputation_error_normalised/<modality>, tla/<combination>). Suppressed or undefined values
+are not written.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def site_scalars(row: wire.AuditRow) -> Iterator[tuple[str, float]]:
     for name, value in (("val_auroc", row.val_auroc), ("epsilon", row.epsilon)):
         if value is not None:
             yield f"{prefix}/{name}", float(value)
+    held = row.observed_modalities
+    for key, value in sorted(row.mean_dwfuse_weight.items()):
+        if value is not None:  # a modality the site lacks: its weight is of an imputed embedding
+            group = "weight" if held is None or key in held else "weight_imputed"
+            yield f"{prefix}/{group}/{key}", float(value)
     for group, values in (
-        ("weight", row.mean_dwfuse_weight),
         ("imputation_error_normalised", row.imputation_error_normalised),
         ("tla", row.tla_scores),
     ):

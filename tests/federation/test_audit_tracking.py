@@ -34,6 +34,7 @@ def audit_row(site: str, round_: int, status: str = "accepted") -> AuditRow:
         mean_dwfuse_weight={"ehr": 0.6, "cxr": 0.3},
         imputation_error={"ehr": 1.5, "cxr": 0.2},
         imputation_error_normalised={"ehr": 0.5 + 0.1 * round_, "cxr": None},
+        observed_modalities=["ehr"],
         val_auroc=0.7 + 0.01 * round_,
         update_status=status,
     )
@@ -85,6 +86,8 @@ def test_recorder_logs_every_rounds_global_and_site_metrics(tmp_path, model_conf
     assert logged["global/sites/failed_or_rejected"] == [(1, 1.0), (2, 1.0)]
     assert logged["site/site_a/val_auroc"] == [(1, pytest.approx(0.71)), (2, pytest.approx(0.72))]
     assert logged["site/site_a/weight/ehr"][0] == (1, pytest.approx(0.6))
+    assert logged["site/site_a/weight_imputed/cxr"][0] == (1, pytest.approx(0.3))  # not held
+    assert "site/site_a/weight/cxr" not in logged
     assert logged["site/site_a/imputation_error_normalised/ehr"][1] == (2, pytest.approx(0.7))
     assert logged["site/site_a/tla/ehr+cxr"][0] == (1, pytest.approx(0.5))
     assert "site/site_a/imputation_error_normalised/cxr" not in logged  # withheld: not logged
