@@ -146,3 +146,14 @@ def test_site_audit_row_names_held_modalities_threshold_and_normalised_error(sit
         for name, raw in row.imputation_error.items():
             if raw is None:
                 assert row.imputation_error_normalised[name] is None
+
+
+def test_audit_csv_carries_the_new_fields(tmp_path):
+    import csv
+
+    from server.audit_log import write_audit
+
+    csv_path, _ = write_audit(tmp_path, [audit_row("site_a", 1)])
+    (row,) = csv.DictReader(csv_path.open())
+    assert row["observed_modalities"] == "ehr" and row["min_count"] == ""
+    assert row["imperr_norm.ehr"] == "0.6" and row["imperr_norm.cxr"] == ""
