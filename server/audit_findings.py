@@ -110,6 +110,23 @@ class Threshold:
         return None if value is not None and 0 < value < self.used else value
 
 
+def published_counts(row: AuditRow, threshold: Threshold) -> dict:
+    """A row's availability as the report shows it: counts below ``threshold.used``
+    suppressed; and when that hides a cell the site itself published (a raised threshold),
+    the row's total is hidden too (``total_hidden``), or the hidden cell would follow by
+    subtracting the shown cells from it."""
+    counts = {k: threshold.count(v) for k, v in row.availability_counts.items()}
+    newly_hidden = any(
+        v is None and row.availability_counts[k] is not None for k, v in counts.items()
+    )
+    return {
+        "round": row.round,
+        "num_examples": None if newly_hidden else threshold.count(row.num_examples),
+        "total_hidden": newly_hidden,
+        "counts": counts,
+    }
+
+
 def site_threshold(rows: list[AuditRow], run_threshold: int) -> int:
     """The largest threshold any site applied (rows say so; older rows: the run's)."""
     return max(row.min_count or run_threshold for row in rows)
@@ -143,7 +160,8 @@ def weight_profile(
     and the share of training samples (last round) that hold it."""
     last = rows[max(rows)]
     held, source = observed_modalities(last, modalities)
-    total = threshold.count(last.num_examples)
+    published = published_counts(last, threshold)
+    total = published["num_examples"]
     profile = {}
     for modality in modalities:
         values = [
@@ -151,9 +169,7 @@ def weight_profile(
             for r in rows.values()
             if (v := finite_or_none(r.mean_dwfuse_weight.get(modality))) is not None
         ]
-        present, lower_bound = modality_presence(
-            {k: threshold.count(v) for k, v in last.availability_counts.items()}, modality
-        )
+        present, lower_bound = modality_presence(published["counts"], modality)
         profile[modality] = {
             "mean_weight": statistics.fmean(values) if values else None,
             "observed": None if held is None else modality in held,

@@ -181,14 +181,7 @@ def _site_views(
         "weight_profile": {
             s: findings.weight_profile(by_site[s], modalities, threshold) for s in sites
         },
-        "availability": {
-            s: {
-                "round": last[s].round,
-                "num_examples": threshold.count(last[s].num_examples),
-                "counts": {k: threshold.count(v) for k, v in last[s].availability_counts.items()},
-            }
-            for s in sites
-        },
+        "availability": {s: findings.published_counts(last[s], threshold) for s in sites},
         "imputation_error": {
             s: {
                 "round": last[s].round,

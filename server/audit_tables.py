@@ -8,6 +8,7 @@ from dataclasses import dataclass
 MISSING = "-"
 NEAR_TIE_MARK = "?"
 IMPUTED = "imputed"
+HIDDEN = "hidden"
 
 
 @dataclass
@@ -232,13 +233,21 @@ def _availability_table(data: dict) -> ReportTable:
     for s in data["sites"]:
         site = availability[s]
         cells = [count_cell(site["counts"].get(c), c in site["counts"], k) for c in combos]
-        rows.append([s, str(site["round"]), count_cell(site["num_examples"], True, k), *cells])
+        total = HIDDEN if site["total_hidden"] else count_cell(site["num_examples"], True, k)
+        rows.append([s, str(site["round"]), total, *cells])
+    hidden = any(availability[s]["total_hidden"] for s in data["sites"])
     return ReportTable(
         "Training samples per modality combination (each site's last round)",
         ["site", "round", "samples", *combos],
         rows,
         f"Cells with fewer than {k} samples are suppressed (shown as '<{k}'); "
-        "'-' = combination not reported.",
+        "'-' = combination not reported."
+        + (
+            f" '{HIDDEN}': this report's threshold hides a cell the site published, so the "
+            "site's total is hidden too (it would give the cell away by subtraction)."
+            if hidden
+            else ""
+        ),
     )
 
 

@@ -229,12 +229,17 @@ def test_min_count_raises_the_threshold_and_the_caption_is_true(tmp_path):
     assert "fewer than 30" in report.tables["availability"].caption
     shown = [int(x) for r in report.tables["availability"].rows for x in r[3:] if x.isdigit()]
     assert all(v == 0 or v >= 30 for v in shown)  # the caption holds for every cell
+    # a cell the site published but the report hides cannot come back by subtraction
+    assert c["samples"] == "hidden" and "hidden too" in report.tables["availability"].caption
+    assert cells(report, "availability", "hospital_b")["samples"] == "100"  # nothing hidden
+    assert cells(report, "weight_profile", "hospital_c")["ehr held"] == "-"
 
 
 def test_min_count_cannot_lower_the_sites_threshold(tmp_path):
     report = build_report(run_dir(tmp_path), min_count=2)
     c = cells(report, "availability", "hospital_c")
     assert c["cxr"] == "<5" and c["ehr+rep"] == "5"  # suppressed at the site: stays '<5'
+    assert c["samples"] == "52"  # nothing newly hidden: the total stays
     assert "fewer than 5" in report.tables["availability"].caption
     assert any("--min-count 2 is below" in note for note in report.notes)
 
