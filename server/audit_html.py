@@ -17,7 +17,7 @@ from server.audit_tables import ReportTable
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
-NUMERIC = re.compile(r"[<>=+-]*\d.*|-")  # starts with a number, or '-' (missing)
+NUMERIC = re.compile(r"[<>=+-]*\d.*|-|hidden")  # a number, missing or hidden
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _environment(autoescape: bool) -> Environment:
 
 def numeric_columns(table: ReportTable) -> list[bool]:
     """Per column: whether every cell reads as a number ('0.41', '<5', '40%', '2/3',
-    '16.4 MiB', '-'), so that the column is right-aligned; a column of mixed text stays
+    '16.4 MiB', '-', 'hidden'), so that the column is right-aligned; a column of mixed text stays
     left-aligned as a whole (a ragged mix of alignments reads badly)."""
     return [
         index > 0 and all(NUMERIC.fullmatch(row[index]) for row in table.rows)
