@@ -52,7 +52,7 @@ from omnifuse_model.suppression import (
     published_count,
     statistic_or_none,
 )
-from omnifuse_model.training import EvaluationResult, FitResult, evaluate, fit
+from omnifuse_model.training import EvaluationResult, FitResult, evaluate, fit, mean_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def train_round(
             else None
         )
         result = fit(model, datasets.train, None, instructions.train_config, extra_loss=extra)
-    evaluation = evaluate(
-        model, datasets.val, instructions.train_config.model_copy(update={"bootstrap_samples": 0})
-    )
+    eval_config = instructions.train_config.model_copy(update={"bootstrap_samples": 0})
+    # the normalised imputation error's baseline: the training split's mean embeddings
+    means = mean_embeddings(model, datasets.train, eval_config) if len(datasets.train) else None
+    evaluation = evaluate(model, datasets.val, eval_config, embedding_means=means)
     report = _RoundReport(site_name, instructions, _availability(datasets.train), datasets.val)
     metrics = report.metrics(result, evaluation, epsilon)
     metrics[TRAIN_SECONDS] = time.perf_counter() - started
@@ -181,6 +182,13 @@ class _RoundReport:
 
     def _val(self, value: float | None) -> float | None:
         return statistic_or_none(finite_or_none(value), self.num_val, self.threshold)
+
+    def _imputation(self, errors: dict[str, float]) -> dict[str, float | None]:
+        """Per-modality imputation statistics, withheld over fewer than threshold samples."""
+        return {
+            k: statistic_or_none(finite_or_none(v), self.imputation_samples[k], self.threshold)
+            for k, v in errors.items()
+        }
 
     def metrics(
         self, result: FitResult | None, evaluation: EvaluationResult, epsilon: float | None
@@ -238,10 +246,12 @@ class _RoundReport:
             if report and report.lazy_combination
             else None,
             mean_dwfuse_weight={k: self._val(v) for k, v in evaluation.mean_dwfuse_weight.items()},
-            imputation_error={
-                k: statistic_or_none(finite_or_none(v), self.imputation_samples[k], threshold)
-                for k, v in evaluation.imputation_error.items()
-            },
+            imputation_error=self._imputation(evaluation.imputation_error),
+            imputation_error_normalised=self._imputation(evaluation.imputation_error_normalised),
+            observed_modalities=[
+                name for i, name in enumerate(self.names) if bool(self.availability[:, i].any())
+            ],
+            min_count=threshold,
             val_auroc=self._val(evaluation.metrics.get("auroc")),
             epsilon=epsilon,
         )

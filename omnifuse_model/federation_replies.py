@@ -284,6 +284,17 @@ def parse_audit(
     _check_stats("tla_scores", row.tla_scores, labels, 0.0, 1e12)
     _check_stats("mean_dwfuse_weight", row.mean_dwfuse_weight, set(modality_names), 0.0, 1.0)
     _check_stats("imputation_error", row.imputation_error, set(modality_names), 0.0, 1e12)
+    _check_stats(
+        "imputation_error_normalised",
+        row.imputation_error_normalised,
+        set(modality_names),
+        0.0,
+        1e12,
+    )
+    if row.observed_modalities is not None and not set(row.observed_modalities) <= set(
+        modality_names
+    ):
+        raise ReplyError("bad_audit:observed_modalities:unknown_modality")
     if row.lazy_combination is not None and row.lazy_combination not in labels:
         raise ReplyError("bad_audit:lazy_combination:unknown")
     for name, value, high in (("val_auroc", row.val_auroc, 1.0), ("epsilon", row.epsilon, 1e12)):

@@ -76,7 +76,29 @@ class AuditRow(StrictModel):
     tla_scores: dict[str, float | None] = Field(description="Combination label -> TLA score.")
     lazy_combination: str | None = Field(description="'+'-joined names of the lazy combination.")
     mean_dwfuse_weight: dict[str, float | None]
-    imputation_error: dict[str, float | None]
+    imputation_error: dict[str, float | None] = Field(
+        description="Modality -> mean squared error of its forward imputation (embedding units)."
+    )
+    imputation_error_normalised: dict[str, float | None] = Field(
+        default_factory=dict,
+        description=(
+            "Modality -> imputation MSE divided by the MSE of predicting the site's training "
+            "mean embedding (1 - R^2: 0 perfect, 1 no better than the mean); comparable "
+            "across modalities. Empty in rows written before it existed."
+        ),
+    )
+    observed_modalities: list[str] | None = Field(
+        default=None,
+        description=(
+            "Modalities held by at least one training sample at the site; the weights of the "
+            "others come from imputed embeddings only. None in rows written before it existed."
+        ),
+    )
+    min_count: int | None = Field(
+        default=None,
+        ge=1,
+        description="The suppression threshold the site applied (None in older rows).",
+    )
     val_auroc: float | None
     epsilon: float | None = Field(default=None, description="DP epsilon spent so far.")
     update_status: str = Field(

@@ -38,6 +38,7 @@ from server.run_config import FederationRunConfig
 from server.run_outcome import SitesFailedError, write_outcome
 from server.site_registry import SiteRegistry, register_sites
 from server.strategy import OmniFuseStrategy
+from server.tracking import TensorBoardTracker
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -57,7 +58,8 @@ def _server_evaluator(run: FederationRunConfig, scenario: Scenario):
     test = load_site_test_dataset(site, model_config)
     if len(test) == 0:
         raise ValueError(f"server test site {site.name}: the test split is empty")
-    config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=0, seed=run.seed)
+    # 200 bootstrap resamples: the audit report shows the test AUROC with its 95% interval
+    config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=200, seed=run.seed)
 
     def evaluate_weights(weights: dict[str, torch.Tensor]) -> dict[str, float]:
         model = OmniFuse(model_config)
@@ -159,6 +161,7 @@ def main(grid: Grid, context: Context) -> None:
         global_round=strategy.global_round,
         server_evaluate=_server_evaluator(run, scenario),
         note=note,
+        tracker=TensorBoardTracker(run.run_dir) if run.tensorboard else None,
     )
     with_central_dp(strategy, run, len(scenario.site_configs)).start(
         grid=grid,

@@ -1,8 +1,10 @@
 """The tidy per-site, per-round audit table the server keeps (CSV + JSON).
 
 One row per (site, round). Nested aggregates become columns with a prefix:
-``avail.<combination>``, ``tla.<combination>``, ``weight.<modality>``, ``imperr.<modality>``.
-Suppressed values (small counts and what derives from them) are empty cells / JSON null.
+``avail.<combination>``, ``tla.<combination>``, ``weight.<modality>``, ``imperr.<modality>``,
+``imperr_norm.<modality>`` (1 - R^2); ``observed_modalities`` is '+'-joined (empty in rows
+written before the field existed). Suppressed values (small counts and what derives from them)
+are empty cells / JSON null.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ BASE_COLUMNS = [
     "lazy_combination",
     "val_auroc",
     "epsilon",
+    "min_count",
+    "observed_modalities",
 ]
 PREFIXES = {
     "availability_counts": "avail.",
     "tla_scores": "tla.",
     "mean_dwfuse_weight": "weight.",
     "imputation_error": "imperr.",
+    "imputation_error_normalised": "imperr_norm.",
 }
 
 
@@ -36,6 +41,8 @@ def flatten(row: AuditRow) -> dict[str, object]:
     """One audit row as a flat dict of columns."""
     data = row.model_dump(mode="json")
     flat = {column: data[column] for column in BASE_COLUMNS}
+    if flat["observed_modalities"] is not None:
+        flat["observed_modalities"] = "+".join(flat["observed_modalities"])
     for field, prefix in PREFIXES.items():
         for key, value in sorted(data[field].items()):
             flat[prefix + key] = value

@@ -1,4 +1,5 @@
-"""The auditor's report of a federated run: rich tables, PNG figures and report.json.
+"""The auditor's report of a federated run: rich tables, PNG figures, report.json, and one
+self-contained document to read or send (report.html, report.md; ``audit_html``).
 
 Reads ``run_dir/audit.json`` (per-site, per-round aggregates, see ``AuditRow``) and, when
 present, ``run_dir/metrics.json`` (per-round global metrics written by the ServerApp). The
@@ -9,7 +10,9 @@ per round, and how much privacy budget each site has spent.
 
 Missing values (None in the audit, -1 or non-finite in metrics.json) are shown as '-' in
 tables and are left out of figures (a series with no values is not drawn); suppressed
-counts are shown as '<k' (k = suppression threshold).
+counts are shown as '<k', k = the sites' threshold raised (never lowered) by ``min_count``.
+What is read out beyond the rows (margins, observed/imputed, cross-site views, failures)
+is in ``audit_findings``; the tables in ``audit_tables``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from rich.table import Table
 from rich.text import Text
 
 from omnifuse_model.federation_schema import VAL_AUROC, AuditRow, finite_or_none
+from server import audit_findings as findings
+from server.audit_html import write_documents
 from server.audit_log import AUDIT_JSON, read_audit
 from server.audit_plots import write_plots
+from server.audit_tables import MISSING, ReportTable, build_tables
 
 METRICS_JSON = "metrics.json"
 RUN_CONFIG_JSON = "run_config.json"
@@ -36,26 +42,7 @@ REPORT_JSON = "report.json"
 DEFAULT_OUT = "audit_report"
 DEFAULT_MIN_COUNT = 5
 UNDEFINED_METRIC = -1.0  # what clients report for a metric that is undefined (e.g. one class)
-MISSING = "-"
-
-
-@dataclass
-class ReportTable:
-    """One table of the report as rendered strings: what ``print_report`` shows."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    caption: str | None = None
-
-    def to_json(self) -> dict:
-        """JSON form of the table (title, columns, rows, caption)."""
-        return {
-            "title": self.title,
-            "columns": self.columns,
-            "rows": self.rows,
-            "caption": self.caption,
-        }
+__all__ = ["MISSING", "AuditReport", "ReportTable", "build_data", "build_report", "print_report"]
 
 
 @dataclass
@@ -70,6 +57,7 @@ class AuditReport:
     out_dir: Path
     report_json: Path
     plots: dict[str, Path]
+    documents: dict[str, Path]
     tables: dict[str, ReportTable]
     data: dict
     notes: list[str] = field(default_factory=list)
@@ -118,13 +106,14 @@ def _ordered_union(mappings: list[dict]) -> list[str]:
 def _round_metrics(
     rounds: list[int], by_site: dict[str, dict[int, AuditRow]], history: dict[int, dict] | None
 ) -> list[dict]:
-    """Per-round global metrics: local AUROC over sites (audit) and metrics.json values."""
+    """Per-round global metrics: local AUROC over sites (audit) and metrics.json values
+    (the server test AUROC with its bootstrap interval and test-set size)."""
     result = []
     for round_ in sorted(set(rounds) | set(history or {})):
         local = [_metric(r[round_].val_auroc) for r in by_site.values() if round_ in r]
         defined = [v for v in local if v is not None]
         entry = (history or {}).get(round_, {})
-        nbytes = entry.get("bytes") or {}
+        nbytes, server = entry.get("bytes") or {}, entry.get("server") or {}
         result.append(
             {
                 "round": round_,
@@ -133,7 +122,10 @@ def _round_metrics(
                 "federated_val_auroc": _metric(
                     (entry.get("evaluate_clients") or {}).get(VAL_AUROC)
                 ),
-                "server_test_auroc": _metric((entry.get("server") or {}).get("test-auroc")),
+                "server_test_auroc": _metric(server.get("test-auroc")),
+                "server_test_auroc_low": _metric(server.get("test-auroc_low")),
+                "server_test_auroc_high": _metric(server.get("test-auroc_high")),
+                "server_test_n": _metric(server.get("test-n")),
                 "bytes_sent": _metric(nbytes.get("sent")),
                 "bytes_received": _metric(nbytes.get("received")),
                 "wall_seconds": _metric(entry.get("wall_seconds")),
@@ -156,38 +148,27 @@ def _weights_summary(rows: dict[int, AuditRow], modalities: list[str]) -> dict:
     return summary
 
 
-def build_data(rows: list[AuditRow], history: dict[int, dict] | None, min_count: int) -> dict:
-    """The report's raw content (JSON-safe; None = missing or suppressed).
-
-    Per-round values are lists aligned with ``rounds``; a site without a row in a round
-    gets None there. Availability and imputation error come from each site's last round.
-    """
-    by_site: dict[str, dict[int, AuditRow]] = {}
-    for row in rows:  # a later duplicate (site, round) replaces an earlier one
-        by_site.setdefault(row.site, {})[row.round] = row
+def _site_views(
+    by_site: dict[str, dict[int, AuditRow]],
+    rounds: list[int],
+    modalities: list[str],
+    threshold: findings.Threshold,
+    tie_margin: float,
+) -> dict:
+    """Per-site entries of the report's data (see ``build_data``)."""
     sites = sorted(by_site)
-    rounds = sorted({row.round for row in rows})
     last = {s: by_site[s][max(by_site[s])] for s in sites}
-    modalities = _ordered_union(
-        [m for r in rows for m in (r.mean_dwfuse_weight, r.imputation_error)]
-    )
-    combinations = _ordered_union(
-        [c for r in rows for c in (r.availability_counts, r.tla_scores)]
-        + [{r.lazy_combination: None} for r in rows if r.lazy_combination]
-    )
 
     def per_round(site: str, value: Callable[[AuditRow], object]) -> list:
         return [value(by_site[site][r]) if r in by_site[site] else None for r in rounds]
 
-    epsilon = {s: per_round(s, lambda r: finite_or_none(r.epsilon)) for s in sites}
+    calls = {s: per_round(s, lambda r: findings.lazy_call(r, tie_margin)) for s in sites}
+    observed = {s: findings.observed_modalities(last[s], modalities) for s in sites}
     return {
-        "sites": sites,
-        "rounds": rounds,
-        "modalities": modalities,
-        "combinations": combinations,
-        "min_count": min_count,
-        "metrics_found": history is not None,
         "lazy_timeline": {s: per_round(s, lambda r: r.lazy_combination) for s in sites},
+        "lazy_calls": calls,
+        "lazy_frequency": {s: findings.lazy_frequency(calls[s]) for s in sites},
+        "observed": {s: {"modalities": held, "source": src} for s, (held, src) in observed.items()},
         "local_val_auroc": {s: per_round(s, lambda r: _metric(r.val_auroc)) for s in sites},
         "dwfuse_weight_series": {
             s: {
@@ -197,167 +178,114 @@ def build_data(rows: list[AuditRow], history: dict[int, dict] | None, min_count:
             for s in sites
         },
         "dwfuse_weight": {s: _weights_summary(by_site[s], modalities) for s in sites},
-        "availability": {
-            s: {
-                "round": last[s].round,
-                "num_examples": last[s].num_examples,
-                "counts": dict(last[s].availability_counts),
-            }
-            for s in sites
+        "weight_profile": {
+            s: findings.weight_profile(by_site[s], modalities, threshold) for s in sites
         },
+        "availability": {s: findings.published_counts(last[s], threshold) for s in sites},
         "imputation_error": {
             s: {
                 "round": last[s].round,
                 "errors": {m: finite_or_none(last[s].imputation_error.get(m)) for m in modalities},
+                "normalised": {
+                    m: finite_or_none(last[s].imputation_error_normalised.get(m))
+                    for m in modalities
+                },
             }
             for s in sites
         },
+        "epsilon": {s: per_round(s, lambda r: finite_or_none(r.epsilon)) for s in sites},
+    }
+
+
+def build_data(
+    rows: list[AuditRow],
+    history: dict[int, dict] | None,
+    threshold: findings.Threshold,
+    tie_margin: float = findings.TIE_MARGIN,
+) -> dict:
+    """The report's raw content (JSON-safe; None = missing or suppressed).
+
+    Per-round values are lists aligned with ``rounds``; a site without a row in a round
+    gets None there. Availability and imputation error come from each site's last round;
+    counts below ``threshold.used`` are suppressed (None).
+    """
+    by_site: dict[str, dict[int, AuditRow]] = {}
+    for row in rows:  # a later duplicate (site, round) replaces an earlier one
+        by_site.setdefault(row.site, {})[row.round] = row
+    rounds = sorted({row.round for row in rows})
+    modalities = _ordered_union(
+        [m for r in rows for m in (r.mean_dwfuse_weight, r.imputation_error)]
+    )
+    combinations = _ordered_union(
+        [c for r in rows for c in (r.availability_counts, r.tla_scores)]
+        + [{r.lazy_combination: None} for r in rows if r.lazy_combination]
+    )
+    data = {
+        "sites": sorted(by_site),
+        "rounds": rounds,
+        "modalities": modalities,
+        "combinations": combinations,
+        "min_count": threshold.used,
+        "site_min_count": threshold.site,
+        "requested_min_count": threshold.requested,
+        "tie_margin": tie_margin,
+        "metrics_found": history is not None,
+        **_site_views(by_site, rounds, modalities, threshold, tie_margin),
         "round_metrics": _round_metrics(rounds, by_site, history),
-        "epsilon": epsilon if any(v is not None for s in sites for v in epsilon[s]) else None,
+        "failures": findings.failures(history, rows),
     }
-
-
-# -- rendering -------------------------------------------------------------------------------
-def _num(value: float | None, digits: int = 3) -> str:
-    return MISSING if value is None else f"{value:.{digits}f}"
-
-
-def _count(value: int | None, present: bool, min_count: int) -> str:
-    """A count cell: the count, '<k' when suppressed, '-' when not reported at all."""
-    if not present:
-        return MISSING
-    return f"<{min_count}" if value is None else str(value)
-
-
-def _bytes(value: float | None) -> str:
-    if value is None:
-        return MISSING
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _weight_cell(entry: dict) -> str:
-    if entry["last"] is None:
-        return MISSING
-    change = "" if entry["change"] is None else f" ({entry['change']:+.3f})"
-    return f"{entry['last']:.3f}{change}"
-
-
-def build_tables(data: dict) -> dict[str, ReportTable]:
-    """Rendered tables from the report's data, keyed by name."""
-    sites, rounds, modalities = data["sites"], data["rounds"], data["modalities"]
-    tables = {
-        "lazy_timeline": ReportTable(
-            "Lazy modality combination per site and round",
-            ["site", *(f"r{r}" for r in rounds)],
-            [[s, *(c or MISSING for c in data["lazy_timeline"][s])] for s in sites],
-        ),
-        "dwfuse_weights": ReportTable(
-            "Mean DWFuse weight per modality: last round (change since first round)",
-            ["site", *modalities],
-            [[s, *(_weight_cell(data["dwfuse_weight"][s][m]) for m in modalities)] for s in sites],
-        ),
-        "availability": _availability_table(data),
-        "round_metrics": _round_metrics_table(data["round_metrics"]),
-    }
-    imputation = data["imputation_error"]
-    tables["imputation_error"] = ReportTable(
-        "Imputation error per modality (each site's last round)",
-        ["site", "round", *modalities],
-        [
-            [
-                s,
-                str(imputation[s]["round"]),
-                *(_num(imputation[s]["errors"][m]) for m in modalities),
-            ]
-            for s in sites
-        ],
-    )
-    if data["epsilon"] is not None:
-        tables["epsilon"] = ReportTable(
-            "DP epsilon spent per site and round",
-            ["site", *(f"r{r}" for r in rounds)],
-            [[s, *(_num(v, 2) for v in data["epsilon"][s])] for s in sites],
-        )
-    return tables
-
-
-def _availability_table(data: dict) -> ReportTable:
-    """Training samples per exact modality combination, each site's last round."""
-    k, availability = data["min_count"], data["availability"]
-    combos = [
-        c for c in data["combinations"] if any(c in a["counts"] for a in availability.values())
-    ]
-    rows = []
-    for s in data["sites"]:
-        site = availability[s]
-        cells = [_count(site["counts"].get(c), c in site["counts"], k) for c in combos]
-        rows.append([s, str(site["round"]), _count(site["num_examples"], True, k), *cells])
-    return ReportTable(
-        "Training samples per modality combination (each site's last round)",
-        ["site", "round", "samples", *combos],
-        rows,
-        f"Cells with fewer than {k} samples are suppressed (shown as '<{k}'); "
-        "'-' = combination not reported.",
-    )
-
-
-def _round_metrics_table(round_metrics: list[dict]) -> ReportTable:
-    """One row per round: sites reporting, AUROCs, bytes and wall time."""
-    columns = [
-        "round",
-        "sites",
-        "mean local val AUROC",
-        "federated val AUROC",
-        "server test AUROC",
-        "bytes sent",
-        "bytes received",
-        "wall s",
-    ]
-    rows = [
-        [
-            str(m["round"]),
-            str(m["sites_reporting"]),
-            _num(m["mean_local_val_auroc"]),
-            _num(m["federated_val_auroc"]),
-            _num(m["server_test_auroc"]),
-            _bytes(m["bytes_sent"]),
-            _bytes(m["bytes_received"]),
-            _num(m["wall_seconds"], 1),
-        ]
-        for m in round_metrics
-    ]
-    return ReportTable("Global metrics per round", columns, rows)
+    if not any(v is not None for series in data["epsilon"].values() for v in series):
+        data["epsilon"] = None
+    return data
 
 
 # -- entry points ----------------------------------------------------------------------------
-def build_report(
-    run_dir: Path, out_dir: Path | None = None, min_count: int | None = None
-) -> AuditReport:
-    """Read a run's audit (and metrics), write figures and report.json, return the report.
+def _notes(run_dir: Path, data: dict, threshold: findings.Threshold) -> list[str]:
+    notes = []
+    if (note := threshold.note()) is not None:
+        notes.append(note)
+    if not data["metrics_found"]:
+        notes.append(
+            f"{run_dir / METRICS_JSON} not found: federated evaluation, server test, bytes, "
+            "wall-clock and failure entries are empty; everything else comes from the audit table."
+        )
+    unknown = [s for s in data["sites"] if data["observed"][s]["modalities"] is None]
+    if unknown:
+        notes.append(
+            f"Sites {', '.join(unknown)} report neither held modalities nor availability: their "
+            "weights cannot be labelled observed or imputed."
+        )
+    if data["epsilon"] is None:
+        notes.append("No site reported a DP epsilon (no local differential privacy).")
+    return notes
 
-    ``out_dir`` defaults to ``run_dir/audit_report``; ``min_count`` (the suppression
-    threshold shown as '<k') defaults to the run's ``audit_min_count``, else 5.
+
+def build_report(
+    run_dir: Path,
+    out_dir: Path | None = None,
+    min_count: int | None = None,
+    tie_margin: float = findings.TIE_MARGIN,
+) -> AuditReport:
+    """Read a run's audit (and metrics), write figures, report.json, report.html and
+    report.md, and return the report.
+
+    ``out_dir`` defaults to ``run_dir/audit_report``. ``min_count`` can only raise the
+    suppression threshold above the one the sites applied (each row's ``min_count``, else
+    the run's ``audit_min_count``, else 5): a cell suppressed at a site stays suppressed.
     Raises FileNotFoundError / ValueError naming audit.json when it is missing or empty.
     """
     run_dir = Path(run_dir)
     rows = read_audit(run_dir)
     if not rows:
         raise ValueError(f"{run_dir / AUDIT_JSON}: the audit table has no rows")
+    if min_count is not None and min_count < 1:
+        raise ValueError(f"--min-count: expected a positive integer, got {min_count}")
     history = _read_metrics(run_dir)
-    threshold = _min_count_of_run(run_dir) if min_count is None else min_count
-    data = build_data(rows, history, threshold)
-    notes = []
-    if history is None:
-        notes.append(
-            f"{run_dir / METRICS_JSON} not found: federated evaluation, server test, bytes and "
-            "wall-clock columns are empty; everything else comes from the audit table."
-        )
-    if data["epsilon"] is None:
-        notes.append("No site reported a DP epsilon (no local differential privacy).")
+    threshold = findings.Threshold(
+        findings.site_threshold(rows, _min_count_of_run(run_dir)), min_count
+    )
+    data = build_data(rows, history, threshold, tie_margin)
+    notes = _notes(run_dir, data, threshold)
     out = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out, data)
@@ -371,7 +299,8 @@ def build_report(
         "data": data,
     }
     report_json.write_text(json.dumps(payload, indent=2, allow_nan=False))
-    return AuditReport(run_dir, out, report_json, plots, tables, data, notes)
+    documents = write_documents(out, run_dir, data, tables, plots, notes)
+    return AuditReport(run_dir, out, report_json, plots, documents, tables, data, notes)
 
 
 def print_report(report: AuditReport, console: Console) -> None:
@@ -390,4 +319,6 @@ def print_report(report: AuditReport, console: Console) -> None:
             console.print(f"[dim]{escape(table.caption)}[/dim]")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
-    console.print(f"figures and report.json in {escape(str(report.out_dir))}")
+    console.print(
+        f"report.html, report.md, figures and report.json in {escape(str(report.out_dir))}"
+    )

@@ -74,6 +74,7 @@ class RoundRecorder:
     global_round: Callable[[int], int]
     server_evaluate: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None
     note: str = ""
+    tracker: Callable[[int, dict, list[wire.AuditRow]], None] | None = None  # e.g. TensorBoard
     rounds_run: list[RoundRecord] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
 
@@ -92,6 +93,8 @@ class RoundRecorder:
             record.note = self.note
         self.rounds_run.append(record)
         self._save(record, weights)
+        if self.tracker is not None:
+            self.tracker(record.round, record.history_entry(), record.audit)
         return MetricRecord(record.server) if record.server else None
 
     def _save(self, record: RoundRecord, weights: dict[str, np.ndarray]) -> None:

@@ -68,6 +68,14 @@ class FederationRunConfig(StrictModel):
         description="Reject a site update farther than this (L2) from the global weights; 0 = off.",
     )
 
+    tensorboard: bool = Field(
+        default=False,
+        description=(
+            "Log every round's global and per-site metrics to RUN_DIR/tensorboard "
+            "(needs the tensorboard package: the [tracking] extra)."
+        ),
+    )
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:
         data = {key.replace("-", "_"): value for key, value in run_config.items()}

@@ -161,7 +161,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     }
     writable(out, out / "demo_result.json").write_text(json.dumps(result, indent=2))
     console.print(Rule("done"))
-    console.print(f"audit report (tables, plots, report.json): {report.out_dir}")
+    console.print(f"audit report (report.html, report.md, plots, report.json): {report.out_dir}")
     console.print(f"checkpoints, metrics.json, audit.csv: {run_dir}")
     console.print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return result
