@@ -68,6 +68,16 @@ class FederationRunConfig(StrictModel):
         description="Reject a site update farther than this (L2) from the global weights; 0 = off.",
     )
 
+    expected_fingerprints: str = Field(
+        default="",
+        pattern=r"^([A-Za-z0-9_-]+=[0-9a-f]{64})?(,[A-Za-z0-9_-]+=[0-9a-f]{64})*$",
+        description=(
+            "The consortium's backbone fingerprints, 'cxr=<sha256>,rep=<sha256>' (what "
+            "`omnifuse site check` prints); a site reporting another is excluded. Empty: the "
+            "fingerprint held by a strict majority of the reporting sites."
+        ),
+    )
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:
         data = {key.replace("-", "_"): value for key, value in run_config.items()}
@@ -82,6 +92,11 @@ class FederationRunConfig(StrictModel):
             return Scenario.load(self.scenario_dir)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"run config 'scenario-dir': {error}") from error
+
+    def expected_fingerprint_map(self) -> dict[str, str]:
+        """``expected-fingerprints`` as backbone -> SHA-256 hex digest."""
+        pairs = [item.split("=", 1) for item in self.expected_fingerprints.split(",") if item]
+        return {name: digest for name, digest in pairs}
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -172,8 +171,9 @@ def test_a_site_whose_data_does_not_load_names_itself_in_the_error(
     path = tmp_path / "broken.toml"
     path.write_text('name = "site_9"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing"\n')
     [request] = registration_messages([5], model_config.model_dump_json())
-    with pytest.raises(RuntimeError, match="site 'site_9': registration failed"):
-        query(request, _context(path))
+    reply = query(request, _context(path))
+    assert reply.has_error()
+    assert reply.error.reason == "data_unreadable:FileNotFoundError:site=site_9"
 
 
 def _context(path) -> Context:
