@@ -180,7 +180,9 @@ def build_data(rows: list[AuditRow], history: dict[int, dict] | None, min_count:
         return [value(by_site[site][r]) if r in by_site[site] else None for r in rounds]
 
     epsilon = {s: per_round(s, lambda r: finite_or_none(r.epsilon)) for s in sites}
+    status = {s: per_round(s, lambda r: r.update_status) for s in sites}
     return {
+        "update_status": status,
         "sites": sites,
         "rounds": rounds,
         "modalities": modalities,
@@ -276,6 +278,15 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
             for s in sites
         ],
     )
+    troubled = [
+        s for s in sites if any(v not in (None, "accepted") for v in data["update_status"][s])
+    ]
+    if troubled:
+        tables["update_status"] = ReportTable(
+            "Sites with rounds not accepted (failed, rejected or excluded, with the reason)",
+            ["site", *(f"r{r}" for r in rounds)],
+            [[s, *(v or MISSING for v in data["update_status"][s])] for s in troubled],
+        )
     if data["epsilon"] is not None:
         tables["epsilon"] = ReportTable(
             "DP epsilon spent per site and round",

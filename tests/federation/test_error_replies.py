@@ -17,6 +17,7 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import TrainConfig
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
+from server.audit_report import build_report
 from server.checkpoint import ServerState
 from server.round_record import RoundRecorder
 from server.run_config import FederationRunConfig
@@ -161,3 +162,6 @@ def test_the_server_names_the_site_and_metrics_json_holds_no_path(
     }
     assert audit["b_no_cxr"] == "failed:training_failed:OSError:site=site_b"
     assert recorder.never_accepted() == {"b_no_cxr": f"failed: {problem['reason']}"}
+    report = build_report(run.run_dir)  # `omnifuse audit` shows the failed round by site
+    [row] = report.tables["update_status"].rows
+    assert row == ["b_no_cxr", "failed:training_failed:OSError:site=site_b"]
