@@ -72,9 +72,10 @@ class FederationRunConfig(StrictModel):
         default="",
         pattern=r"^([A-Za-z0-9_-]+=[0-9a-f]{64})?(,[A-Za-z0-9_-]+=[0-9a-f]{64})*$",
         description=(
-            "The consortium's backbone fingerprints, 'cxr=<sha256>,rep=<sha256>' (what "
-            "`omnifuse site check` prints); a site reporting another is excluded. Empty: the "
-            "fingerprint held by a strict majority of the reporting sites."
+            "The consortium's backbone fingerprints, 'cxr=<sha256>,rep=<sha256>' (SHA-256 of "
+            "the feature cache's backbone identity, client.statistics.fingerprint; a run "
+            "records the ones it used in its checkpoint state); a site reporting another is "
+            "excluded. Empty: the fingerprint held by a strict majority of the reporting sites."
         ),
     )
 
