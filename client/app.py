@@ -95,7 +95,11 @@ def _site(context: Context) -> SiteConfig:
 
 
 def _datasets(site: SiteConfig, plan: RoundPlan) -> SiteDatasets:
-    normalizer = plan.ehr_normalizer.normalizer() if plan.ehr_normalizer is not None else None
+    """The site's data, its EHR scaled with the federation's normaliser when sent."""
+    state = plan.ehr_normalizer
+    normalizer = site_step(
+        "bad_instructions", lambda: state.normalizer() if state is not None else None, site.name
+    )
     return site_step(
         "data_unreadable",
         lambda: load_site_datasets(site, plan.model, normalizer=normalizer),
@@ -122,8 +126,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> RecordDict:
     site = _site(context)
     check_shared_text_backbone(site, context)
-    config = msg.content[wire.CONFIG]
-    plan = site_step("bad_instructions", lambda: _plan(config), site.name)
+    plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
     instructions = site_step(
         "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
     )
@@ -191,7 +194,7 @@ def query(msg: Message, context: Context) -> Message:
     A failure is an error reply with a named code and the site's name once its config was
     read; the traceback stays in this site's log (``client.error_replies``)."""
     try:
-        config = msg.content[wire.CONFIG]
+        config = site_step("bad_instructions", lambda: msg.content[wire.CONFIG])
         if config.get(wire.QUERY_KIND) == wire.STATISTICS_QUERY:
             return Message(content=_statistics(config, context), reply_to=msg)
         return Message(content=_registration(config, context), reply_to=msg)

@@ -66,10 +66,12 @@ class Preprocessing:
     expected_fingerprints: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # site -> named reason
     problems: dict[str, str] = field(default_factory=dict)  # site or node -> unused answer
+    checked: list[str] = field(default_factory=list)  # sites whose fingerprints were checked
 
     def to_json(self) -> dict:
         return {
             "problems": dict(sorted(self.problems.items())),
+            "checked": sorted(self.checked),
             "normalizer": None if self.normalizer is None else self.normalizer.model_dump(),
             "contributors": list(self.contributors),
             "expected_fingerprints": dict(sorted(self.expected_fingerprints.items())),
@@ -86,6 +88,7 @@ class Preprocessing:
             expected_fingerprints=dict(data.get("expected_fingerprints", {})),
             excluded=dict(data.get("excluded", {})),
             problems=dict(data.get("problems", {})),
+            checked=list(data.get("checked", [])),
         )
 
 
@@ -185,7 +188,7 @@ def decide(answers: dict[str, SiteStatistics], configured: dict[str, str]) -> Pr
         normalizer = NormalizerState.of(
             EHRNormalizer.from_aggregates(total.count, total.sums, total.sumsq)
         )
-    return Preprocessing(normalizer, sorted(parts), expected, excluded)
+    return Preprocessing(normalizer, sorted(parts), expected, excluded, checked=sorted(answers))
 
 
 def run_statistics_phase(
@@ -213,6 +216,35 @@ def run_statistics_phase(
     for site in sorted(set(registry.declarations) - set(answers) - set(problems)):
         decided.problems[site] = "statistics:no_answer"
     return decided
+
+
+def check_late_sites(
+    grid: Grid,
+    registry: SiteRegistry,
+    preprocessing: Preprocessing,
+    model_config_json: str,
+    modality_names: list[str],
+    min_count: int,
+    timeout: float,
+) -> None:
+    """Sites bound after the statistics phase (a late SuperNode) answer the statistics query
+    before their first round: excluded when a fingerprint differs from the consortium's
+    (their EHR sums do not change the normaliser the other sites already train with)."""
+    checked = set(preprocessing.checked) | set(preprocessing.excluded)
+    late = sorted(n for n, s in registry.nodes.items() if s not in checked)
+    if not late:
+        return
+    messages = statistics_messages(late, model_config_json, min_count)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answers, problems = read_statistics(replies, registry, modality_names)
+    preprocessing.problems.update(problems)
+    for site, answer in sorted(answers.items()):
+        expected = preprocessing.expected_fingerprints
+        wrong = sorted(b for b, d in answer.fingerprints.items() if expected.get(b, d) != d)
+        if wrong:
+            preprocessing.excluded[site] = f"fingerprint_mismatch:{wrong[0]}"
+            log.warning("statistics: late site %s excluded: %s", site, preprocessing.excluded[site])
+        preprocessing.checked.append(site)
 
 
 def write_normalizer(run_dir, preprocessing: Preprocessing) -> None:

@@ -45,7 +45,7 @@ from server.reply_screening import (
 from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry, register_newcomers
-from server.statistics_phase import Preprocessing
+from server.statistics_phase import Preprocessing, check_late_sites
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,15 @@ class OmniFuseStrategy(FedAvg):
             self.registry,
             self.model_config.model_dump_json(),
             self.model_config.modality_names,
+            self.run.round_timeout,
+        )
+        check_late_sites(
+            grid,
+            self.registry,
+            self.preprocessing,
+            self.model_config.model_dump_json(),
+            self.model_config.modality_names,
+            self.run.audit_min_count,
             self.run.round_timeout,
         )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))

@@ -36,6 +36,7 @@ from server.site_registry import SiteRegistry
 from server.statistics_phase import (
     FingerprintConflict,
     Preprocessing,
+    check_late_sites,
     decide,
     run_statistics_phase,
     statistics_messages,
@@ -318,3 +319,28 @@ def test_the_statistics_query_is_told_apart_from_the_registration(flower_task_id
     assert isinstance(config, ConfigRecord)
     assert config["query-kind"] == "statistics" and config["audit-min-count"] == 7
     assert STATISTICS in ("statistics",)
+
+
+def test_a_site_bound_after_the_phase_is_checked_before_its_first_round(
+    flower_task_identity, model_config, site_registry, reply_from
+):
+    """a_full was checked before round 1; b_no_cxr's node registered late and reports
+    another cxr backbone: it is excluded before it trains; nobody is asked twice."""
+    preprocessing = Preprocessing(expected_fingerprints={"cxr": A}, checked=["a_full"])
+    asked: list[list[int]] = []
+
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            asked.append([m.metadata.dst_node_id for m in messages])
+            answer = encode_statistics(_answer({"cxr": C}))
+            return [
+                reply_from(RecordDict({STATISTICS: ConfigRecord(answer)}), 12, MessageType.QUERY)
+            ]
+
+    for _ in range(2):
+        check_late_sites(
+            Grid(), site_registry, preprocessing, model_config.model_dump_json(),
+            model_config.modality_names, 5, 5,
+        )  # fmt: skip
+    assert asked == [[12]]
+    assert preprocessing.excluded == {"b_no_cxr": "fingerprint_mismatch:cxr"}
