@@ -39,7 +39,12 @@ from server.round_record import RoundRecorder
 from server.run_config import FederationRunConfig
 from server.run_outcome import SitesFailedError, write_outcome
 from server.site_registry import SiteRegistry, register_sites
-from server.statistics_phase import Preprocessing, run_statistics_phase, write_normalizer
+from server.statistics_phase import (
+    FingerprintConflict,
+    Preprocessing,
+    run_statistics_phase,
+    write_normalizer,
+)
 from server.strategy import OmniFuseStrategy
 
 log = logging.getLogger(__name__)
@@ -147,15 +152,19 @@ def statistics_phase(
 ) -> Preprocessing:
     """The statistics phase (``server.statistics_phase``). A resumed run keeps the
     normaliser it started with (its checkpoint state); exclusions are decided afresh."""
-    decided = run_statistics_phase(
-        grid,
-        registry,
-        model_config.model_dump_json(),
-        model_config.modality_names,
-        run.audit_min_count,
-        run.expected_fingerprint_map(),
-        run.round_timeout,
-    )
+    try:
+        decided = run_statistics_phase(
+            grid,
+            registry,
+            model_config.model_dump_json(),
+            model_config.modality_names,
+            run.audit_min_count,
+            run.expected_fingerprint_map(),
+            run.round_timeout,
+        )
+    except FingerprintConflict as error:  # the run cannot start: say why in outcome.json
+        write_outcome(run.run_dir, "failed", f"statistics phase: {error}")
+        raise
     stored = Preprocessing.from_json(state.preprocessing)
     if stored.normalizer is not None:
         decided.normalizer, decided.contributors = stored.normalizer, stored.contributors

@@ -344,3 +344,57 @@ def test_a_site_bound_after_the_phase_is_checked_before_its_first_round(
         )  # fmt: skip
     assert asked == [[12]]
     assert preprocessing.excluded == {"b_no_cxr": "fingerprint_mismatch:cxr"}
+
+
+def _answering_grid(reply_from, answers: dict[int, SiteStatistics]):
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            return [
+                reply_from(
+                    RecordDict({STATISTICS: ConfigRecord(encode_statistics(answers[n]))}),
+                    n,
+                    MessageType.QUERY,
+                )
+                for n in (m.metadata.dst_node_id for m in messages)
+            ]
+
+    return Grid()
+
+
+def test_the_server_records_the_normaliser_and_a_resume_keeps_it(
+    flower_task_identity, model_config, site_registry, reply_from, ehr_sites, tmp_path
+):
+    from server.app import statistics_phase
+    from server.checkpoint import ServerState
+
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
+    real = site_statistics(ehr_sites[0], ["ehr"], min_count=1)
+    answers = {11: real, 12: real.model_copy(update={"fingerprints": {}})}
+    state = ServerState(round=0)
+    first = statistics_phase(
+        _answering_grid(reply_from, answers), run, model_config, site_registry, state
+    )
+    saved = EHRNormalizer.load(tmp_path / "ehr_normalizer.json")
+    np.testing.assert_array_equal(saved.stds, first.normalizer.normalizer().stds)
+    assert state.preprocessing["normalizer"] == first.normalizer.model_dump()
+    # a resumed run keeps the normaliser it started with, even if a site's sums changed
+    answers[12] = site_statistics(ehr_sites[1], ["ehr"], min_count=1)
+    again = statistics_phase(
+        _answering_grid(reply_from, answers), run, model_config, site_registry, state
+    )
+    assert again.normalizer == first.normalizer
+
+
+def test_a_fingerprint_conflict_fails_the_run_with_its_reason(
+    flower_task_identity, model_config, site_registry, reply_from, tmp_path
+):
+    from server.app import statistics_phase
+    from server.checkpoint import ServerState
+    from server.run_outcome import read_outcome
+
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
+    grid = _answering_grid(reply_from, {11: _answer({"cxr": A}), 12: _answer({"cxr": C})})
+    with pytest.raises(FingerprintConflict):
+        statistics_phase(grid, run, model_config, site_registry, ServerState(round=0))
+    outcome = read_outcome(tmp_path)
+    assert outcome["status"] == "failed" and "a_full: aaaaaaaaaaaa" in outcome["reason"]
