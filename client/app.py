@@ -228,7 +228,9 @@ def _statistics(config: ConfigRecord, context: Context) -> RecordDict:
     site = _site(context)
     check_shared_text_backbone(site, context)
     model_config = _model_config(config, site)
-    min_count = int(config.get(wire.QUERY_MIN_COUNT, 5))
+    min_count = site_step(
+        "bad_instructions", lambda: max(1, int(config.get(wire.QUERY_MIN_COUNT, 5))), site.name
+    )
     statistics = site_step(
         "statistics_failed",
         lambda: site_statistics(site, model_config.modality_names, min_count),
