@@ -227,11 +227,12 @@ def read_wordpiece_vocabulary(path: str | os.PathLike[str]) -> list[str]:
 def write_wordpiece_vocabulary(vocabulary: Sequence[str], path: str | os.PathLike[str]) -> None:
     """Write a vocabulary as a BERT ``vocab.txt`` (line k = token id k) that
     :func:`read_wordpiece_vocabulary` reads back unchanged: a consortium's vocabulary file."""
-    if any("\n" in token or "\r" in token for token in vocabulary):
-        raise ValueError("a WordPiece token may not contain a line break")
+    text = "\n".join(vocabulary)
+    if text.splitlines() != list(vocabulary):
+        raise ValueError("a WordPiece token may not be empty or contain a line break")
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    temporary.write_text(text + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
 
