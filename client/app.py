@@ -15,15 +15,22 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.error_replies import SiteStepFailed, error_reply, refuse, site_step
 from client.local_training import RoundInstructions, evaluate_global, train_round
 from client.registration import site_declaration
+from client.statistics import site_statistics
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.federation_replies import REGISTRATION, encode_declaration
+from omnifuse_model.federation_replies import (
+    REGISTRATION,
+    STATISTICS,
+    encode_declaration,
+    encode_statistics,
+)
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.scenario import SCENARIO_FILE, Scenario
 from omnifuse_model.site_config import SiteConfig, load_site_config
-from omnifuse_model.site_data import load_site_datasets
+from omnifuse_model.site_data import SiteDatasets, load_site_datasets
 
 app = ClientApp()
 
@@ -43,12 +50,61 @@ def site_config_path(context: Context) -> Path:
     return sites[partition]
 
 
-def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
-    """The server's round plan, as this site carries it out."""
+def _plan(config: ConfigRecord) -> RoundPlan:
+    """The server's round plan."""
     if wire.ROUND_PLAN not in config:
         raise ValueError(f"config record: no '{wire.ROUND_PLAN}' key, got keys {sorted(config)}")
-    plan = RoundPlan.model_validate_json(str(config[wire.ROUND_PLAN]))
-    return RoundInstructions.for_site(plan, site)
+    return RoundPlan.model_validate_json(str(config[wire.ROUND_PLAN]))
+
+
+def _instructions(config: ConfigRecord, site: SiteConfig) -> RoundInstructions:
+    """The server's round plan, as this site carries it out."""
+    return RoundInstructions.for_site(_plan(config), site)
+
+
+def is_deployed(context: Context) -> bool:
+    """A deployed SuperNode names its site config; a simulated one a partition id."""
+    return "site-config" in context.node_config
+
+
+def check_shared_text_backbone(site: SiteConfig, context: Context) -> None:
+    """A deployed site holding reports must embed them with the consortium's backbone: a
+    local BERT (``backbones.bert_dir``) or the consortium's WordPiece vocabulary file
+    (``backbones.wordpiece_vocab``), never a vocabulary learnt from its own reports (its
+    token ids would mean something else than at the other sites). A simulation shares one
+    fallback among its sites (``omnifuse prepare --scenario``)."""
+    backbones = site.backbones
+    if (
+        is_deployed(context)
+        and "rep" in site.modalities
+        and backbones.bert_dir is None
+        and backbones.wordpiece_vocab is None
+    ):
+        raise refuse(
+            "text_backbone_not_shared",
+            "the site holds reports but its config names neither backbones.bert_dir nor "
+            "backbones.wordpiece_vocab; its report features would use a vocabulary learnt "
+            "from its own reports. Set backbones.wordpiece_vocab to the consortium's "
+            "vocabulary file (or bert_dir to the consortium's BERT) and run `omnifuse prepare`",
+            site.name,
+        )
+
+
+def _site(context: Context) -> SiteConfig:
+    return site_step("site_config_unreadable", lambda: load_site_config(site_config_path(context)))
+
+
+def _datasets(site: SiteConfig, plan: RoundPlan) -> SiteDatasets:
+    """The site's data, its EHR scaled with the federation's normaliser when sent."""
+    state = plan.ehr_normalizer
+    normalizer = site_step(
+        "bad_instructions", lambda: state.normalizer() if state is not None else None, site.name
+    )
+    return site_step(
+        "data_unreadable",
+        lambda: load_site_datasets(site, plan.model, normalizer=normalizer),
+        site.name,
+    )
 
 
 def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
@@ -61,12 +117,28 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    site = load_site_config(site_config_path(context))
-    config = msg.content[wire.CONFIG]
-    instructions = _instructions(config, site)
-    datasets = load_site_datasets(site, instructions.model_config)
-    state = msg.content[wire.ARRAYS].to_torch_state_dict()
-    result = train_round(site.name, datasets, instructions, state)
+    try:
+        return Message(content=_train(msg, context), reply_to=msg)
+    except SiteStepFailed as failure:
+        return error_reply(failure, msg)
+
+
+def _train(msg: Message, context: Context) -> RecordDict:
+    site = _site(context)
+    check_shared_text_backbone(site, context)
+    plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
+    instructions = site_step(
+        "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
+    )
+    datasets = _datasets(site, plan)
+    state = site_step(
+        "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
+    )
+    result = site_step(
+        "training_failed",
+        lambda: train_round(site.name, datasets, instructions, state),
+        site.name,
+    )
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(result.state),
@@ -78,46 +150,94 @@ def train(msg: Message, context: Context) -> Message:
         content[wire.TLA_SUMS] = ConfigRecord(
             wire.encode_tla_sums(result.laziness, instructions.audit_min_count)
         )
-    return Message(content=content, reply_to=msg)
+    return content
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = load_site_config(site_config_path(context))
-    instructions = _instructions(msg.content[wire.CONFIG], site)
-    datasets = load_site_datasets(site, instructions.model_config)
-    state = msg.content[wire.ARRAYS].to_torch_state_dict()
-    metrics = evaluate_global(
-        datasets,
-        instructions.model_config,
-        state,
-        instructions.train_config,
-        min_count=instructions.audit_min_count,
+    try:
+        return Message(content=_evaluate(msg, context), reply_to=msg)
+    except SiteStepFailed as failure:
+        return error_reply(failure, msg)
+
+
+def _evaluate(msg: Message, context: Context) -> RecordDict:
+    site = _site(context)
+    plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
+    instructions = site_step(
+        "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
     )
-    return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    datasets = _datasets(site, plan)
+    state = site_step(
+        "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
+    )
+    metrics = site_step(
+        "evaluation_failed",
+        lambda: evaluate_global(
+            datasets,
+            instructions.model_config,
+            state,
+            instructions.train_config,
+            min_count=instructions.audit_min_count,
+        ),
+        site.name,
+    )
+    return RecordDict({wire.METRICS: MetricRecord(metrics)})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The server's registration before round 1: this site's name and declared data sizes.
+    """The server's queries before round 1: the registration (this site's name and declared
+    data sizes; the server binds this node to the site named here, and the sizes bound every
+    count the site reports later), then the statistics phase (``client.statistics``).
 
-    The server binds this node to the site named here, and the sizes bound every count the
-    site reports later; they are rounded with the run's audit-min-count, which the query
-    carries. An error names the site, so the server can say which one failed."""
-    path = site_config_path(context)
-    name = path.name
+    A failure is an error reply with a named code and the site's name once its config was
+    read; the traceback stays in this site's log (``client.error_replies``)."""
     try:
-        site = load_site_config(path)
-        name = site.name
-        config = msg.content[wire.CONFIG]
-        model_config = OmniFuseConfig.model_validate_json(str(config[wire.MODEL_CONFIG]))
-        threshold = _registration_threshold(config)
-        datasets = load_site_datasets(site, model_config)
-        declaration = site_declaration(site.name, datasets, model_config, threshold)
-    except Exception as error:
-        raise RuntimeError(f"site '{name}': registration failed: {error}") from error
-    record = ConfigRecord(encode_declaration(declaration))
-    return Message(content=RecordDict({REGISTRATION: record}), reply_to=msg)
+        config = site_step("bad_instructions", lambda: msg.content[wire.CONFIG])
+        if config.get(wire.QUERY_KIND) == wire.STATISTICS_QUERY:
+            return Message(content=_statistics(config, context), reply_to=msg)
+        return Message(content=_registration(config, context), reply_to=msg)
+    except SiteStepFailed as failure:
+        return error_reply(failure, msg)
+
+
+def _model_config(config: ConfigRecord, site: SiteConfig) -> OmniFuseConfig:
+    return site_step(
+        "bad_instructions",
+        lambda: OmniFuseConfig.model_validate_json(str(config[wire.MODEL_CONFIG])),
+        site.name,
+    )
+
+
+def _registration(config: ConfigRecord, context: Context) -> RecordDict:
+    site = _site(context)
+    model_config = _model_config(config, site)
+    datasets = site_step(
+        "data_unreadable", lambda: load_site_datasets(site, model_config), site.name
+    )
+    threshold = site_step("bad_instructions", lambda: _registration_threshold(config), site.name)
+    declaration = site_step(
+        "registration_failed",
+        lambda: site_declaration(site.name, datasets, model_config, threshold),
+        site.name,
+    )
+    return RecordDict({REGISTRATION: ConfigRecord(encode_declaration(declaration))})
+
+
+def _statistics(config: ConfigRecord, context: Context) -> RecordDict:
+    site = _site(context)
+    check_shared_text_backbone(site, context)
+    model_config = _model_config(config, site)
+    min_count = site_step(
+        "bad_instructions", lambda: max(1, int(config.get(wire.AUDIT_MIN_COUNT, 5))), site.name
+    )
+    statistics = site_step(
+        "statistics_failed",
+        lambda: site_statistics(site, model_config.modality_names, min_count),
+        site.name,
+    )
+    return RecordDict({STATISTICS: ConfigRecord(encode_statistics(statistics))})
 
 
 def _registration_threshold(config: ConfigRecord) -> int:

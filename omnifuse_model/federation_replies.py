@@ -334,3 +334,97 @@ def parse_tla_sums(
     if set(sums) != set(counts):
         raise ReplyError("tla-sums:unpaired_sum_and_count")
     return sums, counts
+
+
+# -- statistics phase (before round 1) --------------------------------------------------------
+# RecordDict key of a site's answer to the statistics query, and the keys of its ConfigRecord
+STATISTICS = "statistics"
+EHR_STAYS = "ehr-stays"  # training stays with EHR the statistics cover
+EHR_COUNT = "ehr-count"  # bins pooled (N)
+EHR_SUMS = "ehr-sums"  # per column S1 (list of floats)
+EHR_SUMSQ = "ehr-sumsq"  # per column S2 (list of floats)
+FINGERPRINT_PREFIX = "fingerprint."  # + backbone (modality) name -> SHA-256 hex digest
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class SiteStatistics(StrictModel):
+    """A site's answer to the statistics query: its training EHR aggregates and the
+    fingerprints of the backbones its feature cache was built with.
+
+    The aggregates are sums over every bin of every training stay (never a per-patient
+    value); a site whose training split has fewer EHR stays than the audit threshold sends
+    none (``ehr_count`` 0, no sums). A fingerprint is the SHA-256 of the feature cache's
+    producer identity for a modality (the identity names the SHA-256 of the weight files or
+    of the WordPiece vocabulary, the input size and the token length).
+    """
+
+    ehr_stays: int = Field(default=0, ge=0, le=MAX_COUNT)
+    ehr_count: int = Field(default=0, ge=0, le=MAX_COUNT * 1000)
+    ehr_sums: list[float] = Field(default_factory=list)
+    ehr_sumsq: list[float] = Field(default_factory=list)
+    fingerprints: dict[str, str] = Field(default_factory=dict)
+
+    def has_ehr(self) -> bool:
+        return self.ehr_count > 0 and bool(self.ehr_sums)
+
+
+def encode_statistics(statistics: SiteStatistics) -> dict[str, int | str | list[float]]:
+    record: dict[str, int | str | list[float]] = {
+        EHR_STAYS: statistics.ehr_stays,
+        EHR_COUNT: statistics.ehr_count,
+    }
+    if statistics.has_ehr():
+        record[EHR_SUMS] = list(statistics.ehr_sums)
+        record[EHR_SUMSQ] = list(statistics.ehr_sumsq)
+    record.update({FINGERPRINT_PREFIX + b: f for b, f in statistics.fingerprints.items()})
+    return record
+
+
+def _float_list(key: str, value: object, length: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != length:
+        raise ReplyError(f"{key}:not_a_list_of_{length}_numbers")
+    if not all(type(v) is float and math.isfinite(v) for v in value):
+        raise ReplyError(f"{key}:not_finite_floats")
+    return list(value)
+
+
+def decode_statistics(
+    record: Mapping[str, object],
+    modality_names: list[str],
+    declaration: SiteDeclaration,
+    num_features: int,
+) -> SiteStatistics:
+    """A statistics answer; ``ReplyError`` naming the field otherwise.
+
+    Fingerprints only for model modalities, as 64 lowercase hex digits; EHR sums exactly
+    ``num_features`` finite floats each, S2 >= 0, and at most the declared training stays.
+    """
+    fingerprint_keys = {FINGERPRINT_PREFIX + m for m in modality_names}
+    _exact_keys(
+        "statistics",
+        record,
+        {EHR_STAYS, EHR_COUNT},
+        optional=(EHR_SUMS, EHR_SUMSQ, *fingerprint_keys),
+    )
+    stays = _count(EHR_STAYS, record[EHR_STAYS], declaration.num_train)
+    count = _count(EHR_COUNT, record[EHR_COUNT], MAX_COUNT * 1000)
+    sums: list[float] = []
+    sumsq: list[float] = []
+    if count > 0:
+        if EHR_SUMS not in record or EHR_SUMSQ not in record:
+            raise ReplyError(f"statistics:missing_key:{EHR_SUMS}")
+        sums = _float_list(EHR_SUMS, record[EHR_SUMS], num_features)
+        sumsq = _float_list(EHR_SUMSQ, record[EHR_SUMSQ], num_features)
+        if any(v < 0 for v in sumsq):
+            raise ReplyError(f"{EHR_SUMSQ}:negative")
+    elif EHR_SUMS in record or EHR_SUMSQ in record:
+        raise ReplyError(f"statistics:{EHR_SUMS}_without_{EHR_COUNT}")
+    fingerprints = {}
+    for key in sorted(fingerprint_keys & set(record)):
+        value = record[key]
+        if not isinstance(value, str) or not SHA256_HEX.match(value):
+            raise ReplyError(f"{key}:not_a_sha256_hex_digest")
+        fingerprints[key.removeprefix(FINGERPRINT_PREFIX)] = value
+    return SiteStatistics(
+        ehr_stays=stays, ehr_count=count, ehr_sums=sums, ehr_sumsq=sumsq, fingerprints=fingerprints
+    )

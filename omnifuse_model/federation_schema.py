@@ -28,6 +28,9 @@ TLA_SUMS = "tla-sums"  # ConfigRecord: per-combination distance sums and counts 
 MODEL_CONFIG = "model-config"  # JSON of OmniFuseConfig (the registration query before round 1)
 AUDIT_MIN_COUNT = "audit-min-count"  # the registration query's suppression threshold (int)
 ROUND_PLAN = "round-plan"  # JSON of omnifuse_model.round_plan.RoundPlan: the round's instructions
+QUERY_KIND = "query-kind"  # a QUERY's purpose; absent = the registration query
+STATISTICS_QUERY = "statistics"  # QUERY_KIND of the statistics phase before round 1
+QUERY_MIN_COUNT = "audit-min-count"  # suppression threshold sent with the statistics query
 
 # -- client -> server metric keys ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

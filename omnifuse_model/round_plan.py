@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
+from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.site_config import SiteConfig
 
 
@@ -25,6 +26,27 @@ def site_round_seed(seed: int, global_round: int, site_name: str) -> int:
     a round (it depends on the global round number, not on the process).
     """
     return seed * 1_000_003 + global_round * 7919 + (zlib.crc32(site_name.encode()) % 7919)
+
+
+class NormalizerState(StrictModel):
+    """The federation's EHR normaliser as it travels: per-column means and stds."""
+
+    means: list[float]
+    stds: list[float]
+    columns: list[int]
+    count: int | None = Field(default=None, ge=0, description="Bins the statistics pooled.")
+
+    @classmethod
+    def of(cls, normalizer: EHRNormalizer) -> NormalizerState:
+        return cls(
+            means=normalizer.means.tolist(),
+            stds=normalizer.stds.tolist(),
+            columns=list(normalizer.columns),
+            count=normalizer.count,
+        )
+
+    def normalizer(self) -> EHRNormalizer:
+        return EHRNormalizer(self.means, self.stds, self.columns, count=self.count)
 
 
 class RoundPlan(StrictModel):
@@ -57,6 +79,11 @@ class RoundPlan(StrictModel):
     privacy_ledger: str = Field(
         default="default",
         description="Id of the run's privacy ledger at DP sites (the same across resumes).",
+    )
+    ehr_normalizer: NormalizerState | None = Field(
+        default=None,
+        description="The federation's EHR normaliser from the statistics phase; every site "
+        "scales its EHR with it (None: no site sent EHR statistics).",
     )
 
     def site_train_config(self, site: SiteConfig) -> TrainConfig:

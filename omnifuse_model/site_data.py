@@ -45,12 +45,16 @@ def _check_modalities(site: SiteConfig, model_config: OmniFuseConfig) -> None:
         )
 
 
-def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDatasets:
+def load_site_datasets(
+    site: SiteConfig, model_config: OmniFuseConfig, normalizer: EHRNormalizer | None = None
+) -> SiteDatasets:
     """The site's train/val datasets in the federation's modality order.
 
     ``synthetic_features``: generated feature-level data. ``feature_cache``: the train and val
     splits of the site's prepared feature cache (:func:`load_cached_split`; run
-    :func:`~omnifuse_model.data.features.cache.prepare_site` first).
+    :func:`~omnifuse_model.data.features.cache.prepare_site` first), the EHR scaled with
+    ``normalizer`` (the federation's, from the statistics phase) when given, else the one
+    named in the site config, else the cache's own.
     """
     _check_modalities(site, model_config)
     if site.data.source == "synthetic_features":
@@ -65,7 +69,7 @@ def load_site_datasets(site: SiteConfig, model_config: OmniFuseConfig) -> SiteDa
             _absent_outside_site(val, model_config, site),
         )
     _check_cached_task(site, model_config)
-    normalizer = _configured_normalizer(site)
+    normalizer = normalizer or _configured_normalizer(site)
     return SiteDatasets(
         load_cached_split(site, "train", modalities=model_config.modalities, normalizer=normalizer),
         load_cached_split(site, "val", modalities=model_config.modalities, normalizer=normalizer),
@@ -79,14 +83,18 @@ def _configured_normalizer(site: SiteConfig) -> EHRNormalizer | None:
         return None
     if not path.is_file():
         raise FileNotFoundError(
-            f"site '{site.name}': data.ehr_normalizer {path} not found (for a simulated "
-            "federation `omnifuse prepare --scenario` writes it from the sites' aggregates)"
+            f"site '{site.name}': data.ehr_normalizer {path} not found (a federation sends "
+            "its sites the normaliser of its statistics phase; this file is only for "
+            "training outside one)"
         )
     return EHRNormalizer.load(path)
 
 
-def load_site_test_dataset(site: SiteConfig, model_config: OmniFuseConfig) -> Dataset:
-    """The site's test split in the federation's modality order.
+def load_site_test_dataset(
+    site: SiteConfig, model_config: OmniFuseConfig, normalizer: EHRNormalizer | None = None
+) -> Dataset:
+    """The site's test split in the federation's modality order (EHR scaled as in
+    :func:`load_site_datasets`).
 
     ``feature_cache``: the listfile's test split from the feature cache. ``synthetic_features``:
     a fresh draw of the validation size from a seed of its own.
@@ -101,7 +109,10 @@ def load_site_test_dataset(site: SiteConfig, model_config: OmniFuseConfig) -> Da
         return _absent_outside_site(test, model_config, site)
     _check_cached_task(site, model_config)
     return load_cached_split(
-        site, "test", modalities=model_config.modalities, normalizer=_configured_normalizer(site)
+        site,
+        "test",
+        modalities=model_config.modalities,
+        normalizer=normalizer or _configured_normalizer(site),
     )
 
 

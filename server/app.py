@@ -1,8 +1,10 @@
 """Flower ServerApp: register the sites, build the strategy, run the rounds, checkpoint.
 
 Before round 1 every node answers a registration query (``server.site_registry``) that
-binds its node id to its site. After every round (in ``evaluate_fn``, which Flower calls
-once per round after federated evaluation) the ``RoundRecorder`` evaluates the global model
+binds its node id to its site, then a statistics query (``server.statistics_phase``): the
+federated EHR normaliser every site uses, and the exclusion of sites whose backbones differ.
+After every round (in ``evaluate_fn``, which Flower calls once per round after federated
+evaluation) the ``RoundRecorder`` evaluates the global model
 on the scenario's held-out test set when configured, then writes a checkpoint, metrics.json
 and the audit table. With ``resume=true`` it continues from the newest readable checkpoint
 in ``run-dir``. At the end ``outcome.json`` says how the run ended; a site that failed or was
@@ -37,6 +39,12 @@ from server.round_record import RoundRecorder
 from server.run_config import FederationRunConfig
 from server.run_outcome import SitesFailedError, write_outcome
 from server.site_registry import SiteRegistry, register_sites
+from server.statistics_phase import (
+    FingerprintConflict,
+    Preprocessing,
+    run_statistics_phase,
+    write_normalizer,
+)
 from server.strategy import OmniFuseStrategy
 from server.tracking import TensorBoardTracker
 
@@ -49,13 +57,16 @@ app = ServerApp()
 SIMULATION_PULL_INTERVAL = 0.01
 
 
-def _server_evaluator(run: FederationRunConfig, scenario: Scenario):
-    """evaluate(weights) on the scenario's held-out test set, or None when not configured."""
+def _server_evaluator(run: FederationRunConfig, scenario: Scenario, preprocessing: Preprocessing):
+    """evaluate(weights) on the scenario's held-out test set (EHR scaled with the
+    federation's normaliser), or None when not configured."""
     if not run.server_eval or scenario.server_test_site is None:
         return None
     site = load_site_config(scenario.server_test_site)
     model_config = scenario.model
-    test = load_site_test_dataset(site, model_config)
+    state = preprocessing.normalizer
+    normalizer = state.normalizer() if state is not None else None
+    test = load_site_test_dataset(site, model_config, normalizer=normalizer)
     if len(test) == 0:
         raise ValueError(f"server test site {site.name}: the test split is empty")
     # 200 bootstrap resamples: the audit report shows the test AUROC with its 95% interval
@@ -135,6 +146,42 @@ def register(
     (run.run_dir / "startup.json").write_text(json.dumps(startup, indent=2))
 
 
+def statistics_phase(
+    grid: Grid,
+    run: FederationRunConfig,
+    model_config: OmniFuseConfig,
+    registry: SiteRegistry,
+    state: ServerState,
+) -> Preprocessing:
+    """The statistics phase (``server.statistics_phase``). A resumed run keeps the
+    normaliser it started with (its checkpoint state); exclusions are decided afresh."""
+    try:
+        decided = run_statistics_phase(
+            grid,
+            registry,
+            model_config.model_dump_json(),
+            model_config.modality_names,
+            run.audit_min_count,
+            run.expected_fingerprint_map(),
+            run.round_timeout,
+        )
+    except FingerprintConflict as error:  # the run cannot start: say why in outcome.json
+        write_outcome(run.run_dir, "failed", f"statistics phase: {error}")
+        raise
+    stored = Preprocessing.from_json(state.preprocessing)
+    if stored.normalizer is not None:
+        decided.normalizer, decided.contributors = stored.normalizer, stored.contributors
+    log.info(
+        "statistics phase: EHR normaliser from %d sites %s; excluded %s",
+        len(decided.contributors),
+        decided.contributors,
+        decided.excluded or "none",
+    )
+    state.preprocessing = decided.to_json()
+    write_normalizer(run.run_dir, decided)
+    return decided
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = FederationRunConfig.from_flower(context.run_config)
@@ -150,8 +197,15 @@ def main(grid: Grid, context: Context) -> None:
         return
     registry = SiteRegistry.from_json(state.sites)
     register(grid, run, model_config, registry)
+    preprocessing = statistics_phase(grid, run, model_config, registry, state)
     strategy = OmniFuseStrategy(
-        run, model_config, state.round, state.site_laziness, state.global_laziness, registry
+        run,
+        model_config,
+        state.round,
+        state.site_laziness,
+        state.global_laziness,
+        registry,
+        preprocessing,
     )
     recorder = RoundRecorder(
         run_dir=run.run_dir,
@@ -159,7 +213,7 @@ def main(grid: Grid, context: Context) -> None:
         records=strategy.record,
         current=lambda: (strategy.site_laziness, strategy.global_laziness, registry.to_json()),
         global_round=strategy.global_round,
-        server_evaluate=_server_evaluator(run, scenario),
+        server_evaluate=_server_evaluator(run, scenario, preprocessing),
         note=note,
         tracker=TensorBoardTracker(run.run_dir) if run.tensorboard else None,
     )
@@ -172,19 +226,26 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord(),
         evaluate_fn=recorder,
     )
-    finish(run, recorder, registry)
+    finish(run, recorder, registry, preprocessing.excluded)
 
 
-def finish(run: FederationRunConfig, recorder: RoundRecorder, registry: SiteRegistry) -> None:
+def finish(
+    run: FederationRunConfig,
+    recorder: RoundRecorder,
+    registry: SiteRegistry,
+    excluded: dict[str, str] | None = None,
+) -> None:
     """Write the outcome; raise naming every site that failed or was rejected in every round
-    (so that the run exits non-zero)."""
+    (so that the run exits non-zero). Sites excluded by the statistics phase are named in
+    a completed run's outcome."""
     failing = recorder.never_accepted()
     for name in list(failing):
         if name.startswith("node ") and int(name[5:]) in registry.refused:
             # an unbound node: its registration answer says best who it is
             failing[name] = f"registration {registry.refused[int(name[5:])]}; {failing[name]}"
     if not failing:
-        write_outcome(run.run_dir, "completed")
+        named = ", ".join(f"{site} ({why})" for site, why in sorted((excluded or {}).items()))
+        write_outcome(run.run_dir, "completed", f"excluded: {named}" if named else "")
         return
     error = SitesFailedError(failing)
     write_outcome(run.run_dir, "failed", str(error), failing)

@@ -194,6 +194,7 @@ def _site_views(
             for s in sites
         },
         "epsilon": {s: per_round(s, lambda r: finite_or_none(r.epsilon)) for s in sites},
+        "update_status": {s: per_round(s, lambda r: r.update_status) for s in sites},
     }
 
 

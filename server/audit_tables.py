@@ -105,6 +105,15 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
         "round_metrics": _round_metrics_table(data),
         "failures": _failures_table(data["failures"]),
     }
+    troubled = [
+        s for s in sites if any(v not in (None, "accepted") for v in data["update_status"][s])
+    ]
+    if troubled:
+        tables["update_status"] = ReportTable(
+            "Sites with rounds not accepted (failed, rejected or excluded, with the reason)",
+            ["site", *(f"r{r}" for r in rounds)],
+            [[s, *(v or MISSING for v in data["update_status"][s])] for s in troubled],
+        )
     if data["epsilon"] is not None:
         tables["epsilon"] = ReportTable(
             "DP epsilon spent per site and round",

@@ -46,6 +46,7 @@ class ServerState:
     run_config: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
     sites: dict = field(default_factory=dict)  # server.site_registry.SiteRegistry.to_json()
+    preprocessing: dict = field(default_factory=dict)  # statistics_phase.Preprocessing.to_json()
 
 
 @dataclass

@@ -38,6 +38,7 @@ class RoundRecord:
     problems: list[dict] = field(default_factory=list)
     evaluate_problems: list[dict] = field(default_factory=list)
     accepted_sites: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # site -> why it was not asked
     server: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     note: str = ""
@@ -51,6 +52,7 @@ class RoundRecord:
             "bytes": self.bytes,
             "failed_or_rejected": self.problems,
             "evaluate_failed_or_rejected": self.evaluate_problems,
+            "excluded": dict(sorted(self.excluded.items())),
             "wall_seconds": self.wall_seconds,
         }
         if self.note:

@@ -75,6 +75,16 @@ class FederationRunConfig(StrictModel):
             "(needs the tensorboard package: the [tracking] extra)."
         ),
     )
+    expected_fingerprints: str = Field(
+        default="",
+        pattern=r"^([A-Za-z0-9_-]+=[0-9a-f]{64})?(,[A-Za-z0-9_-]+=[0-9a-f]{64})*$",
+        description=(
+            "The consortium's backbone fingerprints, 'cxr=<sha256>,rep=<sha256>' (SHA-256 of "
+            "the feature cache's backbone identity, client.statistics.fingerprint; a run "
+            "records the ones it used in its checkpoint state); a site reporting another is "
+            "excluded. Empty: the fingerprint held by a strict majority of the reporting sites."
+        ),
+    )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:
@@ -98,6 +108,11 @@ class FederationRunConfig(StrictModel):
                 else ""
             )
             raise FileNotFoundError(f"run config 'scenario-dir': {error}{hint}") from error
+
+    def expected_fingerprint_map(self) -> dict[str, str]:
+        """``expected-fingerprints`` as backbone -> SHA-256 hex digest."""
+        pairs = [item.split("=", 1) for item in self.expected_fingerprints.split(",") if item]
+        return {name: digest for name, digest in pairs}
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model

@@ -45,6 +45,7 @@ from server.reply_screening import (
 from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry, register_newcomers
+from server.statistics_phase import Preprocessing, check_late_sites
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class OmniFuseStrategy(FedAvg):
         site_laziness: dict[str, str] | None = None,
         global_laziness: str = "",
         registry: SiteRegistry | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__(
             fraction_train=run.fraction_train,
@@ -88,6 +90,7 @@ class OmniFuseStrategy(FedAvg):
         self.site_laziness = dict(site_laziness or {})
         self.global_laziness = global_laziness
         self.registry = registry if registry is not None else SiteRegistry()
+        self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
         self.previous: dict[str, np.ndarray] | None = None
         self.records: dict[int, RoundRecord] = {}
 
@@ -109,6 +112,7 @@ class OmniFuseStrategy(FedAvg):
             planned_rounds=run.num_server_rounds,
             # one privacy ledger per run directory: the same across resumes of the run
             privacy_ledger=hashlib.sha256(str(run.run_dir.resolve()).encode()).hexdigest()[:16],
+            ehr_normalizer=self.preprocessing.normalizer,
         )
         config[wire.ROUND_PLAN] = plan.model_dump_json()
         return config
@@ -125,12 +129,22 @@ class OmniFuseStrategy(FedAvg):
             self.run.round_timeout,
             self.run.audit_min_count,
         )
+        check_late_sites(
+            grid,
+            self.registry,
+            self.preprocessing,
+            self.model_config.model_dump_json(),
+            self.model_config.modality_names,
+            self.run.audit_min_count,
+            self.run.round_timeout,
+        )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous = {k: v.numpy() for k, v in arrays.items()}
-        messages = list(
+        messages = self.without_excluded(
+            server_round,
             super().configure_train(
                 server_round, arrays, self.round_config(server_round, config), grid
-            )
+            ),
         )
         self.record(self.global_round(server_round)).bytes["sent"] = arrays.count_bytes() * len(
             messages
@@ -141,9 +155,26 @@ class OmniFuseStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         random.seed(self.run.seed * 100_003 + self.global_round(server_round) + 50_000)
-        return super().configure_evaluate(
-            server_round, arrays, self.round_config(server_round, config), grid
+        return self.without_excluded(
+            server_round,
+            super().configure_evaluate(
+                server_round, arrays, self.round_config(server_round, config), grid
+            ),
         )
+
+    def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """The messages minus those to a site the statistics phase excluded (recorded with
+        its reason in this round's record and audit)."""
+        excluded = self.preprocessing.excluded
+        record = self.record(self.global_round(server_round))
+        kept = []
+        for message in messages:
+            site = self.registry.site_of(message.metadata.dst_node_id)
+            if site in excluded:
+                record.excluded[site] = excluded[site]
+                continue
+            kept.append(message)
+        return kept
 
     def record(self, global_round: int) -> RoundRecord:
         """This round's record (created on first use)."""
@@ -197,6 +228,14 @@ class OmniFuseStrategy(FedAvg):
                         update={"update_status": f"rejected:{rejection.reason}"}
                     )
                 )
+            elif rejection.site is not None:  # the audit shows a site's failed rounds too
+                rows.append(
+                    status_row(rejection.site, global_round, rejection.status, rejection.reason)
+                )
+        rows.extend(
+            status_row(site, global_round, "excluded", reason)
+            for site, reason in record.excluded.items()
+        )
         record.audit = sorted(rows, key=lambda r: r.site)
         record.accepted_sites = [a.site for a in accepted]
         record.bytes["received"] = sum(a.received_bytes for a in accepted)
@@ -272,6 +311,22 @@ class OmniFuseStrategy(FedAvg):
         accepted.sort(key=lambda a: a.site)
         record.evaluate_clients = weighted_metrics([a.metrics.as_metrics() for a in accepted])
         return MetricRecord(record.evaluate_clients)
+
+
+def status_row(site: str, global_round: int, status: str, reason: str) -> wire.AuditRow:
+    """An audit row for a site that sent no usable statistics this round: only its status."""
+    return wire.AuditRow(
+        site=site,
+        round=global_round,
+        num_examples=None,
+        availability_counts={},
+        tla_scores={},
+        lazy_combination=None,
+        mean_dwfuse_weight={},
+        imputation_error={},
+        val_auroc=None,
+        update_status=f"{status}:{reason}",
+    )
 
 
 def _tla_record(tla: tuple[dict[str, float], dict[str, int]]) -> dict[str, float | int]:

@@ -220,7 +220,7 @@ def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
 
     prepare = commands.add_parser("prepare", help="run frozen backbones into feature caches")
     prepare.add_argument("sites", nargs="*", help="site config TOML files")
-    prepare.add_argument("--scenario", help="every site of a scenario + federated normaliser")
+    prepare.add_argument("--scenario", help="every site of a scenario (one shared report fallback)")
     prepare.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     prepare.set_defaults(handler=_prepare)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from server.run_outcome import read_outcome
 from simulation.certificates import (
     CertificatePaths,
     SuperNodeKeyPaths,
@@ -391,6 +392,12 @@ def run_deployment_demo(
             timeout=timeout,
         )
     done = completed_rounds(run_dir)
+    outcome = read_outcome(run_dir) or {}
+    if outcome.get("status") == "failed":  # flwr run exits 0 even when the ServerApp raised
+        raise DeploymentError(
+            f"deployment failed after round {done} of {rounds}: {outcome.get('reason', '')}; "
+            f"see {work_dir / 'flwr_run.log'}"
+        )
     if returncode != 0 or done < rounds:
         raise DeploymentError(
             f"deployment stopped after round {done} of {rounds} (flwr run exit code "
@@ -402,6 +409,7 @@ def run_deployment_demo(
         "run_dir": str(run_dir),
         "rounds_completed": done,
         "flwr_run_returncode": returncode,
+        "outcome": outcome,
         "seconds": round(time.monotonic() - started, 1),
         "certificates": {k: str(v) for k, v in asdict(deployment.certs).items()},
         "logs": str(work_dir),

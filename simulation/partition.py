@@ -270,6 +270,17 @@ def _class_of(row: list[str], header: list[str], task: str) -> int:
     return int(sum(labels) >= 3)  # phenotyping: many vs few conditions
 
 
+def _vocabulary(backbones: BackboneConfig) -> Path | None:
+    """The consortium's WordPiece vocabulary file for the report fallback: the one given,
+    else ``wordpiece_vocab.txt`` next to scenario.json (`omnifuse prepare --scenario` writes
+    it from the sites' train reports); none with a local BERT."""
+    if backbones.bert_dir is not None:
+        return None
+    if backbones.wordpiece_vocab is not None:
+        return backbones.wordpiece_vocab.resolve()
+    return Path("../wordpiece_vocab.txt")
+
+
 def _site_config(
     plan: SitePlan, task: str, paths: dict[str, Path], backbones: BackboneConfig, has_metadata: bool
 ) -> SiteConfig:
@@ -278,8 +289,7 @@ def _site_config(
         "source": "feature_cache",
         "benchmark_dir": Path(task),
         "stays_csv": Path("all_stays.csv"),
-        # the federation's normaliser (from every site's sums), see `omnifuse prepare --scenario`
-        "ehr_normalizer": Path("../ehr_normalizer.json"),
+        # no data.ehr_normalizer: the federation sends the normaliser of its statistics phase
     }
     if "cxr" in plan.modalities and has_metadata:
         data["cxr_dir"] = paths["cxr"].resolve()
@@ -298,6 +308,7 @@ def _site_config(
         backbones=BackboneConfig(
             resnet34_weights=weights.resolve() if weights else None,
             bert_dir=bert.resolve() if bert else None,
+            wordpiece_vocab=_vocabulary(backbones) if "rep" in plan.modalities else None,
         ),
     )
 

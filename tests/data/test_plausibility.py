@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.statistics import site_statistics
 from omnifuse_model.data.ehr.discretizer import (
     CHANNEL_OFFSETS,
     PLAUSIBLE_RANGES,
@@ -22,7 +23,7 @@ from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.features.site_dataset import load_cached_split
 from omnifuse_model.data.ingest import ingest_site
 from omnifuse_model.site_config import SiteConfig
-from simulation.preparation import federated_normalizer
+from server.statistics_phase import decide
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 IHM = "in-hospital-mortality"
@@ -81,6 +82,14 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     set_weight(base / "a" / IHM / "train" / stay, "")  # the same data without the value
     set_weight(base / "a_bad" / IHM / "train" / stay, "-1e30")
     return {"a": base / "a", "a_bad": base / "a_bad", "b": base / "b", "stay": Path(stay)}
+
+
+def federated_normalizer(sites: list[SiteConfig]):
+    """The normaliser the statistics phase builds from these sites' answers."""
+    answers = {site.name: site_statistics(site, ["ehr"], min_count=1) for site in sites}
+    decided = decide(answers, {})
+    assert not decided.excluded
+    return decided.normalizer.normalizer()
 
 
 def test_one_extreme_value_leaves_the_federated_std_unchanged(roots, tmp_path):

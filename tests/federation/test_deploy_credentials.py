@@ -124,3 +124,37 @@ def test_key_names_cannot_leave_the_output_folder(tmp_path, capsys, name):
     assert "SuperNode key name" in capsys.readouterr().err
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written == []
+
+
+def test_the_deployment_runner_fails_naming_the_site_the_server_app_named(tmp_path, monkeypatch):
+    """`flwr run` exits 0 even when the ServerApp raised: the runner reads outcome.json."""
+    import simulation.deploy as deploy
+    from server.run_outcome import write_outcome
+
+    class FakeDeployment:
+        def __init__(self, work_dir):
+            self.address = "127.0.0.1:1"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def start_superlink(self, node_auth):
+            return None
+
+        def run(self, run_config, timeout):
+            run_dir = tmp_path / "work" / "run"
+            run_dir.mkdir(parents=True)
+            reason = (
+                "sites failed or were rejected in every round: site_b (failed: training_failed)"
+            )
+            write_outcome(run_dir, "failed", reason, {"site_b": "failed: training_failed"})
+            return 0
+
+    monkeypatch.setattr(deploy, "LocalDeployment", FakeDeployment)
+    monkeypatch.setattr(deploy, "scenario_sites", lambda _: {"site_a": None, "site_b": None})
+    monkeypatch.setattr(deploy, "_start_sites", lambda *_: {"site_a": 1, "site_b": 2})
+    with pytest.raises(deploy.DeploymentError, match=r"site_b \(failed: training_failed\)"):
+        deploy.run_deployment_demo(tmp_path / "work", tmp_path, rounds=1)

@@ -11,14 +11,18 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import evaluate, train
+from client.app import evaluate, query, train
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
+from omnifuse_model.data.features.backbones import wordpiece_vocabulary, write_wordpiece_vocabulary
 from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.features.site_dataset import mimic_model_modalities
+from omnifuse_model.data.ingest import ingest_site
+from omnifuse_model.federation_replies import STATISTICS
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
-from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.site_config import BackboneConfig, SiteConfig
+from server.statistics_phase import statistics_messages
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 
@@ -40,13 +44,18 @@ def mimic_site(tmp_path_factory):
             "reports_dir": root / "mimic-cxr-reports",
         },
     )
+    # a deployed site embeds reports with the consortium's vocabulary file
+    texts = [s.report_text for s in ingest_site(site).split("train") if s.report_text]
+    write_wordpiece_vocabulary(wordpiece_vocabulary(texts), root.parent / "vocab.txt")
+    backbones = BackboneConfig(wordpiece_vocab=root.parent / "vocab.txt")
+    site = site.model_copy(update={"backbones": backbones})
     prepare_site(site, progress=False)
     toml = root.parent / "site.toml"
     toml.write_text(
         'name = "hospital_x"\nmodalities = ["ehr", "cxr", "rep"]\ncache_dir = "cache"\n'
         'device = "cpu"\n[data]\nbenchmark_dir = "data/in-hospital-mortality"\n'
         'stays_csv = "data/root/all_stays.csv"\ncxr_dir = "data/mimic-cxr-jpg"\n'
-        'reports_dir = "data/mimic-cxr-reports"\n'
+        'reports_dir = "data/mimic-cxr-reports"\n[backbones]\nwordpiece_vocab = "vocab.txt"\n'
     )
     identifiers = set()
     for listfile in (root / "in-hospital-mortality").glob("*_listfile.csv"):
@@ -134,3 +143,32 @@ def test_client_replies_hold_only_weights_and_aggregates(flower_task_identity, m
         assert not leaked, f"identifiers in a reply: {leaked[:5]}"
         numbers = [v for v in content[wire.METRICS].values()]
         assert np.isfinite(numbers).all()
+
+
+def test_the_statistics_answer_holds_only_sums_and_fingerprints(flower_task_identity, mimic_site):
+    """The statistics phase: per-column count, sums and sums of squares of the train EHR
+    (never a per-stay value) and 64-hex fingerprints; nothing that names a stay."""
+    toml, identifiers = mimic_site
+    config = OmniFuseConfig(
+        modalities=mimic_model_modalities(), task="binary", d=8, cra_hidden=(16, 8), num_blocks=1
+    )
+    context = Context(
+        run_id=1, node_id=1, node_config={"site-config": str(toml)}, state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    [request] = statistics_messages([1], config.model_dump_json(), min_count=5)
+    content = query(request, context).content
+    assert set(content.keys()) == {STATISTICS}
+    record = dict(content[STATISTICS])
+    assert set(record) == {
+        "ehr-stays", "ehr-count", "ehr-sums", "ehr-sumsq",
+        "fingerprint.ehr", "fingerprint.cxr", "fingerprint.rep",
+    }  # fmt: skip
+    assert len(record["ehr-sums"]) == len(record["ehr-sumsq"]) == 76
+    assert record["ehr-count"] >= 2 * record["ehr-stays"] > 0
+    assert all(re.fullmatch("[0-9a-f]{64}", v) for k, v in record.items() if "fingerprint" in k)
+    blob = " ".join(str(v) for v in record.values())
+    assert not [i for i in identifiers if re.search(rf"(?<![\d.]){re.escape(i)}(?![\d.])", blob)]
+    [few] = statistics_messages([1], config.model_dump_json(), min_count=10_000)
+    withheld = dict(query(few, context).content[STATISTICS])
+    assert withheld["ehr-count"] == 0 and "ehr-sums" not in withheld  # below the threshold

@@ -224,6 +224,18 @@ def read_wordpiece_vocabulary(path: str | os.PathLike[str]) -> list[str]:
     return tokens
 
 
+def write_wordpiece_vocabulary(vocabulary: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Write a vocabulary as a BERT ``vocab.txt`` (line k = token id k) that
+    :func:`read_wordpiece_vocabulary` reads back unchanged: a consortium's vocabulary file."""
+    text = "\n".join(vocabulary)
+    if text.splitlines() != list(vocabulary):
+        raise ValueError("a WordPiece token may not be empty or contain a line break")
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def vocabulary_sha256(vocabulary: Sequence[str]) -> str:
     """SHA-256 of a vocabulary as its ``vocab.txt`` bytes (tokens joined by newlines)."""
     return hashlib.sha256("\n".join(vocabulary).encode("utf-8")).hexdigest()
