@@ -256,6 +256,9 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--work-dir", required=True)
     local.add_argument("--rounds", type=int, default=1)
     deploy.set_defaults(handler=_deploy)
+    from simulation.app_approval import add_approve_parser
+
+    add_approve_parser(deploy_commands)  # its own handler
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
