@@ -257,8 +257,10 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--rounds", type=int, default=1)
     deploy.set_defaults(handler=_deploy)
     from simulation.app_approval import add_approve_parser
+    from simulation.fleet_proxy import add_fleet_proxy_parser
 
-    add_approve_parser(deploy_commands)  # its own handler
+    add_approve_parser(deploy_commands)  # each with its own handler
+    add_fleet_proxy_parser(deploy_commands)
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:

@@ -24,31 +24,6 @@ GENERIC_REFUSAL = "The FAB could not be verified."
 OTHER_VERSION = "b" * 64  # an app version site_1 approved; not the one submitted
 
 
-def _scenario(directory: Path) -> Path:
-    from omnifuse_model.config import OmniFuseConfig
-    from omnifuse_model.synthetic import SyntheticFeatureConfig, SyntheticModality
-    from simulation.scenarios import write_feature_scenario
-
-    data = SyntheticFeatureConfig(
-        modalities=[
-            SyntheticModality(name="ehr", dim=8, signal=1.5, noise=0.5, missing_rate=0.1),
-            SyntheticModality(name="cxr", dim=8, signal=1.0, noise=1.0, missing_rate=0.3),
-        ]
-    )
-    model = OmniFuseConfig(
-        modalities=data.modality_specs(), task="binary", d=8, cra_hidden=(16, 8), num_blocks=1
-    )
-    write_feature_scenario(
-        directory,
-        data,
-        model,
-        site_modalities=[["ehr", "cxr"], ["ehr"]],
-        site_sizes=[(80, 40), (60, 40)],
-        test_size=100,
-    )
-    return directory
-
-
 def _server_side_text(deployment: LocalDeployment, run_dir: Path) -> str:
     """Everything the consortium side has: ServerApp output, SuperLink log, run files."""
     files = [deployment.work_dir / "flwr_run.log", deployment.work_dir / "superlink.log"]
@@ -57,8 +32,8 @@ def _server_side_text(deployment: LocalDeployment, run_dir: Path) -> str:
     return "\n".join(path.read_text(errors="replace") for path in files if path.is_file())
 
 
-def test_unapproved_app_is_refused_at_the_site_approved_one_trains(tmp_path):
-    scenario = _scenario(tmp_path / "scenario")
+def test_unapproved_app_is_refused_at_the_site_approved_one_trains(tmp_path, two_site_scenario):
+    scenario = two_site_scenario
     run_dir = tmp_path / "deployment" / "run"
     with LocalDeployment(tmp_path / "deployment") as deployment:
         submitted = fab_sha256(app_dir=deployment.app_dir)  # what `flwr run` will send
