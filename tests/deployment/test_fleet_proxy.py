@@ -163,14 +163,13 @@ def test_hospitals_reach_only_the_fleet_api_and_still_train(tmp_path, two_site_s
         hosts = ("127.0.0.1", "localhost", PUBLIC)  # the public name is in the certificate
         deployment.certs = make_certificates(deployment.certs.ca_cert.parent, hosts, force=True)
         deployment.start_superlink(node_auth=True)
-        settings = _settings(tmp_path, superlink=deployment.address)
         settings = ProxySettings(
-            **{
-                **settings.__dict__,
-                "certificate": deployment.certs.server_cert,
-                "certificate_key": deployment.certs.server_key,
-                "ca_certificate": deployment.certs.ca_cert,
-            }
+            listen=f"{PUBLIC}:{free_port()}",
+            superlink=deployment.address,
+            certificate=deployment.certs.server_cert,
+            certificate_key=deployment.certs.server_key,
+            ca_certificate=deployment.certs.ca_cert,
+            state_dir=tmp_path / "proxy",
         )
         with FleetProxy(settings) as proxy:
             _assert_control_api_unreachable(deployment, proxy)
