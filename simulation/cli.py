@@ -249,6 +249,11 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--rounds", type=int, default=1, help="federated rounds")
     deploy.set_defaults(handler=_deploy)
     add_kit_command(deploy_commands)  # after the group's default: its own handler wins
+    from simulation.app_approval import add_approve_parser
+    from simulation.fleet_proxy import add_fleet_proxy_parser
+
+    add_approve_parser(deploy_commands)  # each with its own handler
+    add_fleet_proxy_parser(deploy_commands)
 
 
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:

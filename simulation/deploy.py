@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from server.run_outcome import read_outcome
+from simulation.approved_supernode import with_app_approval
 from simulation.certificates import (
     CertificatePaths,
     SuperNodeKeyPaths,
@@ -272,15 +273,20 @@ class LocalDeployment:
         trust_ca: bool = True,
         insecure: bool = False,
         max_retries: int | None = None,
+        approved_apps: Path | None = None,
+        superlink: str | None = None,
     ) -> ManagedProcess:
         """Start ``flower-supernode`` for site ``name``.
 
         ``trust_ca=False`` leaves out ``--root-certificates``: the node then checks the
         SuperLink against the system CA store only (as a node that was not given our CA).
+        ``approved_apps``: the site's allowlist; the node then runs only those app versions
+        (`simulation.approved_supernode`). ``superlink``: the Fleet API address the node
+        dials (default: the SuperLink itself; e.g. a `simulation.fleet_proxy` in front).
         """
         site_dir = inside(self.work_dir, self.work_dir / "sites" / check_name(name, "site name"))
         command = supernode_command(
-            self.address,
+            superlink or self.address,
             free_port(),
             site_config=site_config,
             root_certificates=self.certs.ca_cert if trust_ca and not insecure else None,
@@ -288,6 +294,8 @@ class LocalDeployment:
             insecure=insecure,
             max_retries=max_retries,
         )
+        if approved_apps is not None:
+            command = with_app_approval(command, approved_apps)
         env = flower_env(site_dir / "flwr_home", self.app_dir)  # each site its own FLWR_HOME
         return self._spawn(f"supernode-{name}", command, site_dir / "supernode.log", env)
 

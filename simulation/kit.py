@@ -48,7 +48,7 @@ class KitOptions:
     """What the kit is for: the SuperLink's public address and where sites install."""
 
     superlink: str = "127.0.0.1:9092"
-    bind_host: str = "0.0.0.0"
+    bind_host: str = "127.0.0.1"  # the Control API shares the port: behind the Fleet proxy
     extra_hosts: tuple[str, ...] = ()
     venv: str = DEFAULT_VENV
     site_dir: str = DEFAULT_SITE_DIR

@@ -140,7 +140,11 @@ site's private key.
        `SUPERLINK_HOST`, default {bind_host}).
 4. [ ] Register the SuperNode keys: `./register_nodes.sh` (replace a `.pub` first if a
        hospital sent its own).
-5. [ ] Firewall: inbound TCP {port} from the hospitals' and researchers' addresses only.
+5. [ ] The SuperLink serves the Control API (run submission) on the same port as the Fleet
+       API: bind it to 127.0.0.1 (`SUPERLINK_HOST=127.0.0.1`) and expose only the Fleet API
+       to the hospitals through nginx: `omnifuse deploy fleet-proxy --listen PUBLIC:{port}
+       --superlink 127.0.0.1:<port> ...` (docs/DEPLOY.md, "The Control API"). Firewall:
+       inbound TCP {port} from the hospitals' addresses only.
 6. [ ] Send each hospital its folder `sites/<site>/`; wait until `flwr supernode list`
        shows every node `online`.
 """

@@ -19,7 +19,6 @@ import shutil
 import socket
 import ssl
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from omnifuse_model.data.features.backbones import (
     vocabulary_sha256,
 )
 from omnifuse_model.site_config import SiteConfig
+from simulation.app_approval import approved_app_hashes
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -298,35 +298,39 @@ def check_superlink(address: str, ca_file: Path | None, dotted: str) -> Check:
 
 
 def check_allowlist(site: SiteConfig) -> list[Check]:
-    """The approved-apps file parses: ``[[app]]`` tables, each with a 64-hex ``sha256``."""
-    path = _value(site, "deployment.approved_apps")
-    if path is None or not Path(path).is_file():
+    """The site's approved-apps allowlist (``simulation.app_approval``): set when the site
+    deploys (without one its SuperNode would run whatever app the SuperLink sends), parsed
+    strictly; an empty list approves nothing, so every run would be refused."""
+    if site.deployment is None:
         return []
-    try:
-        apps = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("app", [])
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as error:
-        return [Check("allowlist", "deployment.approved_apps", "fail", f"{path}: {error}")]
-    bad = [
-        i
-        for i, app in enumerate(apps if isinstance(apps, list) else [None])
-        if not isinstance(app, dict) or not _is_sha256(app.get("sha256"))
-    ]
-    if bad:
+    path = site.deployment.approved_apps
+    field = "deployment.approved_apps"
+    if path is None:
         return [
             Check(
                 "allowlist",
-                "deployment.approved_apps",
+                field,
                 "fail",
-                f"{path}: app entries {bad} lack a 64-hex-digit sha256",
+                "not set: without an allowlist the SuperNode would run any app the SuperLink "
+                "sends (`omnifuse deploy approve` writes one)",
             )
         ]
-    return [Check("allowlist", "deployment.approved_apps", "ok", f"{len(apps)} approved app(s)")]
-
-
-def _is_sha256(value: object) -> bool:
-    return (
-        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-    )
+    if not Path(path).is_file():
+        return []  # the path check names the missing file
+    try:
+        hashes = approved_app_hashes(Path(path))
+    except (OSError, ValueError) as error:
+        return [Check("allowlist", field, "fail", str(error).splitlines()[0])]
+    if not hashes:
+        return [
+            Check(
+                "allowlist",
+                field,
+                "warn",
+                f"{path}: no approved app yet: every run is refused until one is approved",
+            )
+        ]
+    return [Check("allowlist", field, "ok", f"{len(hashes)} approved app(s)")]
 
 
 # --------------------------------------------------------------------------- all

@@ -79,7 +79,11 @@ def add_kit_command(deploy_commands: argparse._SubParsersAction) -> None:
         "--superlink", default="127.0.0.1:9092", help="the SuperLink's host:port for sites"
     )
     kit.add_argument("--host", action="append", help="more names for the TLS certificate")
-    kit.add_argument("--bind-host", default="0.0.0.0", help="SuperLink --host")
+    kit.add_argument(
+        "--bind-host",
+        default="127.0.0.1",
+        help="SuperLink --host (loopback: hospitals reach it through `deploy fleet-proxy`)",
+    )
     kit.add_argument("--venv", default="/opt/omnifuse-fl/venv", help="sites' install venv")
     kit.add_argument("--site-dir", default="/opt/omnifuse-fl/site", help="sites' kit folder")
     kit.add_argument("--force", action="store_true", help="replace existing kit files")

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from omnifuse_model.site_config import DeploymentConfig, SiteConfig, load_site_config
+from simulation.approved_supernode import with_app_approval
 from simulation.flower_processes import flower_bin, flower_env, stop_process
 from simulation.site_check import render, run_preflight
 
@@ -81,6 +82,8 @@ def start_site(path: Path, console: Console | None = None, check_superlink: bool
             f"site '{site.name}' not started: the preflight failed ({fields}); see the table"
         )
     command = supernode_command(path, deployment)
+    if deployment.approved_apps is not None:  # the preflight refuses a site without one
+        command = with_app_approval(command, deployment.approved_apps)
     deployment.flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(deployment.flwr_home)
     console.print(f"starting the SuperNode of site '{site.name}': {' '.join(command)}")

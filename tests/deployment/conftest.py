@@ -93,3 +93,9 @@ def feature_scenario(directory: Path) -> Path:
         test_size=100,
     )
     return directory
+
+
+@pytest.fixture
+def two_site_scenario(tmp_path: Path) -> Path:
+    """site_0 (ehr + cxr) and site_1 (ehr only), tiny synthetic features; the directory."""
+    return feature_scenario(tmp_path / "scenario")

@@ -15,6 +15,7 @@ import pytest
 
 from omnifuse_model.data.features.manifest import MANIFEST_FILE
 from omnifuse_model.site_config import DeploymentConfig, SiteConfig
+from simulation.app_approval import add_approval
 from simulation.certificates import CertificatePaths, make_certificates
 from simulation.cli import main
 from simulation.site_check import Preflight, check_superlink, run_preflight, sha256_file
@@ -165,7 +166,15 @@ def test_a_malformed_allowlist(site_copy, tmp_path):
     allowlist.write_text('[[app]]\nsha256 = "abc"\nnote = "too short"\n')
     site = deployed(site_copy, tmp_path, approved_apps=allowlist)
     (found,) = failed(run_preflight(site), "deployment.approved_apps")
-    assert "app entries [0] lack a 64-hex-digit sha256" in found
+    assert "expected [[app]] tables with sha256" in found
+
+
+def test_a_deployed_site_without_an_allowlist_cannot_take_part(site_copy, tmp_path):
+    """Without approved_apps the SuperNode would run whatever app the SuperLink sends."""
+    site = deployed(site_copy, tmp_path)
+    site.deployment.approved_apps = None
+    (found,) = failed(run_preflight(site), "deployment.approved_apps")
+    assert "would run any app" in found
 
 
 def test_cli_exit_code_1_names_the_failing_field(site_copy, tmp_path, capsys):
@@ -237,12 +246,15 @@ def test_superlink_not_listening(tmp_path):
 
 def test_cli_superlink_flag_uses_the_deployment_section(site_copy, tls_server, tmp_path, capsys):
     address, certs = tls_server
+    allowlist = tmp_path / "approved_apps.toml"
+    add_approval(allowlist, "a" * 64, note="reviewed")
     site = site_copy.model_copy(
         update={
             "deployment": DeploymentConfig(
                 superlink=address,
                 root_certificates=certs.ca_cert,
                 auth_private_key=certs.server_key,  # any 0600 file
+                approved_apps=allowlist,
             )
         }
     )

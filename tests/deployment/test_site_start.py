@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from omnifuse_model.site_config import load_site_config
+from simulation.app_approval import add_approval, fab_sha256
 from simulation.certificates import CertificatePaths
 from simulation.deploy import LocalDeployment, completed_rounds, free_port, write_connection
 from simulation.flower_processes import REPO_ROOT, stop_process
@@ -81,7 +82,9 @@ def test_two_sites_started_from_their_kits_train_and_stop_on_sigterm(tmp_path):
             site: link.register(kit / "consortium" / "node_keys" / f"{site}.pub", name=site)
             for site in SITES
         }
+        app_hash = fab_sha256(REPO_ROOT)  # the app `flwr run` submits below
         for site in SITES:
+            add_approval(kit / "sites" / site / "approved_apps.toml", app_hash, note="test")
             path = kit / "sites" / site / "site.toml"
             _with_runtime_port(path)
             launchers[site] = _launch(path, tmp_path / f"{site}.log")
@@ -105,7 +108,8 @@ def test_two_sites_started_from_their_kits_train_and_stop_on_sigterm(tmp_path):
             log = (tmp_path / f"{site}.log").read_text(errors="replace")
             assert "can take part" in log and "SuperNode ID" in log, log[-3000:]
             tree = psutil.Process(launcher.pid).children(recursive=True)
-            assert any("flower-supernode" in " ".join(p.cmdline()) for p in tree)
+            # the SuperNode runs behind the site's approval gate
+            assert any("simulation.approved_supernode" in " ".join(p.cmdline()) for p in tree)
             started = time.monotonic()
             launcher.send_signal(signal.SIGTERM)
             assert launcher.wait(timeout=STOPPED_WITHIN_S) == 128 + signal.SIGTERM
