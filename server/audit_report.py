@@ -312,7 +312,10 @@ def print_report(report: AuditReport, console: Console) -> None:
         console.print(f"\n[bold]{table.title}[/bold]")
         rich_table = Table()
         for index, column in enumerate(table.columns):
-            rich_table.add_column(Text(column), justify="left" if index == 0 else "right")
+            # fold, never '…': on an 80-column console a long site name or combination wraps
+            rich_table.add_column(
+                Text(column), justify="left" if index == 0 else "right", overflow="fold"
+            )
         for row in table.rows:
             rich_table.add_row(*(Text(cell) for cell in row))  # no markup
         console.print(rich_table)

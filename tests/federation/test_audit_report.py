@@ -271,3 +271,22 @@ def test_corrupt_metrics_json_is_an_error_naming_the_file(tmp_path: Path):
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="metrics.json"):
         build_report(tmp_path)
+
+
+def test_console_tables_fit_80_columns_without_cutting_names(tmp_path):
+    """Piped output or an 80-column terminal: every line fits, nothing becomes 'hospi…'; a
+    long name wraps inside its cell instead."""
+    long_names = {"alpha": "hospital_alpha_university_medical_centre", "beta": "hospital_beta"}
+    rows = [
+        make_row(site, r).model_copy(update={"site": name})
+        for site, name in long_names.items()
+        for r in (1, 2, 3)
+    ]
+    write_audit(tmp_path, rows)
+    console = Console(record=True, width=80)
+    print_report(build_report(tmp_path), console)
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    flattened = "".join(text.split())  # a folded name reads whole once the wrapping goes
+    assert all(name in flattened for name in long_names.values())
