@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from torch import Tensor
 
 from client.error_replies import SiteStepFailed, error_reply, refuse, site_step
 from client.local_training import RoundInstructions, evaluate_global, train_round
@@ -123,9 +124,11 @@ def train(msg: Message, context: Context) -> Message:
         return error_reply(failure, msg)
 
 
-def _train(msg: Message, context: Context) -> RecordDict:
-    site = _site(context)
-    check_shared_text_backbone(site, context)
+def _round_inputs(
+    msg: Message, site: SiteConfig
+) -> tuple[RoundInstructions, SiteDatasets, dict[str, Tensor]]:
+    """A train or evaluate message as this site carries it out: its instructions, its data
+    (with the federation's normaliser) and the global weights; failures are named codes."""
     plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
     instructions = site_step(
         "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
@@ -134,6 +137,13 @@ def _train(msg: Message, context: Context) -> RecordDict:
     state = site_step(
         "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
     )
+    return instructions, datasets, state
+
+
+def _train(msg: Message, context: Context) -> RecordDict:
+    site = _site(context)
+    check_shared_text_backbone(site, context)
+    instructions, datasets, state = _round_inputs(msg, site)
     result = site_step(
         "training_failed",
         lambda: train_round(site.name, datasets, instructions, state),
@@ -163,14 +173,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:
     site = _site(context)
-    plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
-    instructions = site_step(
-        "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
-    )
-    datasets = _datasets(site, plan)
-    state = site_step(
-        "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
-    )
+    instructions, datasets, state = _round_inputs(msg, site)
     metrics = site_step(
         "evaluation_failed",
         lambda: evaluate_global(

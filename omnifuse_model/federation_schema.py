@@ -30,7 +30,6 @@ AUDIT_MIN_COUNT = "audit-min-count"  # the registration query's suppression thre
 ROUND_PLAN = "round-plan"  # JSON of omnifuse_model.round_plan.RoundPlan: the round's instructions
 QUERY_KIND = "query-kind"  # a QUERY's purpose; absent = the registration query
 STATISTICS_QUERY = "statistics"  # QUERY_KIND of the statistics phase before round 1
-QUERY_MIN_COUNT = "audit-min-count"  # suppression threshold sent with the statistics query
 
 # -- client -> server metric keys ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

@@ -149,12 +149,15 @@ def registration_messages(
 ) -> list[Message]:
     """The registration query: the model config and the run's audit-min-count (sites round
     the sizes they declare to multiples of it, as they round every count a round sends)."""
-    config = ConfigRecord(
-        {wire.MODEL_CONFIG: model_config_json, wire.AUDIT_MIN_COUNT: audit_min_count}
-    )
+    config = {wire.MODEL_CONFIG: model_config_json, wire.AUDIT_MIN_COUNT: audit_min_count}
+    return query_messages(nodes, config)
+
+
+def query_messages(nodes: list[int], config: dict[str, str | int]) -> list[Message]:
+    """One QUERY per node carrying ``config`` (registration and the statistics phase)."""
     return [
         Message(
-            content=RecordDict({wire.CONFIG: config}),
+            content=RecordDict({wire.CONFIG: ConfigRecord(dict(config))}),
             message_type=MessageType.QUERY,
             dst_node_id=node,
         )

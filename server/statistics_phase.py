@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from omnifuse_model import federation_schema as wire
@@ -46,7 +46,7 @@ from omnifuse_model.federation_replies import (
     decode_statistics,
 )
 from omnifuse_model.round_plan import NormalizerState
-from server.site_registry import SiteRegistry, error_reason, short_reason
+from server.site_registry import SiteRegistry, error_reason, query_messages, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,12 @@ class Preprocessing:
 
 
 def statistics_messages(nodes: list[int], model_config_json: str, min_count: int) -> list[Message]:
-    config = ConfigRecord(
-        {
-            wire.QUERY_KIND: wire.STATISTICS_QUERY,
-            wire.MODEL_CONFIG: model_config_json,
-            wire.AUDIT_MIN_COUNT: min_count,
-        }
-    )
-    return [
-        Message(
-            content=RecordDict({wire.CONFIG: config}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
+    config = {
+        wire.QUERY_KIND: wire.STATISTICS_QUERY,
+        wire.MODEL_CONFIG: model_config_json,
+        wire.AUDIT_MIN_COUNT: min_count,
+    }
+    return query_messages(nodes, config)
 
 
 def read_statistics(
