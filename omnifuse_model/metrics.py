@@ -1,4 +1,5 @@
-"""AUROC / AUPRC for the three task kinds, with bootstrap confidence intervals.
+"""AUROC / AUPRC for the three task kinds, with bootstrap confidence intervals; calibration
+(ECE, reliability bins) and bootstrap intervals of a mean (over seeds).
 
 Binary: plain. Multi-label: macro over labels that hold both classes. Multi-class:
 one-vs-rest macro over classes (METHOD.md section 7). Ranking metrics come from
@@ -103,3 +104,95 @@ def classification_report(
             low, high = bootstrap_interval(labels, scores, task, name, bootstrap_samples, seed)
             report[f"{name}_low"], report[f"{name}_high"] = low, high
     return report
+
+
+def _calibration_pairs(
+    labels: np.ndarray, probabilities: np.ndarray, task: TaskKind
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs that calibration is measured on.
+
+    Binary and multi-label: every predicted probability against its 0/1 label (multi-label
+    pools the labels). Multi-class: the top class's probability against whether it was right.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if task == "multiclass":
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        top = probabilities.argmax(axis=1)
+        return probabilities.max(axis=1), (top == labels).astype(np.float64)
+    return probabilities.reshape(-1), np.asarray(labels, dtype=np.float64).reshape(-1)
+
+
+def reliability_bins(
+    labels: np.ndarray, probabilities: np.ndarray, task: TaskKind, bins: int = 10
+) -> list[dict[str, float | int]]:
+    """Equal-width confidence bins over [0, 1] (the last one closed): per bin its edges,
+    count, mean confidence and observed frequency (NaN in an empty bin)."""
+    if bins < 1:
+        raise ValueError(f"bins: expected >= 1, got {bins}")
+    confidence, outcome = _calibration_pairs(labels, probabilities, task)
+    index = np.clip((confidence * bins).astype(np.int64), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else math.nan,
+                "frequency": float(outcome[members].mean()) if count else math.nan,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, task: TaskKind, bins: int = 10
+) -> float:
+    """ECE: sum over bins of (bin count / total) * |observed frequency - mean confidence|,
+    with the bins of :func:`reliability_bins`; NaN without predictions."""
+    rows = reliability_bins(labels, probabilities, task, bins)
+    total = sum(row["count"] for row in rows)
+    if total == 0:
+        return math.nan
+    return float(
+        sum(
+            row["count"] / total * abs(row["frequency"] - row["confidence"])
+            for row in rows
+            if row["count"]
+        )
+    )
+
+
+def per_label_report(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float | int]]:
+    """AUROC / AUPRC of every label of a multi-label task (NaN where a label has one class)."""
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    rows = []
+    for column in range(labels.shape[1]):
+        y, s = labels[:, column], scores[:, column]
+        rows.append(
+            {
+                "label": column,
+                "positives": int(y.sum()),
+                "auroc": auroc(y, s, "binary"),
+                "auprc": auprc(y, s, "binary"),
+            }
+        )
+    return rows
+
+
+def mean_interval(
+    values: np.ndarray, samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (e.g. per-seed differences);
+    (nan, nan) with fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (samples, len(values)))].mean(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
