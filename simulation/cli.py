@@ -17,20 +17,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from simulation import federate_command
+from simulation import (
+    evaluate_command,
+    federate_command,
+    predict_command,
+    train_command,
+)
 from simulation.site_cli import add_kit_command, add_site_commands
-
-
-def _train(args: argparse.Namespace) -> int:
-    from simulation.central import load_run_config, run_central
-
-    config = load_run_config(args.config)
-    updates = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
-    if updates:
-        config.train = config.train.model_copy(update=updates)
-        config.train = type(config.train).model_validate(config.train.model_dump())
-    run_central(config, args.out)
-    return 0
 
 
 def _validate_config(args: argparse.Namespace) -> int:
@@ -172,16 +165,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_and_synth(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser(
-        "train", help="centralised training run (feature-level synthetic data by default)"
-    )
-    train.add_argument("--config", help="TOML run config (see docs); default: built-in")
-    train.add_argument("--out", default="runs/train", help="run directory")
-    train.add_argument("--epochs", type=int, help="override train.epochs")
-    train.add_argument("--seed", type=int, help="override train.seed")
-    train.set_defaults(handler=_train)
-
+def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in the real MIMIC layouts")
     synth.add_argument("--out", required=True, help="new or empty folder")
     synth.add_argument("--stays", type=int, default=200, help="ICU stays to write")
@@ -315,12 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="omnifuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    _add_train_and_synth(commands)
+    train_command.add_parser(commands)
+    _add_synth(commands)
     _add_partition_and_prepare(commands)
     federate_command.add_parser(commands)
     _add_deploy(commands)
     add_site_commands(commands)
     _add_demo_and_checks(commands)
+    evaluate_command.add_parser(commands)
+    predict_command.add_parser(commands)
     return _describe(parser)
 
 
