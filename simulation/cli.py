@@ -19,6 +19,7 @@ from rich.text import Text
 
 from simulation import (
     evaluate_command,
+    experiment_command,
     federate_command,
     predict_command,
     train_command,
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_and_checks(commands)
     evaluate_command.add_parser(commands)
     predict_command.add_parser(commands)
+    experiment_command.add_parser(commands)
     return _describe(parser)
 
 
