@@ -120,3 +120,32 @@ def test_a_path_without_a_checkpoint_is_one_clear_line(tmp_path, capsys):
     code = main(["evaluate", str(tmp_path), str(tmp_path / "site.toml"), "--out", str(tmp_path)])
     assert code == 1
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_multilabel_report_has_macro_and_per_label_metrics_and_pooled_calibration():
+    from argparse import Namespace
+
+    from omnifuse_model.config import ModalitySpec, OmniFuseConfig
+    from simulation.evaluate_command import evaluation_report
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((80, 3)) < 0.4).astype(float)
+    probabilities = np.clip(labels * 0.6 + rng.random((80, 3)) * 0.4, 0, 1)
+    probabilities[:, 2] = rng.random(80)  # label 2: no signal
+    availability = np.ones((80, 2), dtype=bool)
+    availability[:50, 1] = False
+    config = OmniFuseConfig(
+        modalities=[ModalitySpec(name=n, kind="vector", input_dim=2) for n in ("a", "b")],
+        task="multilabel",
+        num_classes=3,
+    )
+    args = Namespace(bootstrap=20, seed=0, bins=4, min_combination=40)
+    report = evaluation_report(labels, probabilities, availability, config, args)
+    per_label = [row["auroc"] for row in report["per_label"]]
+    assert per_label[0] == 1.0 and per_label[1] == 1.0 and per_label[2] < 0.8
+    assert report["auroc"] == pytest.approx(np.mean(per_label))
+    assert sum(b["count"] for b in report["calibration"]["bins"]) == 80 * 3
+    combos = {row["combination"]: row for row in report["by_combination"]}
+    assert combos["a"]["n"] == 50 and not combos["a"]["suppressed"]
+    assert combos["a+b"]["n"] == 30 and combos["a+b"]["suppressed"]
+    assert "auroc" not in combos["a+b"]
