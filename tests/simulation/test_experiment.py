@@ -171,3 +171,38 @@ def test_quick_config_runs_federated_centralised_and_local_with_a_missing_rate_c
     assert modes == {"federated", "centralised", "local"}
     assert all(0.0 <= r["result"]["auroc"] <= 1.0 for r in document["results"])
     assert (out / "synthetic_missing_rate.png").is_file()
+
+
+@pytest.mark.slow
+def test_table4_config_runs_on_a_tiny_prepared_mimic_format_scenario(tmp_path):
+    """table4.toml as shipped (methods, subsets, scenarios), only smaller: one seed, a tiny
+    model, one epoch and two missing rates, on synth -> partition -> prepare at tiny size."""
+    import tomllib
+
+    import tomli_w
+
+    from simulation.partition import PartitionConfig, default_site_plans, partition
+    from simulation.preparation import prepare_scenario
+    from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
+
+    data = tmp_path / "data"
+    write_synthetic_mimic(SyntheticMimicConfig(num_stays=160, seed=3, image_size=32), data)
+    scenario = tmp_path / "scenario"
+    plans = default_site_plans(2, seed=0)
+    partition(PartitionConfig(data_dir=data, sites=plans, seed=0, d=8), scenario)
+    prepare_scenario(scenario)
+    config = tomllib.loads((EXPERIMENTS / "table4.toml").read_text())
+    config |= {"seeds": [0], "model": {"d": 8, "num_blocks": 1, "cra_hidden": [16, 8]}}
+    config["train"] |= {"epochs": 1}
+    config["scenarios"][1]["missing_rates"] = [0.0, 0.5]
+    small = tmp_path / "table4_small.toml"
+    small.write_text(tomli_w.dumps(config))
+    out = tmp_path / "out"
+    dirs = ["--scenario-dir", f"table4={scenario}", "--scenario-dir", f"missing={scenario}"]
+    assert main(["experiment", str(small), "--out", str(out), *dirs]) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["cells"]["total"] == 6 * 4 + 2 * 2
+    report = (out / "report.md").read_text()
+    assert "## table4: cxr+rep" in report and "## missing: all modalities" in report
+    assert (out / "missing_missing_rate.png").is_file() and (out / "table4_auroc.png").is_file()
+    assert all(r["result"]["n_test"] > 0 for r in document["results"])
