@@ -206,3 +206,30 @@ def test_table4_config_runs_on_a_tiny_prepared_mimic_format_scenario(tmp_path):
     assert "## table4: cxr+rep" in report and "## missing: all modalities" in report
     assert (out / "missing_missing_rate.png").is_file() and (out / "table4_auroc.png").is_file()
     assert all(r["result"]["n_test"] > 0 for r in document["results"])
+
+
+def test_a_federated_cell_runs_the_apps_round_and_aggregation_functions(tmp_path, monkeypatch):
+    import client.local_training
+    import server.aggregation
+
+    trained, aggregated = [], []
+    real_train, real_aggregate = (
+        client.local_training.train_round,
+        server.aggregation.aggregate_states,
+    )
+
+    def train_round(site_name, datasets, instructions, state):
+        trained.append((site_name, instructions.global_round))
+        return real_train(site_name, datasets, instructions, state)
+
+    def aggregate_states(states, counts, names, previous, **options):
+        aggregated.append(options["modality_aware"])
+        return real_aggregate(states, counts, names, previous, **options)
+
+    monkeypatch.setattr(client.local_training, "train_round", train_round)
+    monkeypatch.setattr(server.aggregation, "aggregate_states", aggregate_states)
+    text = TINY.replace("rounds = 1", "rounds = 2").replace("seeds = [0, 1]", "seeds = [0]")
+    text = text.replace('mode = "local"', 'mode = "federated"\nmodality_aware = false')
+    assert main(["experiment", str(_write(tmp_path, text)), "--out", str(tmp_path / "o")]) == 0
+    assert trained == [("site_0", 1), ("site_1", 1), ("site_0", 2), ("site_1", 2)]
+    assert aggregated == [False, False]
