@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -144,7 +145,19 @@ def _round_inputs(
     return instructions, datasets, state, load_seconds
 
 
+def set_torch_threads(context: Context) -> None:
+    """Apply the run config's ``client-torch-threads`` (0 or absent: leave torch's)."""
+    threads = context.run_config.get("client-torch-threads", 0)
+    if type(threads) is not int or threads < 0:
+        raise refuse(
+            "bad_instructions", f"run config client-torch-threads={threads!r}: expected int >= 0"
+        )
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _train(msg: Message, context: Context) -> RecordDict:
+    set_torch_threads(context)
     site = _site(context)
     check_shared_text_backbone(site, context)
     instructions, datasets, state, load_seconds = _round_inputs(msg, site)
@@ -176,6 +189,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:
+    set_torch_threads(context)
     site = _site(context)
     instructions, datasets, state, _ = _round_inputs(msg, site)
     metrics = site_step(
