@@ -16,7 +16,9 @@ these figures (``simulation.benchmarks.scale`` measures it on CPU).
 
 Reported per round: wall seconds (device synchronised), seconds loading site data, seconds
 training, and the device's peak allocated and reserved memory (``torch.cuda`` counters;
-None on CPU). Re-running with the same ``--work`` reuses the data and the feature caches.
+None on CPU) and, from the operating system, this process's peak RSS. Re-running with the
+same ``--work`` reuses the data and the feature caches (``--skip-prepare``: without checking
+them again).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ from omnifuse_model.site_config import load_site_config
 from omnifuse_model.site_data import load_site_datasets
 from omnifuse_model.training import fit
 from simulation.partition import PartitionConfig, default_site_plans, partition
-from simulation.preparation import prepare_scenario
+from simulation.preparation import prepare_scenario as prepare
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
 
 
@@ -63,7 +66,8 @@ def build_scenario(work: Path, args: argparse.Namespace, console: Console) -> di
         plans = default_site_plans(args.sites, seed=args.seed)
         config = PartitionConfig(data_dir=data, sites=plans, seed=args.seed, d=args.d)
         _timed(timings, "partition", lambda: partition(config, scenario_dir, console))
-    _timed(timings, "prepare", lambda: prepare_scenario(scenario_dir, console, args.workers))
+    if not args.skip_prepare:
+        _timed(timings, "prepare", lambda: prepare(scenario_dir, console, args.workers))
     return timings
 
 
@@ -155,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny: 60 stays, 2 sites, 1 round")
+    parser.add_argument(
+        "--skip-prepare", action="store_true", help="the caches are prepared: do not re-check"
+    )
     parser.add_argument("--out", default="benchmark_results/gpu_round.json")
     return parser
 
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "local_epochs": args.local_epochs,
         "step_seconds": timings,
         "rounds": rows,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
