@@ -45,6 +45,7 @@ from simulation.federation import run_federation
 from simulation.scenarios import write_feature_scenario
 
 CORES = os.cpu_count() or 1
+DEFAULT_CLIENT_CPUS = 1
 
 
 def concurrent_clients(client_cpus: int | None, sites: int) -> int:
@@ -181,8 +182,8 @@ def run_mimic(args: argparse.Namespace, root: Path, console: Console) -> list[di
         root / "mimic_run",
         sites,
         args.rounds,
-        client_cpus=args.client_cpus[0] if args.client_cpus else None,
-        torch_threads=args.threads,
+        client_cpus=args.client_cpus[0],
+        torch_threads=args.threads or args.client_cpus[0],
     )
     return [{"kind": "mimic", "scenario": str(args.scenario), **run}]
 
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         args.sites, args.train, args.val = [2, 3], 16, 8
         args.model = {"d": 8, "num_blocks": 1, "cra_hidden": [8]}
     args.rounds = args.rounds or (1 if args.quick else 2 if args.kind == "mimic" else 3)
-    args.client_cpus = args.client_cpus or ([2] if args.kind == "sites" else None)
+    # one CPU (and torch thread) per client: measured faster than Flower's 2 (docs/BENCHMARKS.md)
+    args.client_cpus = args.client_cpus or [DEFAULT_CLIENT_CPUS]
     with tempfile.TemporaryDirectory(prefix="omnifuse-scale-") as tmp:
         root = Path(args.work).resolve() if args.work else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
