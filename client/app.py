@@ -8,8 +8,10 @@ keeps every site's, so a resumed run continues exactly).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -126,24 +128,39 @@ def train(msg: Message, context: Context) -> Message:
 
 def _round_inputs(
     msg: Message, site: SiteConfig
-) -> tuple[RoundInstructions, SiteDatasets, dict[str, Tensor]]:
+) -> tuple[RoundInstructions, SiteDatasets, dict[str, Tensor], float]:
     """A train or evaluate message as this site carries it out: its instructions, its data
-    (with the federation's normaliser) and the global weights; failures are named codes."""
+    (with the federation's normaliser), the global weights and the seconds loading the data
+    took (reported as ``load-seconds``); failures are named codes."""
     plan = site_step("bad_instructions", lambda: _plan(msg.content[wire.CONFIG]), site.name)
     instructions = site_step(
         "bad_instructions", lambda: RoundInstructions.for_site(plan, site), site.name
     )
+    started = time.perf_counter()
     datasets = _datasets(site, plan)
+    load_seconds = time.perf_counter() - started
     state = site_step(
         "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
     )
-    return instructions, datasets, state
+    return instructions, datasets, state, load_seconds
+
+
+def set_torch_threads(context: Context) -> None:
+    """Apply the run config's ``client-torch-threads`` (0 or absent: leave torch's)."""
+    threads = context.run_config.get("client-torch-threads", 0)
+    if type(threads) is not int or threads < 0:
+        raise refuse(
+            "bad_instructions", f"run config client-torch-threads={threads!r}: expected int >= 0"
+        )
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _train(msg: Message, context: Context) -> RecordDict:
+    set_torch_threads(context)
     site = _site(context)
     check_shared_text_backbone(site, context)
-    instructions, datasets, state = _round_inputs(msg, site)
+    instructions, datasets, state, load_seconds = _round_inputs(msg, site)
     result = site_step(
         "training_failed",
         lambda: train_round(site.name, datasets, instructions, state),
@@ -152,7 +169,7 @@ def _train(msg: Message, context: Context) -> RecordDict:
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(result.state),
-            wire.METRICS: MetricRecord(result.metrics),
+            wire.METRICS: MetricRecord({**result.metrics, wire.LOAD_SECONDS: load_seconds}),
             wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
         }
     )
@@ -172,8 +189,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:
+    set_torch_threads(context)
     site = _site(context)
-    instructions, datasets, state = _round_inputs(msg, site)
+    instructions, datasets, state, _ = _round_inputs(msg, site)
     metrics = site_step(
         "evaluation_failed",
         lambda: evaluate_global(

@@ -63,7 +63,8 @@ class InMemoryMultimodalDataset(Dataset):
     """Samples held as stacked tensors (synthetic features, tests, small sites).
 
     Args:
-        inputs: name -> [N, *input_shape].
+        inputs: name -> [N, *input_shape]: a tensor, or a lazily read column that indexes
+            like one (``column[rows]`` -> float32 tensor; ``take_rows(indices)`` -> column).
         availability: bool [N, M].
         labels: [N, C] float or [N] long.
         masks: name -> bool [N, L] for 'token_states' modalities.
@@ -105,9 +106,17 @@ class InMemoryMultimodalDataset(Dataset):
     def subset(self, indices: Tensor) -> InMemoryMultimodalDataset:
         """A new dataset over the given sample indices (views where possible)."""
         return InMemoryMultimodalDataset(
-            {k: v[indices] for k, v in self.inputs.items()},
+            {k: _take(v, indices) for k, v in self.inputs.items()},
             self.availability[indices],
             self.labels[indices],
             {k: v[indices] for k, v in self.masks.items()},
             [self.sample_ids[i] for i in indices.tolist()],
         )
+
+
+def _take(column, indices: Tensor):
+    """Rows ``indices`` of an input column: a tensor, or a lazily read column (one with a
+    ``take_rows`` method, e.g. ``omnifuse_model.data.features.mapped_rows.MappedRows``, which
+    stays lazy)."""
+    take_rows = getattr(column, "take_rows", None)
+    return take_rows(indices) if take_rows is not None else column[indices]

@@ -146,6 +146,7 @@ class TrainMetrics(StrictModel):
     val_auroc: float
     val_auprc: float
     epsilon: float | None = None
+    load_seconds: float | None = None
 
     def as_metrics(self) -> dict[str, float | int]:
         """The flat metric dict aggregation and history use (the wire keys)."""
@@ -159,6 +160,8 @@ class TrainMetrics(StrictModel):
         metrics.update({wire.present_key(m): n for m, n in self.num_present.items()})
         if self.epsilon is not None:
             metrics[wire.EPSILON] = self.epsilon
+        if self.load_seconds is not None:
+            metrics[wire.LOAD_SECONDS] = self.load_seconds
         return metrics
 
     def counts(self) -> dict[str, int]:
@@ -184,9 +187,10 @@ def parse_train_metrics(record: Mapping[str, object], modality_names: list[str])
         wire.VAL_AUPRC,
         *present,
     }
-    _exact_keys("metrics", record, required, optional=(wire.EPSILON,))
+    _exact_keys("metrics", record, required, optional=(wire.EPSILON, wire.LOAD_SECONDS))
     num_examples = _count(wire.NUM_EXAMPLES, record[wire.NUM_EXAMPLES])
     epsilon = record.get(wire.EPSILON)
+    load = record.get(wire.LOAD_SECONDS)
     return TrainMetrics(
         num_examples=num_examples,
         num_present={m: _count(k, record[k], num_examples) for k, m in present.items()},
@@ -195,6 +199,7 @@ def parse_train_metrics(record: Mapping[str, object], modality_names: list[str])
         val_auroc=_metric_probability(wire.VAL_AUROC, record[wire.VAL_AUROC]),
         val_auprc=_metric_probability(wire.VAL_AUPRC, record[wire.VAL_AUPRC]),
         epsilon=None if epsilon is None else _real(wire.EPSILON, epsilon, 0.0, 1e12),
+        load_seconds=None if load is None else _real(wire.LOAD_SECONDS, load, 0.0, MAX_SECONDS),
     )
 
 

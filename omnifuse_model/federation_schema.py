@@ -35,6 +35,7 @@ STATISTICS_QUERY = "statistics"  # QUERY_KIND of the statistics phase before rou
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"  # wall time of the site's local training + audit pass
+LOAD_SECONDS = "load-seconds"  # wall time of loading the site's data for the round (optional)
 VAL_AUROC = "val-auroc"
 VAL_AUPRC = "val-auprc"
 EPSILON = "epsilon"  # DP-SGD sites only: epsilon spent so far in the run (Opacus' accountant)

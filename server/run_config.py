@@ -67,6 +67,15 @@ class FederationRunConfig(StrictModel):
         ge=0,
         description="Reject a site update farther than this (L2) from the global weights; 0 = off.",
     )
+    client_torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description=(
+            "torch intra-op threads each ClientApp uses (torch.set_num_threads); 0 leaves "
+            "torch's default, which Ray sets from the client's reserved CPUs."
+        ),
+    )
 
     tensorboard: bool = Field(
         default=False,

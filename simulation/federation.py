@@ -153,6 +153,7 @@ def _flwr_run(
     env: dict[str, str],
     timeout: float,
     on_poll: Callable[[], None] | None,
+    client_cpus: int | None = None,
 ) -> int:
     """`flwr run --stream` until it exits; ``on_poll`` is called about once a second
     meanwhile (progress display). Its output goes to ``work_dir/flwr_run.log``."""
@@ -160,7 +161,7 @@ def _flwr_run(
     run = [
         flower_bin("flwr"),
         *("run", str(app_dir), CONNECTION, "--run-config", str(config_file)),
-        *("--federation-config", f"num-supernodes={num_supernodes}", "--stream"),
+        *("--federation-config", federation_config(num_supernodes, client_cpus), "--stream"),
     ]
     deadline = time.monotonic() + timeout
     with (work_dir / "flwr_run.log").open("w") as run_log:
@@ -180,6 +181,20 @@ def _flwr_run(
     if on_poll is not None:
         on_poll()
     return process.returncode
+
+
+def federation_config(num_supernodes: int, client_cpus: int | None = None) -> str:
+    """`flwr run --federation-config` for the local simulation: the node count and, when
+    given, the CPUs the Ray backend reserves per simulated ClientApp (Flower's default is 2,
+    so on a 2-core machine clients run one at a time; 1 lets two run at once)."""
+    if num_supernodes < 1:
+        raise ValueError(f"num_supernodes={num_supernodes}: expected at least 1")
+    text = f"num-supernodes={num_supernodes}"
+    if client_cpus is not None:
+        if type(client_cpus) is not int or client_cpus < 1:
+            raise ValueError(f"client_cpus={client_cpus!r}: expected a whole number >= 1")
+        text += f" client-resources-num-cpus={client_cpus}"
+    return text
 
 
 PATH_KEYS = ("scenario-dir", "run-dir")
@@ -204,8 +219,12 @@ def run_federation(
     http_port: int | None = None,
     timeout: float = 3600.0,
     on_poll: Callable[[], None] | None = None,
+    client_cpus: int | None = None,
 ) -> int:
     """Start a SuperLink, `flwr run` the app with ``num_supernodes`` simulated sites, stop.
+
+    ``client_cpus``: CPUs Ray reserves per simulated ClientApp (None: Flower's default, 2);
+    with the run-config key ``client-torch-threads`` it sets how many clients train at once.
 
     Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log),
     which is also the run's FLWR_HOME; ``http_port`` None picks a free port, so runs with
@@ -220,7 +239,9 @@ def run_federation(
     superlink = _start_superlink(work_dir, port, env)
     try:
         _wait_healthy(port, superlink, work_dir / "superlink.log", 60.0)
-        returncode = _flwr_run(run_config, num_supernodes, work_dir, app_dir, env, timeout, on_poll)
+        returncode = _flwr_run(
+            run_config, num_supernodes, work_dir, app_dir, env, timeout, on_poll, client_cpus
+        )
     finally:
         stop_process(superlink)
     _check_completed(run_config, work_dir, returncode)

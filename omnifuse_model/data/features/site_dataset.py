@@ -13,9 +13,13 @@
 * label float ``[1]`` for in-hospital mortality, ``[25]`` for phenotyping;
 * sample_id: the stay name (``10011_episode1_timeseries.csv``).
 
-Memory: everything is held as float32; a stay costs ~0.47 MB with ``rep`` (150 x 768 x 4 B),
-so a full-MIMIC split of ~15k stays needs ~7 GB. Stays with none of the model's modalities
-available are left out (logged), as the training loop needs at least one per sample.
+Memory: ``ehr`` and ``cxr`` are held as float32 (~9 KB a stay). ``rep`` is a
+:class:`~omnifuse_model.data.features.mapped_rows.MappedRows` column: the float16 token states
+stay in the memory-mapped shards and a batch's rows are read (and made float32) when the batch
+is built, so loading a split reads no token states and a full-MIMIC split of ~15k stays does
+not need its ~7 GB as float32 in memory (the pages read are page cache, shared and
+reclaimable). Stays with none of the model's modalities available are left out (logged), as
+the training loop needs at least one per sample.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from omnifuse_model.config import ModalitySpec
 from omnifuse_model.data.ehr.discretizer import NUM_FEATURES
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.manifest import MANIFEST_FILE, NORMALIZER_FILE, read_manifest
+from omnifuse_model.data.features.mapped_rows import MappedRows
 from omnifuse_model.data.features.store import FeatureStore
 from omnifuse_model.data.ingest_report import SPLITS
 from omnifuse_model.site_config import SiteConfig
@@ -106,6 +111,34 @@ def _fill(
     return filled
 
 
+def _mapped_token_states(
+    store: FeatureStore, spec: ModalitySpec, keys: list[str | None], where: Path
+) -> tuple[MappedRows, torch.Tensor]:
+    """Token states as a column read lazily from the mapped shards (float16 on disk, float32
+    per batch) and the token masks in memory (bool ``[n, T]``); None keys are absent."""
+    if spec.name not in _FIELDS:
+        keys = [None] * len(keys)
+    try:
+        states = store.mapped_rows(spec.name, _FIELDS.get(spec.name, ("states",))[0], keys)
+        masks = store.mapped_rows(spec.name, "mask", keys)
+    except KeyError as error:
+        raise ValueError(
+            f"{where}: {error.args[0]}; the cache is incomplete, run `omnifuse prepare` again"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{where}: {spec.name}: {error}") from None
+    if not states.views:
+        states = MappedRows([], states.shard, states.row, spec.input_shape)
+        return states, torch.zeros(len(keys), spec.input_shape[0], dtype=torch.bool)
+    if states.row_shape != spec.input_shape:
+        raise ValueError(
+            f"{where}: cached {spec.name} inputs have shape {states.row_shape}, the model's "
+            f"modality '{spec.name}' expects {spec.input_shape}; prepare the cache with "
+            "matching settings or change the model config"
+        )
+    return states, masks[:].to(torch.bool)
+
+
 def _read_site_manifest(site: SiteConfig, split: str) -> tuple[dict[str, Any], Path]:
     """The cache's manifest, checked against the site's task; and its path for errors."""
     if split not in SPLITS:
@@ -144,19 +177,20 @@ def load_cached_split(
     stays: list[dict[str, Any]] = manifest["splits"][split]
     n = len(stays)
     store = FeatureStore(site.cache_dir)
-    inputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor | MappedRows] = {}
     masks: dict[str, torch.Tensor] = {}
     availability = torch.zeros(n, len(modalities), dtype=torch.bool)
     for column, spec in enumerate(modalities):
-        inputs[spec.name] = torch.zeros(n, *spec.input_shape)
-        mask = None
-        if spec.kind == "token_states":
-            mask = masks[spec.name] = torch.zeros(n, spec.input_shape[0], dtype=torch.bool)
         held = spec.name in site.modalities and spec.name in manifest["modalities"]
+        keys = [stay.get(spec.name) if held else None for stay in stays]
+        if spec.kind == "token_states":
+            inputs[spec.name], masks[spec.name] = _mapped_token_states(store, spec, keys, where)
+            availability[:, column] = torch.tensor([key is not None for key in keys])
+            continue
+        inputs[spec.name] = torch.zeros(n, *spec.input_shape)
         if not held or spec.name not in _FIELDS:
             continue
-        keys = [stay.get(spec.name) for stay in stays]
-        availability[:, column] = _fill(store, spec, keys, inputs[spec.name], mask, where)
+        availability[:, column] = _fill(store, spec, keys, inputs[spec.name], None, where)
         if spec.name == "ehr" and availability[:, column].any():
             scaler = normalizer or load_normalizer(site.cache_dir)
             present = availability[:, column]

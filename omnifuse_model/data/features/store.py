@@ -28,7 +28,7 @@ so bytes are checked against the name:
   up) hashes every shard; one whose bytes do not match its name (random bytes, truncation,
   a shard of an older format without a checksum) is moved aside to ``<name>.corrupt``,
   reported, and its entries are computed again: never read, never a cache hit;
-* :meth:`FeatureStore.load` hashes each shard it reads (the bytes it parses, one read) and
+* :meth:`FeatureStore.load` hashes each shard it maps (the first time this process maps it) and
   raises :class:`CorruptShardError`, naming the shard and saying to re-run ``omnifuse
   prepare``, on a mismatch.
 
@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,10 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+
+from omnifuse_model.data.features.mapped_rows import MappedRows, MappedShard, ShardCheckFailed
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class CorruptShardError(OSError):
     """A feature shard whose bytes do not match its SHA-256 name, or that cannot be parsed."""
 
 
-def shard_problem(shard: Path, data: bytes) -> str:
+def shard_problem(shard: Path, data: bytes | memoryview | mmap.mmap) -> str:
     """Why ``data`` (the bytes of ``shard``) is not a valid shard, in words ("" when it is)."""
     digest = hashlib.sha256(data).hexdigest()
     if shard.stem != digest:
@@ -106,13 +109,6 @@ def shard_problem(shard: Path, data: bytes) -> str:
             return "its name is not a SHA-256 (written before shards carried checksums)"
         return f"its bytes hash to sha256 {digest[:16]}..., not to its name (corrupted)"
     return ""
-
-
-def _shard_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in ``data`` (8-byte length + JSON)."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    return dict(header.get("__metadata__") or {})
 
 
 @dataclass(frozen=True)
@@ -257,29 +253,58 @@ class FeatureStore:
         return final
 
     def _load_shard(self, shard: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The shard's tensors (zero-copy views on a memory map: rows are read when used) and
+        metadata; its bytes are hashed against its name the first time this process maps it
+        (:mod:`~omnifuse_model.data.features.mapped_rows`)."""
         if shard in self._shards:
             self._shards.move_to_end(shard)
             return self._shards[shard]
         fix = "run `omnifuse prepare` for this site again to recompute it"
         try:
-            data = shard.read_bytes()
+            mapped = MappedShard.open(shard, check=shard_problem)
+        except ShardCheckFailed as problem:
+            raise CorruptShardError(
+                f"{shard}: feature shard fails its checksum: {problem}; {fix}"
+            ) from None
         except OSError as error:
             raise CorruptShardError(
                 f"{shard}: cannot read feature shard: {error}; {fix}"
             ) from error
-        problem = shard_problem(shard, data)
-        if problem:
-            raise CorruptShardError(f"{shard}: feature shard fails its checksum: {problem}; {fix}")
-        try:
-            loaded = (load_safetensors(data), _shard_metadata(data))
-        except Exception as error:  # safetensors raises several types for a bad file
+        except Exception as error:  # a bad header: JSON, offsets, dtype
             raise CorruptShardError(f"{shard}: cannot parse feature shard: {error}; {fix}") from (
                 error
             )
+        loaded = (mapped.tensors, mapped.metadata)
         self._shards[shard] = loaded
         while len(self._shards) > _SHARD_CACHE_SIZE:
             self._shards.popitem(last=False)
         return loaded
+
+    def mapped_rows(self, modality: str, field: str, keys: Sequence[str | None]) -> MappedRows:
+        """``field`` of the entries ``keys`` (None: absent, zeros) as a lazily read column.
+
+        Raises like :meth:`load`, and ``ValueError`` for a key whose entry is a failure record.
+        """
+        wanted = [key for key in keys if key is not None]
+        entries = self.load(modality, wanted) if wanted else {}
+        views: list[Tensor] = []
+        slot: dict[Path, int] = {}
+        shard = torch.full((len(keys),), -1, dtype=torch.int64)
+        row = torch.zeros(len(keys), dtype=torch.int64)
+        index = self.index(modality)
+        row_shape: tuple[int, ...] | None = None
+        for position, key in enumerate(keys):
+            if key is None:
+                continue
+            if entries[key].failed:
+                raise ValueError(f"{self.folder(modality)}: entry {key} is a failure record")
+            path = index[key][0]
+            if path not in slot:
+                slot[path] = len(views)
+                views.append(self._load_shard(path)[0][field])
+                row_shape = tuple(views[-1].shape[1:])
+            shard[position], row[position] = slot[path], entries[key].record["row"]
+        return MappedRows(views, shard, row, row_shape or ())
 
     def load(self, modality: str, keys: Sequence[str]) -> dict[str, StoredEntry]:
         """The entries of ``keys`` (each shard read once), checksums verified.
