@@ -183,3 +183,40 @@ def test_mining_does_not_depend_on_the_evaluation_batch_size():
     assert small.lazy_combination == large.lazy_combination
     assert small.counts == large.counts
     assert small.scores == pytest.approx(large.scores, rel=1e-5)
+
+
+def _cpu_bfloat16(_config: TrainConfig):
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_evaluation_is_float32_even_with_mixed_precision(monkeypatch):
+    """bfloat16 logits tie across samples and move AUROC; evaluation must score in float32
+    when training runs in mixed precision (forced here on CPU) and inside a caller's
+    autocast region."""
+    import omnifuse_model.training as training
+    from omnifuse_model.metrics import classification_report
+
+    config, data = _data(n=600)
+    torch.manual_seed(0)
+    model = _model(config)
+    train = _train(mixed_precision=True)
+    reference = evaluate(model, data, train)
+    # the premise: in bfloat16 this model's scores tie, and AUROC moves
+    with torch.no_grad(), _cpu_bfloat16(train):
+        batch = data.subset(torch.arange(len(data)))
+        low = torch.sigmoid(model.eval()(batch.inputs, batch.availability).logits.float())
+    assert len(torch.unique(low)) < len(low) * 0.9
+    low_auroc = classification_report(reference.labels, low.numpy(), "binary", 0, 0)["auroc"]
+    assert low_auroc != reference.metrics["auroc"]
+
+    monkeypatch.setattr(training, "autocast", _cpu_bfloat16)  # mixed precision "on" on CPU
+    with _cpu_bfloat16(train):  # and a caller's autocast region around the call
+        result = evaluate(model, data, train)
+    assert len(set(result.probabilities.ravel().tolist())) == len(
+        set(reference.probabilities.ravel().tolist())
+    )
+    assert result.probabilities.dtype == reference.probabilities.dtype
+    assert (result.probabilities == reference.probabilities).all()
+    assert result.metrics["auroc"] == reference.metrics["auroc"]
+    for name, value in reference.mean_dwfuse_weight.items():
+        assert result.mean_dwfuse_weight[name] == value
