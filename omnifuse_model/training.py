@@ -433,6 +433,10 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``train_data``; early-stop on ``val_data`` AUROC.
 
+    Model selection: with ``val_data`` the epoch of the best validation AUROC is restored;
+    without it, the epoch of the lowest mean training loss without its TLA term
+    (``_epoch_score``); ``patience`` counts epochs without a better score either way.
+
     Args:
         extra_loss: optional term added to every step's loss (e.g. FedProx's proximal term).
         run_dir: when given, the run's config, per-epoch metrics and the best checkpoint are
@@ -461,9 +465,7 @@ def fit(
                 progress, batches(generator) if batches is not None else None,
             )  # fmt: skip
             history.append(record)
-            score = record.val_metrics.get("auroc", math.nan)
-            if math.isnan(score) and val_data is None:
-                score = -record.losses.get("total", math.inf)  # no validation: keep the last
+            score = _epoch_score(record, val_data is not None, model.config.lambda3)
             best.update(epoch, score, model)
             progress.update(epochs, advance=1, info=f"val AUROC {score:.4f}")
             if config.patience and best.since_best >= config.patience:
@@ -476,6 +478,18 @@ def fit(
     if run_dir is not None:
         write_run(run_dir, model, config, result)
     return result
+
+
+def _epoch_score(record: EpochRecord, validated: bool, lambda3: float) -> float:
+    """The score model selection maximises: validation AUROC, or without a validation split
+    minus the epoch's mean training loss less its TLA term (lambda3 * L_TLA). L_TLA is
+    absent in the first epoch (nothing mined yet) and follows a lazy combination that
+    changes between epochs, so totals with it would not compare across epochs (the first
+    epoch would look best for lacking a term)."""
+    if validated:
+        return record.val_metrics.get("auroc", math.nan)
+    losses = record.losses
+    return -(losses.get("total", math.inf) - lambda3 * losses.get("tla", 0.0))
 
 
 def _run_epoch(

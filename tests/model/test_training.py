@@ -220,3 +220,29 @@ def test_evaluation_is_float32_even_with_mixed_precision(monkeypatch):
     assert result.metrics["auroc"] == reference.metrics["auroc"]
     for name, value in reference.mean_dwfuse_weight.items():
         assert result.mean_dwfuse_weight[name] == value
+
+
+def test_without_validation_fit_keeps_the_lowest_training_loss_less_tla(monkeypatch):
+    """No validation split: the restored epoch is the one of the lowest mean training loss
+    without its TLA term (epoch 1 has no L_TLA, so raw totals would favour it), as fit's
+    docstring and METHOD.md say."""
+    import omnifuse_model.training as training
+
+    config, data = _data(n=64)
+    model = _model(config, lambda3=0.5)
+    # per epoch: (total, tla); total less 0.5 * tla = 1.0, 0.95, 0.85, 0.9
+    script = [(1.0, None), (1.2, 0.5), (1.1, 0.5), (1.15, 0.5)]
+
+    def scripted_epoch(epoch, model, *_args):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float(epoch))  # the weights say which epoch they are from
+        total, tla = script[epoch - 1]
+        losses = {"total": total} if tla is None else {"total": total, "tla": tla}
+        return training.EpochRecord(epoch, losses, {}, None, 0.0, 0.0)
+
+    monkeypatch.setattr(training, "_run_epoch", scripted_epoch)
+    result = fit(model, data, None, _train(epochs=4, patience=0))
+    assert result.best_epoch == 3
+    assert math.isnan(result.best_val_auroc)
+    assert all(bool((p == 3.0).all()) for p in model.parameters())
