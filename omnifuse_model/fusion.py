@@ -9,19 +9,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from omnifuse_model.config import FusionKind
+from omnifuse_model.config import FusionKind, TaskKind
 from omnifuse_model.encoders import build_lstm
+from omnifuse_model.losses import (
+    confidence,
+    confidence_per_label,
+    true_label_probability,
+    true_label_probability_per_label,
+)
 
 
-def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
-    """Down-weighting factors of Eq. 10.
+def dwfuse_weights(p_true: Tensor, beta: float, enters: Tensor | None = None) -> Tensor:
+    """Down-weighting factors of Eq. 10, over the modalities that enter the product.
 
-    omega_m = [ prod_{n != m} (1 - p_n) ] ** (beta / (M - 1))
+    omega_m = [ prod_{n != m, n enters} (1 - p_n) ] ** (beta / K_m),
+    K_m = #{n != m : n enters}; omega_m = 1 when K_m = 0 (nobody else to defer to).
+
+    With every modality entering, K_m = M - 1: the paper's Eq. 10. A modality that is
+    neither present nor imputed (forward imputation off, modality absent or hidden) holds
+    only the placeholder e_n(0); its head's (1 - p_n) says nothing about this sample (that
+    head learns the base rate, so its factor would skew the others' weights by class), so it
+    contributes no factor. The exponent is renormalised to the K_m factors that do enter, so
+    omega stays a geometric mean of the same kind whatever a sample's pattern: a sample with
+    one other modality at (1 - p) = 0.25 gets the weight of a sample with all others at 0.25.
 
     Args:
         p_true: [B, M] probability each modality's head gives the true label (use detached
             values: the weights are not trained through).
         beta: exponent (paper: 0.5).
+        enters: bool [B, M], True where modality n's prediction may enter the others'
+            products; None: every modality enters.
 
     Returns:
         [B, M] weights in [0, 1]; omega_m -> 0 when the other modalities already predict the
@@ -29,11 +46,64 @@ def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
     """
     if p_true.dim() != 2 or p_true.shape[1] < 2:
         raise ValueError(f"p_true must be [B, M] with M >= 2, got shape {tuple(p_true.shape)}")
+    if enters is None:
+        enters = torch.ones(p_true.shape, dtype=torch.bool, device=p_true.device)
+    if enters.shape != p_true.shape:
+        raise ValueError(
+            f"enters must be [B, M] like p_true {tuple(p_true.shape)}, got {tuple(enters.shape)}"
+        )
     num_modalities = p_true.shape[1]
-    miss = (1.0 - p_true).unsqueeze(1).expand(-1, num_modalities, -1)  # [B, m, n]
     eye = torch.eye(num_modalities, dtype=torch.bool, device=p_true.device)
-    others = torch.where(eye, torch.ones_like(miss), miss).prod(dim=2)
-    return others.clamp_min(0.0).pow(beta / (num_modalities - 1))
+    # factor (1 - p_n) of modality n in omega_m: [B, m, n]; 1 for n = m and for n left out
+    counted = enters.to(torch.bool).unsqueeze(1) & ~eye.unsqueeze(0)
+    miss = (1.0 - p_true).clamp_min(0.0).unsqueeze(1).expand(-1, num_modalities, -1)
+    others = torch.where(counted, miss, torch.ones_like(miss)).prod(dim=2)
+    count = counted.sum(dim=2).clamp_min(1).to(p_true.dtype)  # K_m; an empty product is 1
+    return others.pow(beta / count)
+
+
+def modality_weights(
+    modality_logits: Tensor,
+    labels: Tensor | None,
+    task: TaskKind,
+    beta: float,
+    enters: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """omega of every modality from its head's logits: (omega [B, M], per label [B, M, C]
+    for multi-label else None).
+
+    p_m is the probability head m gives the true label (``labels``), or without labels its
+    confidence in its own prediction. Multi-label: Eq. 10 per label, on the probability each
+    head gives that label's true value, and omega [B, M] is the mean over labels of the
+    per-label weights. Taking the mean of p over labels first (as before) is uninformative:
+    with 25 mostly rare phenotypes the easy negatives dominate, every head's mean p sits
+    near the mean (1 - prevalence), and omega barely moves between samples or modalities,
+    nor says which modality fails on which label.
+
+    Args:
+        modality_logits: [B, M, C] detached per-modality logits.
+        labels: the task's labels (``omnifuse_model.losses``) or None.
+        enters: see ``dwfuse_weights``.
+    """
+    if task == "multilabel":
+        if labels is not None:
+            p = true_label_probability_per_label(modality_logits, labels.unsqueeze(1))
+        else:
+            p = confidence_per_label(modality_logits)  # [B, M, C]
+        batch, num_modalities, num_labels = p.shape
+        rows = p.transpose(1, 2).reshape(batch * num_labels, num_modalities)
+        if enters is not None:
+            enters = enters.unsqueeze(1).expand(-1, num_labels, -1)
+            enters = enters.reshape(batch * num_labels, num_modalities)
+        per_label = dwfuse_weights(rows, beta, enters).view(batch, num_labels, num_modalities)
+        per_label = per_label.transpose(1, 2)  # [B, M, C]
+        return per_label.mean(dim=2), per_label
+    columns = []
+    for m in range(modality_logits.shape[1]):
+        logits = modality_logits[:, m]
+        p = true_label_probability(logits, labels, task) if labels is not None else None
+        columns.append(p if p is not None else confidence(logits, task))
+    return dwfuse_weights(torch.stack(columns, dim=1), beta, enters), None
 
 
 def _classifier(d_in: int, num_classes: int, dropout: float) -> nn.Sequential:
