@@ -22,6 +22,7 @@ from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.manifest import read_manifest
+from omnifuse_model.data.features.mapped_rows import concat_columns
 from omnifuse_model.data.features.site_dataset import REPORT_TOKENS, mimic_model_modalities
 from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import MIMIC_TASK_OUTPUTS, SiteConfig, load_site_config
@@ -120,7 +121,7 @@ def pool(parts: list[InMemoryMultimodalDataset]) -> InMemoryMultimodalDataset:
         raise ValueError("pool: every site's split is empty")
     masks = {k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks}
     return InMemoryMultimodalDataset(
-        {k: torch.cat([p.inputs[k] for p in parts]) for k in parts[0].inputs},
+        {k: concat_columns([p.inputs[k] for p in parts]) for k in parts[0].inputs},
         torch.cat([p.availability for p in parts]),
         torch.cat([p.labels for p in parts]),
         masks,

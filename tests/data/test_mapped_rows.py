@@ -90,3 +90,22 @@ def test_a_mapped_shard_parses_every_stored_dtype(tmp_path: Path) -> None:
     for name, tensor in fields.items():
         assert torch.equal(mapped.tensors[name], tensor)
     assert set(mapped.metadata) == {"k0", "k1", "__format__"}
+
+
+def test_concat_columns_keeps_rows_in_order_across_maps_and_tensors():
+    """Pooling sites: a mapped column, a plain tensor and an absent row concatenate lazily
+    and read back exactly the rows of each part, in order (absent rows as zeros)."""
+    from omnifuse_model.data.features.mapped_rows import MappedRows, concat_columns
+
+    view_a = torch.arange(12, dtype=torch.float16).reshape(3, 2, 2)
+    view_b = torch.arange(100, 108, dtype=torch.float16).reshape(2, 2, 2)
+    mapped = MappedRows([view_a, view_b], torch.tensor([1, -1, 0]), torch.tensor([1, 0, 2]), (2, 2))
+    plain = torch.full((2, 2, 2), 7.0)
+    pooled = concat_columns([mapped, plain, mapped.take_rows(torch.tensor([0]))])
+    assert isinstance(pooled, MappedRows) and pooled.shape == (6, 2, 2)
+    expected = torch.cat([mapped[:], plain, view_b[1:2].float()])
+    assert torch.equal(pooled[:], expected)
+    assert torch.equal(pooled[1], torch.zeros(2, 2))
+    assert torch.equal(concat_columns([plain, plain]), torch.cat([plain, plain]))
+    with pytest.raises(ValueError, match="rows"):
+        concat_columns([mapped, torch.zeros(1, 3)])

@@ -161,3 +161,26 @@ class MappedRows:
     def take_rows(self, indices: Tensor) -> MappedRows:
         """The column of the samples ``indices`` (same maps; nothing read)."""
         return MappedRows(self.views, self.shard[indices], self.row[indices], self.row_shape)
+
+
+def concat_columns(columns: Sequence[Tensor | MappedRows]) -> Tensor | MappedRows:
+    """The columns one after another: ``torch.cat`` when all are tensors, else one lazy
+    :class:`MappedRows` (a tensor column becomes one more view, nothing is read or copied)."""
+    if all(isinstance(column, Tensor) for column in columns):
+        return torch.cat(list(columns))
+    row_shape = tuple(columns[0].shape[1:])
+    views: list[Tensor] = []
+    shards, rows = [], []
+    for column in columns:
+        if tuple(column.shape[1:]) != row_shape:
+            raise ValueError(f"concat_columns: rows {tuple(column.shape[1:])} != {row_shape}")
+        if isinstance(column, MappedRows):
+            offset = torch.where(column.shard >= 0, column.shard + len(views), column.shard)
+            shards.append(offset)
+            rows.append(column.row)
+            views.extend(column.views)
+        else:
+            shards.append(torch.full((len(column),), len(views), dtype=torch.int64))
+            rows.append(torch.arange(len(column)))
+            views.append(column)
+    return MappedRows(views, torch.cat(shards), torch.cat(rows), row_shape)
