@@ -61,8 +61,9 @@ class SyntheticHospital(StrictModel):
         default=1.0,
         ge=0.25,
         le=3.0,
-        description="Report verbosity: below 0.75 terse (negations merged, no optional "
-        "sentences); above 1 extra routine sentences. Findings are always written.",
+        description="Report verbosity: scales the expected number of optional sentences "
+        "(boilerplate, incidental; above 1 also routine remarks); below 0.75 terse: short "
+        "finding sentences, negations merged. Findings and negations are always written.",
     )
 
 

@@ -10,8 +10,10 @@ Content: the FINDINGS and IMPRESSION sentences describe exactly the study's plan
 each present finding, a negation for each absent one, phrasing drawn per report from
 :mod:`.report_phrases`. The stay's report view adds what the image does not show: support
 devices and an indication that follow its severity. Noise: a Poisson(noise) number of
-incidental sentences. Length: the hospital's ``report_length`` (below 0.75 negations merged
-into one sentence and no optional sentences; above 1 extra routine sentences).
+incidental sentences. Length: the hospital's ``report_length`` scales the expected number of
+optional sentences (boilerplate, incidental, and above 1 routine remarks); below 0.75 the
+report is terse: findings in the short impression wording and the negations merged into one
+sentence ("No pleural effusion, pulmonary edema or ...").
 :func:`read_findings` reads the findings back from a report.
 """
 
@@ -65,17 +67,19 @@ def _findings_sentences(
     findings: Findings, length: float, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     """(FINDINGS sentences about the four findings, IMPRESSION items)."""
+    terse = length < TERSE_BELOW
     positive, impressions, absent = [], [], []
     for name in FINDING_NAMES:
         if name in findings:
             finding = findings[name]
-            positive.append(_fill(_pick(phrases.FINDING_SENTENCES[name], rng), name, finding))
+            sentences = phrases.IMPRESSIONS if terse else phrases.FINDING_SENTENCES
+            positive.append(_fill(_pick(sentences[name], rng), name, finding))
             impressions.append(_fill(_pick(phrases.IMPRESSIONS[name], rng), name, finding))
         else:
             absent.append(name)
     if not absent:
         return positive, impressions
-    if length < TERSE_BELOW:
+    if terse:
         nouns = [phrases.NEGATION_NOUNS[name] for name in absent]
         listed = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
         negations = [f"No {listed}."]
@@ -87,21 +91,27 @@ def _findings_sentences(
 def _extra_sentences(
     view: np.ndarray, noise: float, length: float, rng: np.random.Generator
 ) -> list[str]:
-    """Devices (from the report view), boilerplate, incidental and routine sentences."""
+    """Devices (from the report view), then the optional sentences, their expected number
+    scaled by ``length``: boilerplate (kept with probability ``min(length, 1)``), incidental
+    (Poisson(noise * length)) and, above 1, routine (Poisson(2 (length - 1)))."""
     severity = float(view[0])
     extra = [
         sentence
         for threshold, sentence in phrases.DEVICES
         if rng.random() < _sigmoid(2.5 * (severity - threshold))
     ]
-    incidental = int(rng.poisson(noise * max(length, 1.0)))
-    routine = int(rng.poisson(2.0 * (length - 1.0))) if length > 1.0 else 0
-    if length < TERSE_BELOW:
-        return extra
-    extra.append(_pick(phrases.BOILERPLATE, rng))
-    extra += [_pick(phrases.INCIDENTAL, rng) for _ in range(min(incidental, 3))]
-    extra += [_pick(phrases.ROUTINE, rng) for _ in range(min(routine, 6))]
+    if rng.random() < min(length, 1.0):
+        extra.append(_pick(phrases.BOILERPLATE, rng))
+    incidental = int(rng.poisson(noise * length))
+    routine = int(rng.poisson(2.0 * max(length - 1.0, 0.0)))
+    extra += _distinct(phrases.INCIDENTAL, min(incidental, 3), rng)
+    extra += _distinct(phrases.ROUTINE, min(routine, 6), rng)
     return extra
+
+
+def _distinct(options: tuple[str, ...], count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` different sentences of ``options`` in random order."""
+    return [options[int(i)] for i in rng.choice(len(options), size=count, replace=False)]
 
 
 def render_report(

@@ -40,7 +40,7 @@ GRADE_WORDS = {
 HOSPITALS = [
     {"name": "plain", "share": 1.0},
     {"name": "noisy", "share": 1.0, "image_noise": 3.0},
-    {"name": "terse", "share": 1.0, "report_length": 0.5},
+    {"name": "terse", "share": 1.0, "report_length": 0.25},
     {"name": "wordy", "share": 1.0, "report_length": 2.0},
 ]
 CONFIG = SyntheticMimicConfig(
