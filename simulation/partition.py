@@ -456,6 +456,18 @@ def _small_splits(
     return small_splits(named, header, config.task, min_count)
 
 
+def _assignment(config: PartitionConfig, subject_class: dict[int, int]) -> dict[int, int]:
+    """Subject -> site index: drawn (`assign_subjects`) or read from the site sidecar."""
+    if config.site_sidecar is None:
+        return assign_subjects(
+            subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
+        )
+    names, subjects = [p.name for p in config.sites], sorted(subject_class)
+    return sidecar_assignment(
+        config.site_sidecar, config.site_column, subjects, names, config.min_subjects
+    )
+
+
 def partition(
     config: PartitionConfig,
     out_dir: Path,
@@ -480,15 +492,7 @@ def partition(
         subject_class[subject] = max(
             subject_class.get(subject, 0), _class_of(row, list_header, config.task)
         )
-    if config.site_sidecar is None:
-        assignment = assign_subjects(
-            subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
-        )
-    else:
-        names, subjects = [p.name for p in config.sites], sorted(subject_class)
-        assignment = sidecar_assignment(
-            config.site_sidecar, config.site_column, subjects, names, config.min_subjects
-        )
+    assignment = _assignment(config, subject_class)
     site_subjects = [
         {s for s, site in assignment.items() if site == index} for index in range(len(config.sites))
     ]
