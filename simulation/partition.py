@@ -43,6 +43,7 @@ from simulation.safe_paths import (
     writable,
 )
 from simulation.site_names import SiteLegend
+from simulation.site_sidecar import sidecar_assignment
 from simulation.split_scoring import SmallSplitError, small_splits
 
 MODALITIES = ("ehr", "cxr", "rep")
@@ -83,6 +84,12 @@ class PartitionConfig(StrictModel):
     )
     seed: int = 0
     min_subjects: int = Field(default=3, ge=1, description="Fewest subjects a site may get.")
+    site_sidecar: Path | None = Field(
+        default=None,
+        description="CSV with subject_id and site_column (e.g. the synthetic writer's "
+        "synthetic_stays.csv): each subject goes to the site so named, instead of a random draw.",
+    )
+    site_column: str = Field(default="hospital", min_length=1, description="See site_sidecar.")
     backbones: BackboneConfig = Field(default_factory=BackboneConfig)
     d: int = Field(default=64, gt=0, description="Embedding width of the scenario's model.")
 
@@ -93,6 +100,8 @@ class PartitionConfig(StrictModel):
             raise ValueError(f"sites: names must be unique, got {names}")
         if SERVER_TEST_SITE in names:
             raise ValueError(f"sites: '{SERVER_TEST_SITE}' is the server's test site, not a name")
+        if self.site_sidecar is not None and self.label_alpha is not None:
+            raise ValueError("label_alpha: no label skew when site_sidecar assigns the subjects")
         return self
 
 
@@ -447,6 +456,18 @@ def _small_splits(
     return small_splits(named, header, config.task, min_count)
 
 
+def _assignment(config: PartitionConfig, subject_class: dict[int, int]) -> dict[int, int]:
+    """Subject -> site index: drawn (`assign_subjects`) or read from the site sidecar."""
+    if config.site_sidecar is None:
+        return assign_subjects(
+            subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
+        )
+    names, subjects = [p.name for p in config.sites], sorted(subject_class)
+    return sidecar_assignment(
+        config.site_sidecar, config.site_column, subjects, names, config.min_subjects
+    )
+
+
 def partition(
     config: PartitionConfig,
     out_dir: Path,
@@ -471,9 +492,7 @@ def partition(
         subject_class[subject] = max(
             subject_class.get(subject, 0), _class_of(row, list_header, config.task)
         )
-    assignment = assign_subjects(
-        subject_class, config.sites, config.label_alpha, config.seed, config.min_subjects
-    )
+    assignment = _assignment(config, subject_class)
     site_subjects = [
         {s for s, site in assignment.items() if site == index} for index in range(len(config.sites))
     ]

@@ -5,72 +5,44 @@ admission/ICU/death times, the per-stay latent risk ``z`` (one value per
 :data:`LATENT_FACTORS`), the labels drawn from it, what each modality may see of it, and
 where each chest X-ray study falls relative to the MedFuse linking windows.
 
-Label model: ``P(y = 1 | z) = sigmoid(b + s * w . z)`` with ``|w| = 1``, ``s`` the config's
-``label_strength`` and ``b`` chosen so that the marginal prevalence is about the target
-(probit approximation: ``b = logit(p) * sqrt(1 + pi s^2 / 8)``).
+Label model (:mod:`.labels`): ``P(y = 1 | z) = sigmoid(b + s * w . z)`` with ``|w| = 1``.
 
-Modality views: ``v_m = signal_m * z + noise_m * e_m`` with ``e_m ~ N(0, I)`` drawn per stay.
-Renderers see only ``v_m``, so ``signal = 0`` makes a modality carry no label information and a
-large ``noise`` makes it weak ("lazy").
+Modality views: ``v_m = signal_m * g_m(z) + noise_m * e_m`` with ``e_m ~ N(0, I)`` drawn per
+stay and ``g_m`` the modality's (optionally non-linear) link (:mod:`.links`). Renderers see only
+``v_m``, so ``signal = 0`` makes a modality carry no label information and a large ``noise``
+makes it weak ("lazy"). Each CXR study's findings (:mod:`.findings`) are planted from the CXR
+view; its image and its report both render them.
+
+Acuity (``w . z`` along the mortality loadings) sets, through the config's acuity slopes, how
+likely a stay is to have an image in the first 48 h and a study to have a report. Each subject
+comes from one of the config's hospitals (drawn by share from its own seeded stream).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
 from omnifuse_model.data.ehr.listfiles import PHENOTYPE_LABELS
 from simulation.synthetic_mimic.config import SyntheticMimicConfig
+from simulation.synthetic_mimic.findings import Finding, plant_findings
+from simulation.synthetic_mimic.labels import (
+    MORTALITY_LOADINGS,
+    PHENOTYPE_RISK,
+    label_bias,
+    unit_vector,
+)
+from simulation.synthetic_mimic.links import acuity, linked, present_probability
 
 LATENT_FACTORS: tuple[str, ...] = ("severity", "respiratory", "cardiac", "metabolic")
 MODALITIES: tuple[str, ...] = ("ehr", "cxr", "report")
 IHM_HOURS = 48.0
 
-# Rough prevalences of the benchmark, and which latent factors drive each phenotype.
-_PHENOTYPE_RISK: dict[str, tuple[float, tuple[float, float, float, float]]] = {
-    "Acute and unspecified renal failure": (0.21, (0.6, 0.0, 0.3, 0.8)),
-    "Acute cerebrovascular disease": (0.07, (1.0, 0.0, 0.2, 0.0)),
-    "Acute myocardial infarction": (0.10, (0.3, 0.0, 1.0, 0.0)),
-    "Cardiac dysrhythmias": (0.32, (0.2, 0.0, 1.0, 0.0)),
-    "Chronic kidney disease": (0.13, (0.0, 0.0, 0.4, 1.0)),
-    "Chronic obstructive pulmonary disease and bronchiectasis": (0.13, (0.0, 1.0, 0.2, 0.0)),
-    "Complications of surgical procedures or medical care": (0.21, (0.6, 0.2, 0.2, 0.2)),
-    "Conduction disorders": (0.07, (0.0, 0.0, 1.0, 0.0)),
-    "Congestive heart failure; nonhypertensive": (0.27, (0.2, 0.3, 1.0, 0.0)),
-    "Coronary atherosclerosis and other heart disease": (0.32, (0.0, 0.0, 1.0, 0.3)),
-    "Diabetes mellitus with complications": (0.09, (0.2, 0.0, 0.0, 1.0)),
-    "Diabetes mellitus without complication": (0.19, (0.0, 0.0, 0.2, 1.0)),
-    "Disorders of lipid metabolism": (0.29, (0.0, 0.0, 0.7, 0.7)),
-    "Essential hypertension": (0.42, (-0.3, 0.0, 0.8, 0.3)),
-    "Fluid and electrolyte disorders": (0.27, (0.6, 0.0, 0.0, 0.8)),
-    "Gastrointestinal hemorrhage": (0.07, (0.8, 0.0, 0.0, 0.3)),
-    "Hypertension with complications and secondary hypertension": (0.13, (0.0, 0.0, 0.8, 0.6)),
-    "Other liver diseases": (0.08, (0.4, 0.0, 0.0, 0.8)),
-    "Other lower respiratory disease": (0.05, (0.0, 1.0, 0.0, 0.0)),
-    "Other upper respiratory disease": (0.04, (0.2, 0.8, 0.0, 0.0)),
-    "Pleurisy; pneumothorax; pulmonary collapse": (0.09, (0.2, 1.0, 0.0, 0.0)),
-    "Pneumonia (except that caused by tuberculosis or sexually transmitted disease)": (
-        0.14,
-        (0.3, 1.0, 0.0, 0.0),
-    ),
-    "Respiratory failure; insufficiency; arrest (adult)": (0.17, (0.7, 1.0, 0.0, 0.0)),
-    "Septicemia (except in labor)": (0.14, (1.0, 0.3, 0.0, 0.2)),
-    "Shock": (0.08, (1.0, 0.0, 0.4, 0.0)),
-}
-if tuple(_PHENOTYPE_RISK) != PHENOTYPE_LABELS:  # pragma: no cover - guards a typo at import
-    raise RuntimeError("synthetic phenotype table does not match PHENOTYPE_LABELS")
-PHENOTYPE_RISK: Mapping[str, tuple[float, tuple[float, float, float, float]]] = MappingProxyType(
-    _PHENOTYPE_RISK
-)
-"""Target prevalence and latent loadings (severity, respiratory, cardiac, metabolic)."""
-
-MORTALITY_LOADINGS = (1.0, 0.35, 0.2, 0.1)
 
 StudyRole = Literal[
     "linked",  # latest AP image in [intime, intime + 48 h]: the stay's image for both tasks
@@ -118,6 +90,7 @@ class StudyPlan:
     role: StudyRole
     images: list[tuple[str, str]]
     has_report: bool
+    findings: dict[str, Finding] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,6 +112,7 @@ class StayPlan:
     dischtime: datetime
     deathtime: datetime | None
     latent: np.ndarray
+    acuity: float
     views: dict[str, np.ndarray]
     mortality: int
     phenotypes: tuple[int, ...]
@@ -176,19 +150,9 @@ class SubjectPlan:
     dod: datetime | None
     height_cm: float
     weight_kg: float
+    hospital: str
     split: str = "train"
     stays: list[StayPlan] = field(default_factory=list)
-
-
-def label_bias(prevalence: float, strength: float) -> float:
-    """Intercept giving about ``prevalence`` when the logit's slope on N(0, 1) is ``strength``."""
-    logit = math.log(prevalence / (1.0 - prevalence))
-    return logit * math.sqrt(1.0 + math.pi * strength**2 / 8.0)
-
-
-def _unit(loadings: tuple[float, ...]) -> np.ndarray:
-    w = np.asarray(loadings, dtype=float)
-    return w / np.linalg.norm(w)
 
 
 class _UniqueIds:
@@ -238,9 +202,9 @@ class CohortPlanner:
         self._study_ids = _UniqueIds(ids_rng, 50_000_000, 60_000_000)
         self._dicom_ids = _DicomIds(ids_rng)
         s = config.label_strength
-        self._mortality_w = _unit(MORTALITY_LOADINGS) * s
+        self._mortality_w = unit_vector(MORTALITY_LOADINGS) * s
         self._mortality_b = label_bias(config.mortality_prevalence, s)
-        self._pheno_w = np.stack([_unit(w) for _, w in PHENOTYPE_RISK.values()]) * s
+        self._pheno_w = np.stack([unit_vector(w) for _, w in PHENOTYPE_RISK.values()]) * s
         self._pheno_b = np.array([label_bias(p, s) for p, _ in PHENOTYPE_RISK.values()])
         self._num_stays = 0
         self._num_studies = 0
@@ -280,6 +244,7 @@ class CohortPlanner:
             dod=None,
             height_cm=height,
             weight_kg=float(np.clip(rng.normal(82, 20), 40, 200)),
+            hospital=self._hospital(number),
         )
         shared = rng.normal(size=len(LATENT_FACTORS))
         admit = datetime(2110, 1, 1) + _seconds(rng, 0, 80 * 365 * 86400)
@@ -300,6 +265,16 @@ class CohortPlanner:
             later = subject.stays[-1].dischtime + _seconds(rng, 30 * 86400, 1500 * 86400)
             subject.dod = datetime.combine(later.date(), datetime.min.time())
         return subject
+
+    def _hospital(self, number: int) -> str:
+        hospitals = self.config.hospitals
+        if len(hospitals) == 1:
+            return hospitals[0].name
+        shares = np.array([h.share for h in hospitals])
+        pick = np.random.default_rng([self.config.seed, 8, number]).choice(
+            len(hospitals), p=shares / shares.sum()
+        )
+        return hospitals[int(pick)].name
 
     def _stay(
         self,
@@ -329,7 +304,7 @@ class CohortPlanner:
                 _floor_minute(outtime + _seconds(rng, 6 * 3600, 12 * 86400)),
             )
         views = {
-            name: getattr(cfg, name).signal * z
+            name: getattr(cfg, name).signal * linked(z, name, getattr(cfg, name).nonlinearity)
             + getattr(cfg, name).noise * rng.normal(size=len(LATENT_FACTORS))
             for name in MODALITIES
         }
@@ -350,6 +325,7 @@ class CohortPlanner:
             dischtime=dischtime,
             deathtime=deathtime,
             latent=z,
+            acuity=acuity(z, MORTALITY_LOADINGS),
             views=views,
             mortality=mortality,
             phenotypes=tuple(int(p) for p in pheno),
@@ -362,10 +338,11 @@ class CohortPlanner:
         lo = stay.intime + timedelta(minutes=10)
         hi = min(stay.intime + timedelta(hours=IHM_HOURS), stay.outtime) - timedelta(minutes=10)
         span = (hi - lo).total_seconds()
-        if rng.random() >= cfg.cxr_missing_rate:
+        has_cxr = present_probability(cfg.cxr_missing_rate, cfg.cxr_acuity_slope, stay.acuity)
+        if rng.random() < has_cxr:
             if rng.random() < 0.1:
-                yield self._study(rng, "earlier_in_window", lo + _seconds(rng, 0, 0.3 * span))
-            yield self._study(rng, "linked", lo + _seconds(rng, 0.35 * span, span))
+                yield self._study(rng, stay, "earlier_in_window", lo + _seconds(rng, 0, 0.3 * span))
+            yield self._study(rng, stay, "linked", lo + _seconds(rng, 0.35 * span, span))
         elif rng.random() < cfg.decoy_image_rate:
             roles: list[StudyRole] = ["before_stay", "non_ap_in_window"]
             if not stay.mortality:  # no film after death
@@ -376,15 +353,19 @@ class CohortPlanner:
                 roles.append("after_48h")
             role = roles[int(rng.integers(len(roles)))]
             if role == "before_stay":
-                yield self._study(rng, role, stay.intime - _seconds(rng, 86400, 10 * 86400))
+                yield self._study(rng, stay, role, stay.intime - _seconds(rng, 86400, 10 * 86400))
             elif role == "after_stay":
-                yield self._study(rng, role, stay.outtime + _seconds(rng, 3600, 3 * 86400))
+                yield self._study(rng, stay, role, stay.outtime + _seconds(rng, 3600, 3 * 86400))
             elif role == "after_48h":
-                yield self._study(rng, role, late_lo + _seconds(rng, 0, late_span))
+                yield self._study(rng, stay, role, late_lo + _seconds(rng, 0, late_span))
             else:
-                yield self._study(rng, role, lo + _seconds(rng, 0, span))
+                yield self._study(rng, stay, role, lo + _seconds(rng, 0, span))
 
-    def _study(self, rng: np.random.Generator, role: StudyRole, time: datetime) -> StudyPlan:
+    def _study(
+        self, rng: np.random.Generator, stay: StayPlan, role: StudyRole, time: datetime
+    ) -> StudyPlan:
+        """One study; its findings come from the stay's CXR view on the study's own stream."""
+        cfg = self.config
         if role == "non_ap_in_window":
             views = [_NON_AP_VIEWS[int(rng.integers(len(_NON_AP_VIEWS)))]]
             if views[0] == "PA":
@@ -392,14 +373,19 @@ class CohortPlanner:
         else:
             views = ["AP", "LATERAL"] if rng.random() < 0.2 else ["AP"]
         self._num_studies += 1
+        index = self._num_studies - 1
+        has_report = present_probability(
+            cfg.report_missing_rate, cfg.report_acuity_slope, stay.acuity
+        )
         return StudyPlan(
-            index=self._num_studies - 1,
+            index=index,
             study_id=self._study_ids.draw(),
             time=time,
             millis=int(rng.integers(0, 1000)),
             role=role,
             images=[(self._dicom_ids.draw(), view) for view in views],
-            has_report=bool(rng.random() >= self.config.report_missing_rate),
+            has_report=bool(rng.random() < has_report),
+            findings=plant_findings(stay.views["cxr"], np.random.default_rng([cfg.seed, 9, index])),
         )
 
 

@@ -1,9 +1,10 @@
 """Configuration and summary of the synthetic MIMIC writer (:mod:`.writer`).
 
 Every planted effect is a field of :class:`SyntheticMimicConfig`: cohort size and splits, how
-strongly labels depend on the latent risk, per-modality signal and noise (a modality with
-``signal = 0`` carries no label information: a "lazy" modality), missingness, decoy images
-for the linking rules, and the rate and kinds of messy records. The models are strict
+strongly labels depend on the latent risk, per-modality signal, noise and non-linearity (a
+modality with ``signal = 0`` carries no label information: a "lazy" modality), missingness
+(at random, or rising with acuity), named hospitals with their image noise and report length,
+decoy images for the linking rules, and the rate and kinds of messy records. The models are strict
 (``extra="forbid"``), so a misspelt key is an error that names the field.
 """
 
@@ -28,10 +29,42 @@ MESSY_KINDS: tuple[MessyKind, ...] = get_args(MessyKind)
 
 
 class ModalitySignal(StrictModel):
-    """How much one modality shows of the latent risk: view = signal * z + noise * e."""
+    """How much one modality shows of the latent risk: view = signal * g(z) + noise * e.
+
+    ``g(z) = (1 - nonlinearity) z + nonlinearity h_m(z)`` where ``h_m`` is the modality's own
+    threshold-and-interaction map (:mod:`.links`, seeded from the modality's name), so with
+    ``nonlinearity > 0`` a linear read-out of the files no longer recovers the risk.
+    """
 
     signal: float = Field(default=1.0, ge=0.0, le=10.0, description="Scale of the latent risk.")
     noise: float = Field(default=1.0, ge=0.0, le=10.0, description="Std of independent noise.")
+    nonlinearity: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the non-linear link h_m(z) in the view; 0 is linear (as before).",
+    )
+
+
+class SyntheticHospital(StrictModel):
+    """A named synthetic hospital: its share of patients and the quality of its files."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Recorded per subject.")
+    share: float = Field(default=1.0, gt=0.0, le=1000.0, description="Relative patient share.")
+    image_noise: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="Multiplier of the images' pixel noise (std 0.035 of full scale at 1).",
+    )
+    report_length: float = Field(
+        default=1.0,
+        ge=0.25,
+        le=3.0,
+        description="Report verbosity: scales the expected number of optional sentences "
+        "(boilerplate, incidental; above 1 also routine remarks); below 0.75 terse: short "
+        "finding sentences, negations merged. Findings and negations are always written.",
+    )
 
 
 class SyntheticMimicConfig(StrictModel):
@@ -69,6 +102,25 @@ class SyntheticMimicConfig(StrictModel):
         description="Share of image-less stays given an image the linking rules must reject "
         "(outside the window, non-AP view) or link for phenotyping only (after 48 h).",
     )
+    cxr_acuity_slope: float = Field(
+        default=0.0,
+        ge=-5.0,
+        le=5.0,
+        description="Logit slope of P(stay has an AP image in 48 h) per SD of acuity; "
+        "0 keeps cxr_missing_rate for every stay (MCAR).",
+    )
+    report_acuity_slope: float = Field(
+        default=0.0,
+        ge=-5.0,
+        le=5.0,
+        description="Logit slope of P(study has a report) per SD of acuity; 0 is MCAR.",
+    )
+    hospitals: tuple[SyntheticHospital, ...] = Field(
+        default_factory=lambda: (SyntheticHospital(name="general"),),
+        min_length=1,
+        max_length=64,
+        description="Hospitals subjects are drawn from (by share), each with its file quality.",
+    )
     image_size: int = Field(default=96, ge=32, le=512, description="JPEG width and height (px).")
     messy_rate: float = Field(
         default=0.0,
@@ -85,6 +137,9 @@ class SyntheticMimicConfig(StrictModel):
     def _distinct_messy_kinds(self) -> SyntheticMimicConfig:
         if len(set(self.messy_kinds)) != len(self.messy_kinds):
             raise ValueError(f"messy_kinds: repeated entries in {list(self.messy_kinds)}")
+        names = [hospital.name for hospital in self.hospitals]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hospitals: repeated names in {names}; each name must be unique")
         return self
 
 

@@ -1,10 +1,11 @@
 """Synthetic chest X-rays in the MIMIC-CXR-JPG layout: small grayscale JPEGs and metadata rows.
 
-An image is a schematic chest (body, two lung fields, heart shadow) on which the stay's CXR
-view ``v = (severity, respiratory, cardiac, metabolic)`` draws what a radiologist would see:
-a lower-lobe opacity whose intensity rises with respiratory and severity risk, a heart shadow
-widened by cardiac risk, and costophrenic haze (effusion) with cardiac risk. Pixel noise and
-random blob positions make every image different. Layout: design/MIMIC_FORMATS.md section 3.
+An image is a schematic chest (body, two lung fields, heart shadow) on which the study's
+planted findings (:mod:`.findings`) are drawn where a radiologist would see them: a lower-zone
+opacity on its side(s), a heart shadow widened by cardiomegaly, costophrenic haze for an
+effusion, perihilar haze for edema, each stronger with its grade. Pixel noise (its SD set per
+hospital) and jittered blob positions make every image different. Layout:
+design/MIMIC_FORMATS.md section 3.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 
 from omnifuse_model.data.cxr.images import METADATA_COLUMNS
 from simulation.synthetic_mimic.cohort import StudyPlan
+from simulation.synthetic_mimic.findings import Findings
 
 METADATA_HEADER: tuple[str, ...] = METADATA_COLUMNS
 """Exact header of ``mimic-cxr-2.0.0-metadata.csv`` (the reader's definition)."""
@@ -82,10 +84,6 @@ def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: flo
     return np.exp(-(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2))
 
 
-def _sigmoid(x: float) -> float:
-    return float(1.0 / (1.0 + np.exp(-x)))
-
-
 @lru_cache(maxsize=8)
 def _anatomy(size: int, lateral: bool) -> np.ndarray:
     """Body and lung fields, the part of every image that no risk changes."""
@@ -98,28 +96,62 @@ def _anatomy(size: int, lateral: bool) -> np.ndarray:
     )
 
 
-def render_cxr(view: np.ndarray, position: str, size: int, rng: np.random.Generator):
-    """A ``[size, size]`` uint8 chest image for CXR view ``view`` and ViewPosition ``position``."""
-    sev, resp, card, _ = (float(v) for v in view)
+_OPACITY = (0.0, 0.14, 0.24, 0.34)  # blob intensity by grade
+_EFFUSION = (0.0, 0.12, 0.2, 0.28)  # costophrenic haze intensity by grade
+_EDEMA = (0.0, 0.06, 0.1, 0.15)  # perihilar haze intensity by grade
+PIXEL_NOISE = 0.035
+"""Pixel noise SD (fraction of full scale) of a hospital with ``image_noise = 1``."""
+
+
+def _sides(side: str, lobes: tuple[float, ...]) -> tuple[float, ...]:
+    """Lung-field centres a finding on ``side`` covers (image left = patient right)."""
+    if len(lobes) == 1 or side == "bilateral":
+        return lobes
+    return (lobes[0],) if side == "right" else (lobes[1],)
+
+
+def render_cxr(
+    findings: Findings,
+    position: str,
+    size: int,
+    rng: np.random.Generator,
+    noise: float = PIXEL_NOISE,
+) -> np.ndarray:
+    """A ``[size, size]`` uint8 chest image showing ``findings`` in ViewPosition ``position``.
+
+    Cardiomegaly widens the heart shadow by 12% per grade, an opacity is a lower-zone blob,
+    an effusion a haze in the costophrenic angle(s), edema a bilateral perihilar haze; each
+    grows with its grade. ``noise`` is the SD of the added pixel noise.
+    """
     y, x = _grid(size)
     lateral = position in ("LATERAL", "LL")
     img = _anatomy(size, lateral).copy()
-    cardiac = float(np.clip(card, -2.0, 3.0))
+    heart = 1.0 + 0.12 * _grade(findings, "cardiomegaly")
     if lateral:
-        img += 0.25 * _blob(x, y, -0.15, 0.3, 0.25 * (1 + 0.12 * cardiac), 0.25)
+        img += 0.25 * _blob(x, y, -0.15, 0.3, 0.25 * heart, 0.25)
         lobes: tuple[float, ...] = (0.05,)
     else:
-        img += 0.3 * _blob(x, y, 0.06, 0.32, 0.2 * (1 + 0.15 * cardiac), 0.2)
+        img += 0.3 * _blob(x, y, 0.06, 0.32, 0.2 * heart, 0.2)
         lobes = (-0.38, 0.38)
-    side = lobes[int(rng.integers(len(lobes)))]
-    opacity = 0.35 * _sigmoid(1.6 * (resp + 0.5 * sev) - 1.0)
-    cx, cy = side + rng.normal(0, 0.05), 0.25 + rng.normal(0, 0.05)
-    img += opacity * _blob(x, y, cx, cy, 0.17, 0.17)
-    effusion = 0.25 * _sigmoid(1.6 * card - 1.5)
-    for lobe in lobes:
-        img += effusion * _blob(x, y, lobe * 1.3, 0.55, 0.18, 0.1)
-    img += rng.normal(0, 0.035, img.shape)
+    jitter = rng.normal(0, 0.05, size=2)
+    if "opacity" in findings:
+        strength = _OPACITY[findings["opacity"].grade]
+        for lobe in _sides(findings["opacity"].side, lobes):
+            img += strength * _blob(x, y, lobe + jitter[0], 0.25 + jitter[1], 0.17, 0.17)
+    if "effusion" in findings:
+        grade = findings["effusion"].grade
+        for lobe in _sides(findings["effusion"].side, lobes):
+            img += _EFFUSION[grade] * _blob(x, y, lobe * 1.3, 0.6, 0.2, 0.06 + 0.03 * grade)
+    edema = _EDEMA[_grade(findings, "edema")]
+    if edema:
+        for lobe in lobes:
+            img += edema * _blob(x, y, lobe * 0.6, 0.0, 0.22, 0.35)
+    img += rng.normal(0, noise, img.shape)
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _grade(findings: Findings, name: str) -> int:
+    return findings[name].grade if name in findings else 0
 
 
 def encode_jpeg(pixels: np.ndarray) -> bytes:

@@ -5,86 +5,37 @@ a space, blank lines written as ``" "``, the first line ``FINAL REPORT`` indente
 spaces, sections ``EXAMINATION:``, ``INDICATION:``, ``TECHNIQUE:``, ``COMPARISON:``,
 ``FINDINGS:``, ``IMPRESSION:``, and PHI masked as ``___``.
 
-Signal: each finding belongs to a latent factor; its sentence appears with probability
-``sigmoid(2.5 (v_k - threshold))`` where ``v_k`` is the stay's report view of factor k, so
-'consolidation', 'effusion', 'edema' become more frequent with risk. Normal statements never
-name a finding, so the presence of a finding word is the signal. Noise: besides the noise in
-the view itself (random flips of findings), a Poisson(noise) number of irrelevant incidental
-sentences is added.
+Content: the FINDINGS and IMPRESSION sentences describe exactly the study's planted findings
+(:mod:`.findings`, the same ones its image shows): a positive sentence with grade and side for
+each present finding, a negation for each absent one, phrasing drawn per report from
+:mod:`.report_phrases`. The stay's report view adds what the image does not show: support
+devices and an indication that follow its severity. Noise: a Poisson(noise) number of
+incidental sentences. Length: the hospital's ``report_length`` scales the expected number of
+optional sentences (boilerplate, incidental, and above 1 routine remarks); below 0.75 the
+report is terse: findings in the short impression wording and the negations merged into one
+sentence ("No pleural effusion, pulmonary edema or ...").
+:func:`read_findings` reads the findings back from a report.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import numpy as np
 
+from simulation.synthetic_mimic import report_phrases as phrases
 from simulation.synthetic_mimic.cohort import StudyPlan
 from simulation.synthetic_mimic.cxr import study_description
+from simulation.synthetic_mimic.findings import FINDING_NAMES, SIDES, Finding, Findings
 
 REPORT_TITLE = " " * 33 + "FINAL REPORT"
 LINE_WIDTH = 79
 
-# (factor: 0 severity, 1 respiratory, 2 cardiac; threshold, findings sentence, impression)
-_FINDINGS: tuple[tuple[int, float, str, str], ...] = (
-    (
-        1,
-        0.5,
-        "There is a focal consolidation in the {side} lower lobe.",
-        "{Side} lower lobe consolidation, concerning for pneumonia.",
-    ),
-    (
-        1,
-        1.0,
-        "Patchy opacity at the {side} lung base likely reflects atelectasis.",
-        "{Side} basilar atelectasis.",
-    ),
-    (
-        2,
-        0.6,
-        "There is mild pulmonary edema with pulmonary vascular congestion.",
-        "Mild pulmonary edema.",
-    ),
-    (2, 0.9, "There is a small {side} pleural effusion.", "Small {side} pleural effusion."),
-    (2, 0.3, "The heart is moderately enlarged.", "Cardiomegaly."),
-    (
-        0,
-        0.9,
-        "Diffuse bilateral airspace opacities are present.",
-        "Diffuse bilateral opacities, which may reflect ARDS.",
-    ),
-    (
-        0,
-        1.1,
-        "An endotracheal tube terminates 4 cm above the carina.",
-        "Endotracheal tube in standard position.",
-    ),
-)
-_NORMAL_LUNGS = ("The lungs are clear.", "The lungs are well expanded and clear.")
-_NORMAL_HEART = (
-    "Heart size is normal.",
-    "The cardiomediastinal silhouette is within normal limits.",
-)
-_BOILERPLATE = ("No pneumothorax is seen.", "There is no pneumothorax.")
-_INCIDENTAL = (
-    "Degenerative changes are noted in the thoracic spine.",
-    "Surgical clips project over the right upper quadrant.",
-    "Old healed left rib fractures are noted.",
-    "The aortic knob is calcified.",
-    "Median sternotomy wires are intact.",
-    "The bones are diffusely demineralized.",
-)
-_REASONS = (
-    ("shortness of breath", "?pneumonia"),
-    ("hypoxia", "eval for infiltrate"),
-    ("fever", "eval for pneumonia"),
-    ("chest pain", "eval for acute process"),
-    ("line placement", "confirm position"),
-    ("altered mental status", "r/o aspiration"),
-    ("intubation", "ETT position"),
-)
-_COMPARISONS = ("___", "Chest radiograph from ___.", "None.", "___ chest radiograph.")
+TERSE_BELOW = 0.75
+"""Reports of hospitals with ``report_length`` below this are terse."""
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
 
 def _wrap(text: str) -> list[str]:
@@ -95,31 +46,88 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:
+def _pick(options: tuple, rng: np.random.Generator):
     return options[int(rng.integers(len(options)))]
 
 
-def render_report(
-    study: StudyPlan, view: np.ndarray, noise: float, gender: str, rng: np.random.Generator
-) -> str:
-    """The report text of ``study`` given the stay's report view (trailing newline included)."""
-    side = _pick(("right", "left"), rng)
-    found, impressions, factors = [], [], set()
-    for factor, threshold, sentence, impression in _FINDINGS:
-        if rng.random() < _sigmoid(2.5 * (float(view[factor]) - threshold)):
-            found.append(sentence.format(side=side))
-            impressions.append(impression.format(side=side, Side=side.capitalize()))
-            factors.add(factor)
-    findings = list(found)
-    if not factors & {0, 1}:
-        findings.insert(0, _pick(_NORMAL_LUNGS, rng))
-    if 2 not in factors:
-        findings.append(_pick(_NORMAL_HEART, rng))
-    findings.append(_pick(_BOILERPLATE, rng))
-    for _ in range(min(int(rng.poisson(noise)), 3)):
-        findings.append(_pick(_INCIDENTAL, rng))
+def _fill(template: str, name: str, finding: Finding) -> str:
+    grade = phrases.GRADE_WORDS[name][finding.grade - 1]
+    words = {
+        "grade": grade,
+        "gradely": grade + "ly",
+        "side": finding.side,
+        "where": phrases.LOBES.get(finding.side, ""),
+        "effusions": "pleural effusions" if finding.side == "bilateral" else "pleural effusion",
+    }
+    words |= {key.capitalize(): value.capitalize() for key, value in words.items()}
+    return template.format(**words)
 
-    reason, question = _REASONS[int(rng.integers(len(_REASONS)))]
+
+def _findings_sentences(
+    findings: Findings, length: float, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """(FINDINGS sentences about the four findings, IMPRESSION items)."""
+    terse = length < TERSE_BELOW
+    positive, impressions, absent = [], [], []
+    for name in FINDING_NAMES:
+        if name in findings:
+            finding = findings[name]
+            sentences = phrases.IMPRESSIONS if terse else phrases.FINDING_SENTENCES
+            positive.append(_fill(_pick(sentences[name], rng), name, finding))
+            impressions.append(_fill(_pick(phrases.IMPRESSIONS[name], rng), name, finding))
+        else:
+            absent.append(name)
+    if not absent:
+        return positive, impressions
+    if terse:
+        nouns = [phrases.NEGATION_NOUNS[name] for name in absent]
+        listed = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
+        negations = [f"No {listed}."]
+    else:
+        negations = [_pick(phrases.NEGATIONS[name], rng) for name in absent]
+    return positive + negations, impressions
+
+
+def _extra_sentences(
+    view: np.ndarray, noise: float, length: float, rng: np.random.Generator
+) -> list[str]:
+    """Devices (from the report view), then the optional sentences, their expected number
+    scaled by ``length``: boilerplate (kept with probability ``min(length, 1)``), incidental
+    (Poisson(noise * length)) and, above 1, routine (Poisson(2 (length - 1)))."""
+    severity = float(view[0])
+    extra = [
+        sentence
+        for threshold, sentence in phrases.DEVICES
+        if rng.random() < _sigmoid(2.5 * (severity - threshold))
+    ]
+    if rng.random() < min(length, 1.0):
+        extra.append(_pick(phrases.BOILERPLATE, rng))
+    incidental = int(rng.poisson(noise * length))
+    routine = int(rng.poisson(2.0 * max(length - 1.0, 0.0)))
+    extra += _distinct(phrases.INCIDENTAL, min(incidental, 3), rng)
+    extra += _distinct(phrases.ROUTINE, min(routine, 6), rng)
+    return extra
+
+
+def _distinct(options: tuple[str, ...], count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` different sentences of ``options`` in random order."""
+    return [options[int(i)] for i in rng.choice(len(options), size=count, replace=False)]
+
+
+def render_report(
+    study: StudyPlan,
+    view: np.ndarray,
+    noise: float,
+    gender: str,
+    rng: np.random.Generator,
+    length: float = 1.0,
+) -> str:
+    """The report of ``study`` (its planted findings, the stay's report ``view``, the
+    hospital's report ``length``), trailing newline included."""
+    findings, impressions = _findings_sentences(study.findings, length, rng)
+    findings += _extra_sentences(view, noise, length, rng)
+    sick = rng.random() < _sigmoid(2.0 * float(view[0]))
+    reason, question = _pick(phrases.SICK_REASONS if sick else phrases.ROUTINE_REASONS, rng)
     person = "woman" if gender == "F" else "man"
     portable = study_description(study) == "CHEST (PORTABLE AP)"
     technique = "Portable AP chest radiograph." if portable else "Chest PA and lateral views."
@@ -136,7 +144,7 @@ def render_report(
         " ",
         *_wrap(f"TECHNIQUE:  {technique}"),
         " ",
-        *_wrap(f"COMPARISON:  {_pick(_COMPARISONS, rng)}"),
+        *_wrap(f"COMPARISON:  {_pick(phrases.COMPARISONS, rng)}"),
         " ",
         " FINDINGS:",
         " ",
@@ -148,6 +156,42 @@ def render_report(
     for text in impression_lines:
         lines += _wrap(text)
     return "\n".join(lines) + "\n"
+
+
+def _section(report: str, title: str, next_title: str | None) -> str:
+    text = " ".join(line.strip() for line in report.splitlines())
+    start = text.find(title)
+    if start < 0:
+        raise ValueError(f"report has no {title!r} section")
+    body = text[start + len(title) :]
+    return body.split(next_title)[0] if next_title else body
+
+
+def _read_sentence(sentence: str, found: dict[str, Finding]) -> None:
+    lower = f" {sentence.lower()} "
+    names = [n for n in FINDING_NAMES if any(k in lower for k in phrases.KEYWORDS[n])]
+    if not names or any(f" {marker}" in lower for marker in phrases.NEGATION_MARKERS):
+        return
+    for name in names:
+        grades = [i + 1 for i, word in enumerate(phrases.GRADE_WORDS[name]) if word in lower]
+        side = next((s for s in SIDES if f" {s} " in lower), "")
+        found[name] = Finding(grade=grades[0] if grades else 0, side=side)
+
+
+def read_findings(report: str) -> tuple[dict[str, Finding], dict[str, Finding]]:
+    """The findings a report states, from its FINDINGS and from its IMPRESSION section.
+
+    A sentence naming a finding without a negation word states it present, with the grade
+    word and side it contains (grade 0 when it has none). Works on the messy variant too.
+    """
+    sections = (_section(report, "FINDINGS:", "IMPRESSION:"), _section(report, "IMPRESSION:", None))
+    result: list[dict[str, Finding]] = []
+    for body in sections:
+        found: dict[str, Finding] = {}
+        for sentence in _SENTENCE_END.split(body.strip()):
+            _read_sentence(sentence, found)
+        result.append(found)
+    return result[0], result[1]
 
 
 def without_leading_spaces(report: str) -> str:

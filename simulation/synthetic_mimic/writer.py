@@ -8,12 +8,16 @@
   ``listfile.csv``, plus ``{train,val,test}_listfile.csv`` (validation files live in ``train/``);
 * ``mimic-cxr-jpg/files/pXX/pSUBJECT/sSTUDY/DICOM.jpg`` + ``mimic-cxr-2.0.0-metadata.csv``;
 * ``mimic-cxr-reports/files/pXX/pSUBJECT/sSTUDY.txt``;
-* ``synthetic_stays.csv``: the ground truth per stay (labels, latent risk, the image and report
-  MedFuse's linking rules should find), and ``synthetic_summary.json``: config and summary.
+* ``synthetic_stays.csv`` and ``synthetic_studies.csv``: the ground truth per stay and per
+  study (:mod:`.truth`: labels, latent risk, acuity, hospital, planted findings, the image and
+  report MedFuse's linking rules should find), and ``synthetic_summary.json``: config and
+  summary.
 
 Labels (in-hospital mortality, 25 phenotypes) and every modality derive from one latent risk per
-stay (:mod:`~simulation.synthetic_mimic.cohort`); per-modality ``signal``/``noise`` set
-how much each modality shows of it. The same config gives byte-identical files.
+stay (:mod:`~simulation.synthetic_mimic.cohort`); per-modality ``signal``/``noise``/
+``nonlinearity`` set how much each modality shows of it and how bent; each study's image and
+report render the same planted findings; each subject's hospital sets its image noise and
+report length. The same config gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from omnifuse_model.data.ehr.listfiles import PHENOTYPE_LABELS
 from simulation.synthetic_mimic import ehr as ehr_writer
 from simulation.synthetic_mimic.cohort import (
     IHM_HOURS,
-    LATENT_FACTORS,
     StayPlan,
     StudyPlan,
     SubjectPlan,
@@ -50,12 +53,21 @@ from simulation.synthetic_mimic.config import (
 )
 from simulation.synthetic_mimic.cxr import (
     METADATA_HEADER,
+    PIXEL_NOISE,
     encode_jpeg,
     image_path,
     metadata_rows,
     render_cxr,
 )
 from simulation.synthetic_mimic.text import render_report, without_leading_spaces
+from simulation.synthetic_mimic.truth import (
+    STUDIES_FILE,
+    STUDIES_HEADER,
+    TRUTH_FILE,
+    TRUTH_HEADER,
+    stay_rows,
+    study_rows,
+)
 
 __all__ = [
     "MESSY_KINDS",
@@ -76,17 +88,10 @@ STAYS_HEADER: tuple[str, ...] = (
 )  # fmt: skip
 """Exact header of ``root/all_stays.csv`` and of each subject's ``stays.csv``."""
 
-TRUTH_HEADER: tuple[str, ...] = (
-    "subject_id", "hadm_id", "stay_id", "stay", "split", "in_ihm", "in_phenotyping",
-    "mortality", "ihm_study_id", "ihm_dicom_id", "ihm_has_report", "phenotyping_study_id",
-    "phenotyping_dicom_id", *(f"latent_{name}" for name in LATENT_FACTORS),
-)  # fmt: skip
-"""Header of ``synthetic_stays.csv`` (ground truth; not part of any MIMIC layout)."""
-
 IHM_DIR, PHENO_DIR = "in-hospital-mortality", "phenotyping"
 CXR_DIR, REPORTS_DIR = "mimic-cxr-jpg", "mimic-cxr-reports"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
-SUMMARY_FILE, TRUTH_FILE = "synthetic_summary.json", "synthetic_stays.csv"
+SUMMARY_FILE = "synthetic_summary.json"
 SPLITS = ("train", "val", "test")
 _TIME = "%Y-%m-%d %H:%M:%S"
 
@@ -129,6 +134,7 @@ class _Writer:
         self.ihm: list[tuple[str, str, int]] = []  # (split, stay, y)
         self.pheno: list[tuple[str, str, float, tuple[int, ...]]] = []
         self.counts = {"ehr_episodes": 0, "cxr_studies": 0, "cxr_images": 0, "reports": 0}
+        self.hospitals = {hospital.name: hospital for hospital in config.hospitals}
 
     def _path(self, relative: str) -> Path:
         path = self.out / relative
@@ -231,12 +237,13 @@ class _Writer:
 
     def cxr(self, subject: SubjectPlan, metadata: list[list[str]]) -> None:
         cfg = self.config
+        noise = PIXEL_NOISE * self.hospitals[subject.hospital].image_noise
         for stay in subject.stays:
             for study in stay.studies:
                 self.counts["cxr_studies"] += 1
                 rng = np.random.default_rng([cfg.seed, 3, study.index])
                 for dicom_id, view in study.images:
-                    pixels = render_cxr(stay.views["cxr"], view, cfg.image_size, rng)
+                    pixels = render_cxr(study.findings, view, cfg.image_size, rng, noise)
                     data = encode_jpeg(pixels)
                     relative = (
                         f"{CXR_DIR}/{image_path(subject.subject_id, study.study_id, dicom_id)}"
@@ -252,9 +259,9 @@ class _Writer:
 
     def _report(self, subject: SubjectPlan, stay: StayPlan, study: StudyPlan) -> None:
         rng = np.random.default_rng([self.config.seed, 4, study.index])
-        text = render_report(
-            study, stay.views["report"], self.config.report.noise, subject.gender, rng
-        )
+        length = self.hospitals[subject.hospital].report_length
+        noise = self.config.report.noise
+        text = render_report(study, stay.views["report"], noise, subject.gender, rng, length)
         relative = (
             f"{REPORTS_DIR}/files/p{str(subject.subject_id)[:2]}/p{subject.subject_id}"
             f"/s{study.study_id}.txt"
@@ -276,21 +283,8 @@ class _Writer:
     def truth(self, subjects: list[SubjectPlan]) -> None:
         ihm = {stay for _, stay, _ in self.ihm}
         pheno = {stay for _, stay, _, _ in self.pheno}
-
-        def rows() -> Iterator[list[str]]:
-            for s in subjects:
-                for stay in s.stays:
-                    linked = stay.linked_study(IHM_HOURS)
-                    late = stay.linked_study(None)
-                    yield [
-                        str(s.subject_id), str(stay.hadm_id), str(stay.stay_id), stay.stay,
-                        s.split, str(int(stay.stay in ihm)), str(int(stay.stay in pheno)),
-                        str(stay.mortality), *_study_ids(linked),
-                        str(int(linked is not None and linked.has_report)), *_study_ids(late),
-                        *(f"{v:.6f}" for v in stay.latent),
-                    ]  # fmt: skip
-
-        self.csv(TRUTH_FILE, TRUTH_HEADER, rows())
+        self.csv(TRUTH_FILE, TRUTH_HEADER, stay_rows(subjects, ihm, pheno))
+        self.csv(STUDIES_FILE, STUDIES_HEADER, study_rows(subjects))
 
     def summary(self, subjects: list[SubjectPlan]) -> SyntheticMimicSummary:
         splits = {}
@@ -339,13 +333,6 @@ def _ordered(rows: list, order: str, rng: np.random.Generator) -> list:
 def _folder(subject: SubjectPlan) -> str:
     """Benchmark folder of a subject: validation subjects live in ``train/``."""
     return "test" if subject.split == "test" else "train"
-
-
-def _study_ids(study: StudyPlan | None) -> tuple[str, str]:
-    if study is None:
-        return "", ""
-    dicom = next(dicom_id for dicom_id, view in study.images if view == "AP")
-    return str(study.study_id), dicom
 
 
 def _mean(values: list[int]) -> float:

@@ -367,7 +367,9 @@ def test_a_different_report_vocabulary_is_a_cache_miss(root: Path) -> None:
     assert vocabulary_sha256(vocabulary)[:16] in first.identities["rep"]
     again = prepare_site(site, progress=False, batch_size=8)
     assert again.modalities["rep"].misses == 0
-    vocab.write_text("\n".join([*vocabulary, "cardiomegaly"]) + "\n", encoding="utf-8")
+    extra = "pneumoperitoneum"  # a token the synthetic reports never use
+    assert extra not in vocabulary
+    vocab.write_text("\n".join([*vocabulary, extra]) + "\n", encoding="utf-8")
     changed = prepare_site(site, progress=False, batch_size=8)
     assert changed.identities["rep"] != first.identities["rep"]
     rep = changed.modalities["rep"]

@@ -421,6 +421,15 @@ def test_missingness_rates_are_roughly_respected(clean, tmp_path):
 # --- labels and signal --------------------------------------------------------------------------
 
 
+def _states_opacity(report: str) -> bool:
+    """A FINDINGS sentence names an opacity/consolidation without negating it."""
+    body = " ".join(report.split(" FINDINGS:")[1].split(" IMPRESSION:")[0].split())
+    return any(
+        ("opacit" in s or "consolidation" in s) and not re.search(r"\b(no|not|without)\b", s)
+        for s in body.lower().split(". ")
+    )
+
+
 def _signal(out: Path) -> dict[str, float]:
     """Correlations of each modality with the latent risk it should show."""
     truth = {r["stay"]: r for r in _rows(out / "synthetic_stays.csv")}
@@ -438,7 +447,7 @@ def _signal(out: Path) -> dict[str, float]:
                 out / f"mimic-cxr-reports/files/p{subject[:2]}/p{subject}/s{study}.txt"
             ).read_text()
             resp.append(float(row["latent_respiratory"]))
-            consolidation.append(("consolidation" in text) + ("opacit" in text))
+            consolidation.append(_states_opacity(text))
     return {
         "ehr": float(np.corrcoef(sev, hr)[0, 1]),
         "report": float(np.corrcoef(resp, consolidation)[0, 1]),
@@ -470,6 +479,8 @@ def test_labels_and_modalities_carry_the_latent_risk(clean, tmp_path):
     lazy_config = CONFIG.model_copy(update={"num_stays": 100})
     lazy_config.ehr = lazy_config.ehr.model_copy(update={"signal": 0.0})
     lazy_config.report = lazy_config.report.model_copy(update={"signal": 0.0})
+    # the report describes the image's findings, so a lazy report needs a lazy image too
+    lazy_config.cxr = lazy_config.cxr.model_copy(update={"signal": 0.0})
     write_synthetic_mimic(lazy_config, tmp_path / "lazy", progress=False)
     lazy = _signal(tmp_path / "lazy")
     assert abs(lazy["ehr"]) < 0.25 and abs(lazy["report"]) < 0.25
