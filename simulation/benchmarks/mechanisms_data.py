@@ -89,6 +89,12 @@ class MechanismDataConfig(StrictModel):
     label_columns: list[int] = Field(
         default_factory=list, description="Factors the label reads; empty = all of them."
     )
+    label_weights: list[float] | None = Field(
+        default=None,
+        description=(
+            "w over label_columns (normalised to |w| = 1); None draws it from structure_seed."
+        ),
+    )
     label_scale: float = Field(
         default=3.0, gt=0.0, description="Logit = label_scale * w . z, |w| = 1."
     )
@@ -110,6 +116,14 @@ class MechanismDataConfig(StrictModel):
         bad = [c for c in self.label_columns if not 0 <= c < self.latent_dim]
         if bad:
             raise ValueError(f"label_columns: {bad} outside [0, {self.latent_dim})")
+        width = len(self.label_columns) or self.latent_dim
+        if self.label_weights is not None and (
+            len(self.label_weights) != width or not any(self.label_weights)
+        ):
+            raise ValueError(
+                f"label_weights: expected {width} numbers (one per label column), not all "
+                f"zero; got {self.label_weights}"
+            )
         if self.corruption is not None:
             unknown = sorted(set(self.corruption.modalities) - set(names))
             if unknown:
@@ -149,7 +163,10 @@ def _generator(*parts: object) -> torch.Generator:
 def label_weights(config: MechanismDataConfig) -> Tensor:
     """The unit vector w [latent_dim] (zero outside label_columns)."""
     columns = config.label_columns or list(range(config.latent_dim))
-    draw = torch.randn(len(columns), generator=_generator(config.structure_seed, "label"))
+    if config.label_weights is not None:
+        draw = torch.tensor(config.label_weights, dtype=torch.float32)
+    else:
+        draw = torch.randn(len(columns), generator=_generator(config.structure_seed, "label"))
     weights = torch.zeros(config.latent_dim)
     weights[columns] = draw / draw.norm()
     return weights
