@@ -22,11 +22,13 @@ import argparse
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,8 +40,13 @@ from simulation.benchmarks import (
     mechanisms_central_tla,
 )
 from simulation.benchmarks.mechanism_result import MechanismResult
-from simulation.benchmarks.mechanisms_central import suite_settings
-from simulation.benchmarks.mechanisms_progress import CellProgress, RichCellProgress
+from simulation.benchmarks.mechanisms_central import SeedValues, suite_settings
+from simulation.benchmarks.mechanisms_progress import (
+    CellProgress,
+    QueueProgress,
+    RichCellProgress,
+    drain,
+)
 from simulation.benchmarks.mechanisms_report import console_table, markdown_report, write_plots
 
 FEDERATED_MODULE = "simulation.benchmarks.mechanisms_federated"
@@ -48,17 +55,63 @@ QUICK_SEEDS = 2
 ScenarioSource = Callable[[bool, list[int], CellProgress], list[MechanismResult]]
 
 
+SCENARIO_MODULES = {
+    "imputation": mechanisms_central_imputation,
+    "dwfuse": mechanisms_central_dwfuse,
+    "tla": mechanisms_central_tla,
+}
+
+
 def central_scenarios(
-    quick: bool, seeds: list[int], progress: CellProgress
+    quick: bool, seeds: list[int], progress: CellProgress, jobs: int = 1
 ) -> list[MechanismResult]:
-    """Imputation, DWFuse and TLA scenarios, trained centrally with the shipped ``fit``."""
-    settings = suite_settings(quick, seeds)
-    modules = (mechanisms_central_imputation, mechanisms_central_dwfuse, mechanisms_central_tla)
-    progress.plan(sum(module.planned_cells(seeds) for module in modules))
-    results = mechanisms_central_imputation.imputation_scenarios(settings, progress)
-    results += mechanisms_central_dwfuse.dwfuse_scenarios(settings, progress)
-    results += mechanisms_central_tla.tla_scenarios(settings, progress)
+    """Imputation, DWFuse and TLA scenarios, trained centrally with the shipped ``fit``.
+
+    The work splits into (scenario, seed) units; ``jobs`` > 1 runs them in that many worker
+    processes (each with this process's torch thread count). Results are the same either
+    way: every unit is seeded by its own seed, and units are merged in seed order.
+    """
+    progress.plan(sum(module.planned_cells(seeds) for module in SCENARIO_MODULES.values()))
+    units = [(name, seed) for seed in seeds for name in SCENARIO_MODULES]
+    if jobs <= 1:
+        measured = [_measure_unit(name, quick, seed, progress) for name, seed in units]
+    else:
+        measured = _measure_in_workers(units, quick, progress, jobs)
+    results: list[MechanismResult] = []
+    for name, module in SCENARIO_MODULES.items():
+        parts = [values for (unit, _), values in zip(units, measured, strict=True) if unit == name]
+        results += module.summarise(SeedValues.merged(parts))
     return results
+
+
+def _measure_unit(name: str, quick: bool, seed: int, progress: CellProgress) -> SeedValues:
+    return SCENARIO_MODULES[name].measure(suite_settings(quick, [seed]), progress)
+
+
+def _worker_unit(name: str, quick: bool, seed: int, queue) -> SeedValues:
+    return _measure_unit(name, quick, seed, QueueProgress(queue))
+
+
+def _measure_in_workers(
+    units: list[tuple[str, int]], quick: bool, progress: CellProgress, jobs: int
+) -> list[SeedValues]:
+    """Run the units in ``jobs`` spawned processes; replay their progress here."""
+    context = multiprocessing.get_context("spawn")
+    with (
+        context.Manager() as manager,
+        ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=context,
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        ) as pool,
+    ):
+        queue = manager.Queue()
+        futures = [pool.submit(_worker_unit, name, quick, seed, queue) for name, seed in units]
+        while not all(future.done() for future in futures):
+            drain(queue, progress, timeout=0.5)
+        drain(queue, progress, timeout=0.0)
+        return [future.result() for future in futures]
 
 
 def federated_source() -> ScenarioSource | None:
@@ -79,6 +132,12 @@ def machine_facts() -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes (user + system)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def _loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -92,25 +151,30 @@ def run_suite(
     progress: CellProgress,
     sources: dict[str, ScenarioSource | None] | None = None,
     command: str = "python -m simulation.benchmarks.mechanisms",
+    jobs: int = 1,
 ) -> tuple[dict, list[MechanismResult]]:
     """Run every scenario source; return the JSON payload and the results.
 
     ``sources``: name -> scenario function (default: central, and federated if present).
     """
     if sources is None:
-        sources = {"central": central_scenarios, "federated": federated_source()}
-    loadavg_start, wall, cpu = _loadavg(), time.perf_counter(), time.process_time()
+        sources = {
+            "central": lambda q, s, p: central_scenarios(q, s, p, jobs=jobs),
+            "federated": federated_source(),
+        }
+    loadavg_start, wall, cpu = _loadavg(), time.perf_counter(), _cpu_seconds()
     results: list[MechanismResult] = []
     for source in sources.values():
         if source is not None:
             results += source(quick, seeds, progress)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     federated = sources.get("federated")
     payload = {
         "benchmark": "mechanisms",
         "command": command,
         "quick": quick,
         "seeds": seeds,
+        "jobs": jobs,
         "settings": suite_settings(quick, seeds).model_dump(mode="json"),
         "federated": {
             "status": "included"
@@ -121,7 +185,7 @@ def run_suite(
         "machine": machine_facts(),
         "timing": {
             "wall_seconds": wall,
-            "cpu_seconds": cpu,
+            "cpu_seconds": cpu,  # this process + its reaped workers
             "cpu_share": cpu / wall if wall > 0 else float("nan"),
             "loadavg_start": loadavg_start,
             "loadavg_end": _loadavg(),
@@ -148,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes for the central scenarios"
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds: expected a positive count, got {args.seeds}")
@@ -158,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     with RichCellProgress() as progress:
-        payload, results = run_suite(args.quick, list(range(count)), progress, command=command)
+        payload, results = run_suite(
+            args.quick, list(range(count)), progress, command=command, jobs=args.jobs
+        )
     paths = write_outputs(payload, results, args.out)
     console.print(console_table(results))
     timing = payload["timing"]

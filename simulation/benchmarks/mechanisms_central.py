@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,10 +219,26 @@ def hide_modality(dataset: InMemoryMultimodalDataset, index: int) -> InMemoryMul
 
 
 class SeedValues:
-    """Per-seed measurements of a scenario, by key (e.g. 'mlp/f_all/auroc_b_missing')."""
+    """Per-seed measurements of a scenario, by key (e.g. 'mlp/f_all/auroc_b_missing'), and
+    counts of categorical outcomes (e.g. the mined lazy combination) summed over seeds."""
 
     def __init__(self) -> None:
         self.values: dict[str, list[float]] = {}
+        self.counts: dict[str, Counter] = {}
+
+    def count(self, key: str, outcome: str) -> None:
+        self.counts.setdefault(key, Counter())[outcome] += 1
+
+    @classmethod
+    def merged(cls, parts: list[SeedValues]) -> SeedValues:
+        """One SeedValues from per-seed parts, values concatenated in the parts' order."""
+        whole = cls()
+        for part in parts:
+            for key, values in part.values.items():
+                whole.values.setdefault(key, []).extend(values)
+            for key, counter in part.counts.items():
+                whole.counts.setdefault(key, Counter()).update(counter)
+        return whole
 
     def add(self, key: str, value: float) -> None:
         self.values.setdefault(key, []).append(float(value))

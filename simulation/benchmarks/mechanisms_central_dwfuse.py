@@ -64,6 +64,14 @@ def dwfuse_design(corruption_rate: float) -> MechanismDataConfig:
 
 DESIGNS = {"corrupted": dwfuse_design(0.4), "clean": dwfuse_design(0.0)}
 
+# Signs stated before any run (see the module docstring for why).
+PLAN = [
+    ("corrupted", "b_dwfuse", "b_beta0", "corrupted", "positive"),
+    ("corrupted", "b_dwfuse", "a_concat", "corrupted", "positive"),
+    ("clean", "b_dwfuse", "b_beta0", "all", "zero"),
+]
+OMEGA_PLAN = [("omega_share_drop", "positive"), ("omega_drop", "zero")]
+
 
 def planned_cells(seeds: list[int]) -> int:
     return len(seeds) * (len(CORRUPTED_ARMS) + len(CLEAN_ARMS))
@@ -159,15 +167,7 @@ def _omega_result(values: SeedValues, quantity: str, expected: str) -> Mechanism
     )
 
 
-def dwfuse_scenarios(settings: SuiteSettings, progress: CellProgress) -> list[MechanismResult]:
-    """Signs stated here, before ``measure`` runs (see the module docstring for why)."""
-    plan = [
-        ("corrupted", "b_dwfuse", "b_beta0", "corrupted", "positive"),
-        ("corrupted", "b_dwfuse", "a_concat", "corrupted", "positive"),
-        ("clean", "b_dwfuse", "b_beta0", "all", "zero"),
-    ]
-    omega_plan = [("omega_share_drop", "positive"), ("omega_drop", "zero")]
-    values = measure(settings, progress)
-    results = [_auroc_pair(values, *row) for row in plan]
-    results += [_omega_result(values, *row) for row in omega_plan]
-    return results
+def summarise(values: SeedValues) -> list[MechanismResult]:
+    """The PLAN's results from the measurements of every seed."""
+    results = [_auroc_pair(values, *row) for row in PLAN]
+    return results + [_omega_result(values, *row) for row in OMEGA_PLAN]

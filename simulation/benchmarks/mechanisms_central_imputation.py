@@ -82,12 +82,34 @@ DESIGNS: dict[str, MechanismDataConfig] = {
 }
 
 
-def planned_cells(seeds: list[int]) -> int:
-    return len(seeds) * sum(len(arms) for *_, arms in CELLS)
-
-
 def _cell_key(design: str, size: str, drop: float | None) -> str:
     return f"{design}/n={size}" + (f"/drop={drop}" if drop is not None else "")
+
+
+SMALL, LARGE = _cell_key("mlp", "small", None), _cell_key("mlp", "large", None)
+HIGH_DROP_KEY = _cell_key("mlp", "small", HIGH_DROP)
+LINEAR, NOISE = _cell_key("linear", "small", None), _cell_key("noise", "small", None)
+B_LINEAR = _cell_key("a_mlp_b_linear", "small", None)
+# Signs stated before any run (see the module docstring for why):
+# (cell, method, reference, expected sign, control)
+PLAN = [
+    (SMALL, "f_all", "c_dwfuse_tla", "positive", False),
+    (SMALL, "concat_fw", "a_concat", "positive", False),
+    (B_LINEAR, "f_all", "c_dwfuse_tla", "positive", False),
+    (LINEAR, "f_all", "c_dwfuse_tla", "zero", True),
+    (LINEAR, "concat_fw", "a_concat", "zero", True),
+    (NOISE, "f_all", "c_dwfuse_tla", "non-positive", True),
+    (NOISE, "concat_fw", "a_concat", "non-positive", True),
+]
+# (name, cell whose gain should be larger, cell whose gain should be smaller); expected > 0
+SHRINK_PLAN = [
+    ("imputation/mlp/gain-shrinks-with-more-data", SMALL, LARGE),
+    ("imputation/mlp/gain-shrinks-with-more-dropping", SMALL, HIGH_DROP_KEY),
+]
+
+
+def planned_cells(seeds: list[int]) -> int:
+    return len(seeds) * sum(len(arms) for *_, arms in CELLS)
 
 
 def measure(settings: SuiteSettings, progress: CellProgress) -> SeedValues:
@@ -168,25 +190,7 @@ def _shrink(values: SeedValues, name: str, key: str, other: str) -> MechanismRes
     )
 
 
-def imputation_scenarios(settings: SuiteSettings, progress: CellProgress) -> list[MechanismResult]:
-    """Signs stated here, before ``measure`` runs (see the module docstring for why)."""
-    small, large = _cell_key("mlp", "small", None), _cell_key("mlp", "large", None)
-    high_drop = _cell_key("mlp", "small", HIGH_DROP)
-    linear, noise = _cell_key("linear", "small", None), _cell_key("noise", "small", None)
-    b_linear = _cell_key("a_mlp_b_linear", "small", None)
-    plan = [
-        (small, "f_all", "c_dwfuse_tla", "positive", False),
-        (small, "concat_fw", "a_concat", "positive", False),
-        (b_linear, "f_all", "c_dwfuse_tla", "positive", False),
-        (linear, "f_all", "c_dwfuse_tla", "zero", True),
-        (linear, "concat_fw", "a_concat", "zero", True),
-        (noise, "f_all", "c_dwfuse_tla", "non-positive", True),
-        (noise, "concat_fw", "a_concat", "non-positive", True),
-    ]
-    values = measure(settings, progress)
-    results = [_pair(values, *row) for row in plan]
-    results.append(_shrink(values, "imputation/mlp/gain-shrinks-with-more-data", small, large))
-    results.append(
-        _shrink(values, "imputation/mlp/gain-shrinks-with-more-dropping", small, high_drop)
-    )
-    return results
+def summarise(values: SeedValues) -> list[MechanismResult]:
+    """The PLAN's results from the measurements of every seed."""
+    results = [_pair(values, *row) for row in PLAN]
+    return results + [_shrink(values, *row) for row in SHRINK_PLAN]

@@ -23,7 +23,6 @@ AUROC.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 
 from simulation.benchmarks.mechanism_result import MechanismResult, paired_result
@@ -66,6 +65,16 @@ def tla_design(with_noise: bool) -> MechanismDataConfig:
 
 DESIGNS = {"main": tla_design(with_noise=False), "noise_c": tla_design(with_noise=True)}
 
+# Signs stated before any run (see the module docstring for why).
+PLAN = [
+    ("main", B_ALONE, "a_concat", "auroc_b_probe", "positive"),
+    ("main", "concat_tla", "a_concat", "auroc_b_probe", "positive"),
+    ("main", "c_dwfuse_tla", "b_dwfuse", "auroc_b_probe", "positive"),
+    ("main", "concat_tla", "a_concat", "auroc_all", "positive"),
+    ("main", "c_dwfuse_tla", "b_dwfuse", "auroc_all", "positive"),
+    ("noise_c", "concat_tla", "a_concat", "auroc_all", "non-positive"),
+]
+
 
 def planned_cells(seeds: list[int]) -> int:
     return len(seeds) * (len(MAIN_ARMS) + 1 + len(CONTROL_ARMS))
@@ -98,12 +107,9 @@ def _b_alone(data: DesignData, seed: int, settings: SuiteSettings) -> TrainedArm
     return train_arm(alone, "a_concat", seed, settings)
 
 
-def measure(
-    settings: SuiteSettings, progress: CellProgress
-) -> tuple[SeedValues, dict[str, Counter]]:
+def measure(settings: SuiteSettings, progress: CellProgress) -> SeedValues:
     """Train every arm per seed; AUROC (all, B-only probe) and the mined lazy combinations."""
     values = SeedValues()
-    lazy: dict[str, Counter] = {}
     for seed in settings.seeds:
         for design, arms in (("main", MAIN_ARMS), ("noise_c", CONTROL_ARMS)):
             data = draw_design(DESIGNS[design], settings.train, settings, seed)
@@ -115,17 +121,16 @@ def measure(
                 _score(values, f"{design}/{arm}", trained, data)
                 if trained.model.config.use_tla:
                     combination = "+".join(trained.lazy_combination or ["none"])
-                    lazy.setdefault(f"{design}/{arm}", Counter())[combination] += 1
+                    values.count(f"{design}/{arm}/lazy", combination)
                 progress.advance(f"tla {design} seed {seed} {arm}")
             if design == "main":
                 _score(values, f"main/{B_ALONE}", _b_alone(data, seed, settings), data)
                 progress.advance(f"tla main seed {seed} {B_ALONE}")
-    return values, lazy
+    return values
 
 
 def _pair(
     values: SeedValues,
-    lazy: dict[str, Counter],
     design: str,
     method: str,
     reference: str,
@@ -144,8 +149,8 @@ def _pair(
         "method_best_epoch": values.mean(f"{design}/{method}/best_epoch"),
         "reference_best_epoch": values.mean(f"{design}/{reference}/best_epoch"),
     }
-    if f"{design}/{method}" in lazy:
-        details["lazy_combinations"] = dict(lazy[f"{design}/{method}"])
+    if f"{design}/{method}/lazy" in values.counts:
+        details["lazy_combinations"] = dict(values.counts[f"{design}/{method}/lazy"])
     return paired_result(
         name=f"tla/{design}/{method}-vs-{reference}/{metric.removeprefix('auroc_')}",
         mechanism="tla" if method != B_ALONE else "tla-premise",
@@ -160,15 +165,6 @@ def _pair(
     )
 
 
-def tla_scenarios(settings: SuiteSettings, progress: CellProgress) -> list[MechanismResult]:
-    """Signs stated here, before ``measure`` runs (see the module docstring for why)."""
-    plan = [
-        ("main", B_ALONE, "a_concat", "auroc_b_probe", "positive"),
-        ("main", "concat_tla", "a_concat", "auroc_b_probe", "positive"),
-        ("main", "c_dwfuse_tla", "b_dwfuse", "auroc_b_probe", "positive"),
-        ("main", "concat_tla", "a_concat", "auroc_all", "positive"),
-        ("main", "c_dwfuse_tla", "b_dwfuse", "auroc_all", "positive"),
-        ("noise_c", "concat_tla", "a_concat", "auroc_all", "non-positive"),
-    ]
-    values, lazy = measure(settings, progress)
-    return [_pair(values, lazy, *row) for row in plan]
+def summarise(values: SeedValues) -> list[MechanismResult]:
+    """The PLAN's results from the measurements of every seed."""
+    return [_pair(values, *row) for row in PLAN]

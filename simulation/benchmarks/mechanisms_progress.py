@@ -64,3 +64,34 @@ class RichCellProgress:
 
     def advance(self, label: str) -> None:
         self._progress.update(self._task, advance=1, label=label)
+
+
+class QueueProgress:
+    """A CellProgress in a worker process: forwards plan/advance to the parent over a queue
+    (``drain`` in the parent replays them on the real progress)."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def plan(self, cells: int) -> None:
+        self.queue.put(("plan", cells))
+
+    def advance(self, label: str) -> None:
+        self.queue.put(("advance", label))
+
+
+def drain(queue, progress: CellProgress, timeout: float) -> None:
+    """Replay every message waiting in ``queue`` (waiting up to ``timeout`` s for the first)."""
+    import queue as queue_module
+
+    try:
+        message = queue.get(timeout=timeout)
+        while True:
+            kind, value = message
+            if kind == "plan":
+                progress.plan(value)
+            else:
+                progress.advance(value)
+            message = queue.get_nowait()
+    except queue_module.Empty:
+        return

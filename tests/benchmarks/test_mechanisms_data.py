@@ -11,6 +11,7 @@ from simulation.benchmarks.mechanisms_data import (
     CorruptionRegime,
     MechanismDataConfig,
     MechanismModality,
+    label_weights,
     make_mechanism_split,
     modality_signal,
     stable_seed,
@@ -136,3 +137,11 @@ def test_config_errors_name_the_field() -> None:
         _config(corruption=CorruptionRegime(rate=0.1, modalities=["z"]))
     with pytest.raises(ValueError, match="positive sample count"):
         make_mechanism_split(_config(), 0, seed=0, split="train")
+
+
+def test_explicit_label_weights_are_normalised_and_checked() -> None:
+    config = _config(label_weights=[1.0] * 8)
+    weights = label_weights(config)
+    assert torch.allclose(weights, torch.full((8,), 8**-0.5))
+    with pytest.raises(ValidationError, match="label_weights: expected 8 numbers"):
+        _config(label_weights=[1.0, 2.0])

@@ -95,7 +95,8 @@ def test_quick_dwfuse_scenario_on_one_seed() -> None:
     """A real pass of one central scenario module (5 small models, a few seconds)."""
     progress = SilentProgress()
     progress.plan(mechanisms_central_dwfuse.planned_cells([0]))
-    results = mechanisms_central_dwfuse.dwfuse_scenarios(suite_settings(True, [0]), progress)
+    values = mechanisms_central_dwfuse.measure(suite_settings(True, [0]), progress)
+    results = mechanisms_central_dwfuse.summarise(values)
 
     assert progress.planned == len(progress.done) == 5
     by_name = {r.name: r for r in results}
@@ -112,6 +113,15 @@ def test_quick_dwfuse_scenario_on_one_seed() -> None:
     assert by_name["dwfuse/clean/b_dwfuse-vs-b_beta0"].control
     oracle = by_name["dwfuse/corrupted/b_dwfuse-vs-a_concat"].details["oracle_auroc"]
     assert 0.5 < oracle <= 1.0
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_results_as_one_process() -> None:
+    serial = central_scenarios(True, [0], SilentProgress())
+    progress = SilentProgress()
+    parallel = central_scenarios(True, [0], progress, jobs=2)
+    assert progress.planned == len(progress.done)
+    assert [r.model_dump() for r in parallel] == [r.model_dump() for r in serial]
 
 
 @pytest.mark.slow
