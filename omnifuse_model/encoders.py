@@ -7,6 +7,9 @@ encoders train.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +62,25 @@ def _lstm_load_state_dict(module: nn.Module, state_dict: dict, prefix: str, *_ar
     for old, new in module.old_to_new.items():
         if prefix + new in state_dict and prefix + old not in state_dict:
             state_dict[prefix + old] = state_dict[prefix + new]
+
+
+@contextlib.contextmanager
+def dropout_off(module: nn.Module) -> Iterator[None]:
+    """Switch off every dropout layer inside ``module`` for the block, then restore each
+    one's mode. Only dropout changes: parameterised layers keep their mode and hooks (the
+    DP-SGD variant's Opacus hooks record activations only of modules in training mode)."""
+    switched = [
+        layer
+        for layer in module.modules()
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training
+    ]
+    for layer in switched:
+        layer.train(False)
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.train(True)
 
 
 class TimeSeriesEncoder(nn.Module):
@@ -160,16 +182,21 @@ class ModalityEncoders(nn.Module):
     def placeholders(self, device: torch.device, batch: int | None = None) -> Tensor:
         """v_m^miss = e_m(0) for every modality (Eq. 2-3): [M, d], or [B, M, d] for a batch.
 
-        e_m is a deterministic function of its input outside dropout, so one all-zero sample
-        per modality gives the placeholder of every missing sample in the batch; with
-        ``batch`` a zero batch of that size is encoded instead (one row per sample).
+        Encoded without dropout, in training as in evaluation: the placeholder is one
+        learned vector per modality (it still trains through e_m's weights), so training and
+        evaluation see the same one and no dropout mask is shared by a batch's missing rows
+        (one mask drawn for the [M, d] placeholder would hit every missing row alike). e_m
+        is then a deterministic function of its input, so one all-zero sample per modality
+        gives the placeholder of every missing sample in the batch; with ``batch`` a zero
+        batch of that size is encoded instead (one row per sample, as DP-SGD needs).
         """
         rows = []
         for spec in self.specs:
             size = 1 if batch is None else batch
             zero = torch.zeros((size, *spec.input_shape), device=device)
             mask = torch.zeros((size, spec.seq_len or 1), dtype=torch.bool, device=device)
-            encoded = self.encoders[spec.name](zero, mask)
+            with dropout_off(self.encoders[spec.name]):
+                encoded = self.encoders[spec.name](zero, mask)
             rows.append(encoded[0] if batch is None else encoded)
         return torch.stack(rows, dim=0 if batch is None else 1)
 

@@ -13,15 +13,26 @@ from omnifuse_model.config import FusionKind
 from omnifuse_model.encoders import build_lstm
 
 
-def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
-    """Down-weighting factors of Eq. 10.
+def dwfuse_weights(p_true: Tensor, beta: float, enters: Tensor | None = None) -> Tensor:
+    """Down-weighting factors of Eq. 10, over the modalities that enter the product.
 
-    omega_m = [ prod_{n != m} (1 - p_n) ] ** (beta / (M - 1))
+    omega_m = [ prod_{n != m, n enters} (1 - p_n) ] ** (beta / K_m),
+    K_m = #{n != m : n enters}; omega_m = 1 when K_m = 0 (nobody else to defer to).
+
+    With every modality entering, K_m = M - 1: the paper's Eq. 10. A modality that is
+    neither present nor imputed (forward imputation off, modality absent or hidden) holds
+    only the placeholder e_n(0); its head's (1 - p_n) says nothing about this sample (that
+    head learns the base rate, so its factor would skew the others' weights by class), so it
+    contributes no factor. The exponent is renormalised to the K_m factors that do enter, so
+    omega stays a geometric mean of the same kind whatever a sample's pattern: a sample with
+    one other modality at (1 - p) = 0.25 gets the weight of a sample with all others at 0.25.
 
     Args:
         p_true: [B, M] probability each modality's head gives the true label (use detached
             values: the weights are not trained through).
         beta: exponent (paper: 0.5).
+        enters: bool [B, M], True where modality n's prediction may enter the others'
+            products; None: every modality enters.
 
     Returns:
         [B, M] weights in [0, 1]; omega_m -> 0 when the other modalities already predict the
@@ -29,11 +40,20 @@ def dwfuse_weights(p_true: Tensor, beta: float) -> Tensor:
     """
     if p_true.dim() != 2 or p_true.shape[1] < 2:
         raise ValueError(f"p_true must be [B, M] with M >= 2, got shape {tuple(p_true.shape)}")
+    if enters is None:
+        enters = torch.ones(p_true.shape, dtype=torch.bool, device=p_true.device)
+    if enters.shape != p_true.shape:
+        raise ValueError(
+            f"enters must be [B, M] like p_true {tuple(p_true.shape)}, got {tuple(enters.shape)}"
+        )
     num_modalities = p_true.shape[1]
-    miss = (1.0 - p_true).unsqueeze(1).expand(-1, num_modalities, -1)  # [B, m, n]
     eye = torch.eye(num_modalities, dtype=torch.bool, device=p_true.device)
-    others = torch.where(eye, torch.ones_like(miss), miss).prod(dim=2)
-    return others.clamp_min(0.0).pow(beta / (num_modalities - 1))
+    # factor (1 - p_n) of modality n in omega_m: [B, m, n]; 1 for n = m and for n left out
+    counted = enters.to(torch.bool).unsqueeze(1) & ~eye.unsqueeze(0)
+    miss = (1.0 - p_true).clamp_min(0.0).unsqueeze(1).expand(-1, num_modalities, -1)
+    others = torch.where(counted, miss, torch.ones_like(miss)).prod(dim=2)
+    count = counted.sum(dim=2).clamp_min(1).to(p_true.dtype)  # K_m; an empty product is 1
+    return others.pow(beta / count)
 
 
 def _classifier(d_in: int, num_classes: int, dropout: float) -> nn.Sequential:

@@ -188,7 +188,7 @@ class OmniFuse(nn.Module):
         embeddings, placeholders = self.encoders(inputs, availability, masks)
         used = availability & ~drop.to(torch.bool) if drop is not None else availability
         prediction = self._predict(embeddings, used, placeholders)
-        weights = self._weights(prediction.modality_logits, labels)
+        weights = self._weights(prediction.modality_logits, labels, used)
         losses: dict[str, Tensor] = {}
         if labels is not None:
             losses = self._losses(
@@ -203,7 +203,12 @@ class OmniFuse(nn.Module):
             losses=losses,
         )
 
-    def _weights(self, modality_logits: Tensor | None, labels: Tensor | None) -> Tensor | None:
+    def _weights(
+        self, modality_logits: Tensor | None, labels: Tensor | None, used: Tensor
+    ) -> Tensor | None:
+        """omega [B, M] (Eq. 10). With forward imputation every modality enters the
+        products (absent ones were imputed); without it only the modalities the input holds
+        (``used``) do: an absent one's head saw the placeholder alone (``dwfuse_weights``)."""
         if modality_logits is None:
             return None
         task = self.config.task
@@ -212,7 +217,8 @@ class OmniFuse(nn.Module):
             logits = modality_logits[:, m].detach()
             p = true_label_probability(logits, labels, task) if labels is not None else None
             columns.append(p if p is not None else confidence(logits, task))
-        return dwfuse_weights(torch.stack(columns, dim=1), self.config.beta)
+        enters = None if self.forward_cra is not None else used
+        return dwfuse_weights(torch.stack(columns, dim=1), self.config.beta, enters)
 
     def _losses(
         self,

@@ -121,6 +121,14 @@ def autocast(config: TrainConfig) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def full_precision(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """float32 for everything that produces scores (evaluation, reported embeddings): autocast
+    off on the run's device, also inside a caller's autocast region. bfloat16 keeps ~3
+    significant digits, so its logits tie across samples and move AUROC (by ~0.003 on
+    MIMIC); mixed precision is a training-speed choice only."""
+    return torch.autocast(device_type=torch.device(config.device).type, enabled=False)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -220,6 +228,9 @@ def evaluate(
     """Predict every sample and report AUROC/AUPRC (bootstrap CIs), mean DWFuse weight and
     imputation error per modality.
 
+    Always in float32 (``full_precision``), whatever ``config.mixed_precision`` says and
+    even inside a caller's autocast region: bfloat16 logits tie and move AUROC.
+
     Imputation error of modality m: the mean squared distance between its true embedding and
     the forward imputation made when m alone is hidden, over samples holding m and at least
     one other modality (NaN without forward imputation or such samples). It costs one more
@@ -240,16 +251,16 @@ def evaluate(
     sums = _EvaluationSums.zeros(len(names))
     for batch in iterate_batches(dataset, config.eval_batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
-        with autocast(config):
+        with full_precision(config):
             output = model(batch.inputs, batch.availability, batch.masks)
+            if imputation_error and model.forward_cra is not None:
+                _add_imputation_errors(model, batch, output.completed, sums)
         sums.probabilities.append(model.predict_proba(output.logits.float()).cpu())
         sums.labels.append(batch.labels.cpu())
         if output.dwfuse_weights is not None:
             sums.weights += output.dwfuse_weights.sum(dim=0).double().cpu()
         sums.present += batch.availability.sum(dim=0).cpu()
         sums.samples += len(batch)
-        if imputation_error and model.forward_cra is not None:
-            _add_imputation_errors(model, batch, output.completed, sums)
     normalised = sums.normalised_errors(names, embedding_means)
     probabilities = torch.cat(sums.probabilities).numpy()
     label_array = torch.cat(sums.labels).numpy()
@@ -372,7 +383,7 @@ def mean_embeddings(model: OmniFuse, dataset: Dataset, config: TrainConfig) -> T
     counts = torch.zeros(len(model.config.modality_names), dtype=torch.float64)
     for batch in iterate_batches(dataset, config.eval_batch_size, num_workers=config.num_workers):
         batch = batch.to(device)
-        with autocast(config):
+        with full_precision(config):
             output = model(batch.inputs, batch.availability, batch.masks)
         held = batch.availability.to(torch.float64).cpu()  # [B, M]
         completed = output.completed.detach().double().cpu()  # [B, M, d]
@@ -422,6 +433,10 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``train_data``; early-stop on ``val_data`` AUROC.
 
+    Model selection: with ``val_data`` the epoch of the best validation AUROC is restored;
+    without it, the epoch of the lowest mean training loss without its TLA term
+    (``_epoch_score``); ``patience`` counts epochs without a better score either way.
+
     Args:
         extra_loss: optional term added to every step's loss (e.g. FedProx's proximal term).
         run_dir: when given, the run's config, per-epoch metrics and the best checkpoint are
@@ -450,9 +465,7 @@ def fit(
                 progress, batches(generator) if batches is not None else None,
             )  # fmt: skip
             history.append(record)
-            score = record.val_metrics.get("auroc", math.nan)
-            if math.isnan(score) and val_data is None:
-                score = -record.losses.get("total", math.inf)  # no validation: keep the last
+            score = _epoch_score(record, val_data is not None, model.config.lambda3)
             best.update(epoch, score, model)
             progress.update(epochs, advance=1, info=f"val AUROC {score:.4f}")
             if config.patience and best.since_best >= config.patience:
@@ -465,6 +478,18 @@ def fit(
     if run_dir is not None:
         write_run(run_dir, model, config, result)
     return result
+
+
+def _epoch_score(record: EpochRecord, validated: bool, lambda3: float) -> float:
+    """The score model selection maximises: validation AUROC, or without a validation split
+    minus the epoch's mean training loss less its TLA term (lambda3 * L_TLA). L_TLA is
+    absent in the first epoch (nothing mined yet) and follows a lazy combination that
+    changes between epochs, so totals with it would not compare across epochs (the first
+    epoch would look best for lacking a term)."""
+    if validated:
+        return record.val_metrics.get("auroc", math.nan)
+    losses = record.losses
+    return -(losses.get("total", math.inf) - lambda3 * losses.get("tla", 0.0))
 
 
 def _run_epoch(

@@ -152,3 +152,88 @@ def test_weights_do_not_carry_gradient(make_config, make_batch, all_patterns):
     output = model(**make_batch(config, all_patterns(2)).forward_kwargs())
     assert not output.dwfuse_weights.requires_grad
     assert output.losses["ens"].requires_grad
+
+
+# p = [0.9, 0.5, 0.2] -> (1 - p) = [0.1, 0.5, 0.8], beta = 0.5. omega_m is the product of the
+# factors of the OTHER modalities that enter, to the power beta / K_m (K_m: how many enter);
+# omega_m = 1 when none enters.
+#   K = 2: exponent 0.25; K = 1: exponent 0.5.
+#   0.4^0.25 = 0.7952707288, 0.08^0.25 = 0.5318295897, 0.05^0.25 = 0.4728708045
+#   0.5^0.5 = 0.7071067812, 0.1^0.5 = 0.3162277660, 0.8^0.5 = 0.8944271910
+_A, _B, _C = 0.7952707288, 0.5318295897, 0.4728708045
+_HALF, _TENTH, _EIGHT = 0.7071067812, 0.3162277660, 0.8944271910
+_EVERY_PATTERN_BY_HAND = [
+    # (enters, expected omega)
+    ((True, True, True), (_A, _B, _C)),  # the paper's Eq. 10
+    ((True, True, False), (_HALF, _TENTH, _C)),  # omega_1 = 0.5^0.5, omega_2 = 0.1^0.5
+    ((True, False, True), (_EIGHT, _B, _TENTH)),  # omega_1 = 0.8^0.5, omega_3 = 0.1^0.5
+    ((False, True, True), (_A, _EIGHT, _HALF)),  # omega_2 = 0.8^0.5, omega_3 = 0.5^0.5
+    ((True, False, False), (1.0, _TENTH, _TENTH)),  # nobody else enters for modality 1
+    ((False, True, False), (_HALF, 1.0, _HALF)),
+    ((False, False, True), (_EIGHT, _EIGHT, 1.0)),
+    ((False, False, False), (1.0, 1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize(("enters", "expected"), _EVERY_PATTERN_BY_HAND)
+def test_left_out_modalities_do_not_enter_the_product_by_hand(enters, expected):
+    p = torch.tensor([[0.9, 0.5, 0.2]])
+    weights = dwfuse_weights(p, 0.5, torch.tensor([enters]))
+    torch.testing.assert_close(weights, torch.tensor([expected]))
+
+
+def test_every_pattern_at_once_rows_independent():
+    p = torch.tensor([[0.9, 0.5, 0.2]]).expand(len(_EVERY_PATTERN_BY_HAND), -1)
+    enters = torch.tensor([row[0] for row in _EVERY_PATTERN_BY_HAND])
+    expected = torch.tensor([row[1] for row in _EVERY_PATTERN_BY_HAND])
+    torch.testing.assert_close(dwfuse_weights(p, 0.5, enters), expected)
+    # every modality entering is the unmasked formula
+    torch.testing.assert_close(
+        dwfuse_weights(p, 0.5, torch.ones_like(enters)), dwfuse_weights(p, 0.5)
+    )
+
+
+def test_enters_of_the_wrong_shape_raises():
+    with pytest.raises(ValueError, match=r"enters must be \[B, M\]"):
+        dwfuse_weights(torch.rand(2, 3), 0.5, torch.ones(2, 2, dtype=torch.bool))
+
+
+def _perturb_head(model: OmniFuse, m: int) -> None:
+    with torch.no_grad():
+        model.heads.modality_heads[m][-1].bias.add_(3.0)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_without_imputation_an_absent_modality_does_not_move_the_others_weights(
+    make_config, make_batch, all_patterns, with_labels
+):
+    """Forward imputation off: the head of an absent modality saw only the placeholder; its
+    prediction must not change the other modalities' omega (nor, hidden by dropping)."""
+    torch.manual_seed(0)
+    config = make_config(3, use_forward_imputation=False, use_backward_imputation=False)
+    model = OmniFuse(config).eval()
+    patterns = all_patterns(3)[1:]  # every non-empty pattern
+    batch = make_batch(config, patterns, seed=2)
+    kwargs = batch.forward_kwargs() if with_labels else {**batch.forward_kwargs(), "labels": None}
+    before = model(**kwargs).dwfuse_weights
+    _perturb_head(model, 2)  # modality 3's head now predicts something else entirely
+    after = model(**kwargs).dwfuse_weights
+    absent = ~patterns[:, 2]
+    # samples lacking modality 3: nobody's weight moves (omega_3 never holds its own factor)
+    torch.testing.assert_close(after[absent], before[absent])
+    # samples holding it: the others' weights do move (it enters their products)
+    assert not torch.allclose(after[~absent][:, :2], before[~absent][:, :2])
+
+
+def test_with_imputation_an_imputed_modality_enters_the_others_weights(
+    make_config, make_batch, all_patterns
+):
+    torch.manual_seed(0)
+    model = OmniFuse(make_config(3)).eval()
+    patterns = all_patterns(3)[1:]
+    batch = make_batch(model.config, patterns, seed=2)
+    before = model(**batch.forward_kwargs()).dwfuse_weights
+    _perturb_head(model, 2)
+    after = model(**batch.forward_kwargs()).dwfuse_weights
+    absent = ~patterns[:, 2]
+    assert not torch.allclose(after[absent][:, :2], before[absent][:, :2])

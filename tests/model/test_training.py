@@ -183,3 +183,66 @@ def test_mining_does_not_depend_on_the_evaluation_batch_size():
     assert small.lazy_combination == large.lazy_combination
     assert small.counts == large.counts
     assert small.scores == pytest.approx(large.scores, rel=1e-5)
+
+
+def _cpu_bfloat16(_config: TrainConfig):
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_evaluation_is_float32_even_with_mixed_precision(monkeypatch):
+    """bfloat16 logits tie across samples and move AUROC; evaluation must score in float32
+    when training runs in mixed precision (forced here on CPU) and inside a caller's
+    autocast region."""
+    import omnifuse_model.training as training
+    from omnifuse_model.metrics import classification_report
+
+    config, data = _data(n=600)
+    torch.manual_seed(0)
+    model = _model(config)
+    train = _train(mixed_precision=True)
+    reference = evaluate(model, data, train)
+    # the premise: in bfloat16 this model's scores tie, and AUROC moves
+    with torch.no_grad(), _cpu_bfloat16(train):
+        batch = data.subset(torch.arange(len(data)))
+        low = torch.sigmoid(model.eval()(batch.inputs, batch.availability).logits.float())
+    assert len(torch.unique(low)) < len(low) * 0.9
+    low_auroc = classification_report(reference.labels, low.numpy(), "binary", 0, 0)["auroc"]
+    assert low_auroc != reference.metrics["auroc"]
+
+    monkeypatch.setattr(training, "autocast", _cpu_bfloat16)  # mixed precision "on" on CPU
+    with _cpu_bfloat16(train):  # and a caller's autocast region around the call
+        result = evaluate(model, data, train)
+    assert len(set(result.probabilities.ravel().tolist())) == len(
+        set(reference.probabilities.ravel().tolist())
+    )
+    assert result.probabilities.dtype == reference.probabilities.dtype
+    assert (result.probabilities == reference.probabilities).all()
+    assert result.metrics["auroc"] == reference.metrics["auroc"]
+    for name, value in reference.mean_dwfuse_weight.items():
+        assert result.mean_dwfuse_weight[name] == value
+
+
+def test_without_validation_fit_keeps_the_lowest_training_loss_less_tla(monkeypatch):
+    """No validation split: the restored epoch is the one of the lowest mean training loss
+    without its TLA term (epoch 1 has no L_TLA, so raw totals would favour it), as fit's
+    docstring and METHOD.md say."""
+    import omnifuse_model.training as training
+
+    config, data = _data(n=64)
+    model = _model(config, lambda3=0.5)
+    # per epoch: (total, tla); total less 0.5 * tla = 1.0, 0.95, 0.85, 0.9
+    script = [(1.0, None), (1.2, 0.5), (1.1, 0.5), (1.15, 0.5)]
+
+    def scripted_epoch(epoch, model, *_args):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float(epoch))  # the weights say which epoch they are from
+        total, tla = script[epoch - 1]
+        losses = {"total": total} if tla is None else {"total": total, "tla": tla}
+        return training.EpochRecord(epoch, losses, {}, None, 0.0, 0.0)
+
+    monkeypatch.setattr(training, "_run_epoch", scripted_epoch)
+    result = fit(model, data, None, _train(epochs=4, patience=0))
+    assert result.best_epoch == 3
+    assert math.isnan(result.best_val_auroc)
+    assert all(bool((p == 3.0).all()) for p in model.parameters())
