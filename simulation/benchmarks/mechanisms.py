@@ -121,6 +121,19 @@ def federated_source() -> ScenarioSource | None:
     return importlib.import_module(FEDERATED_MODULE).federated_scenarios
 
 
+def default_sources(jobs: int = 1, part: str = "all") -> dict[str, ScenarioSource | None]:
+    """Central (``jobs`` worker processes) and federated (if present); ``part`` keeps one."""
+    sources: dict[str, ScenarioSource | None] = {
+        "central": lambda q, s, p: central_scenarios(q, s, p, jobs=jobs),
+        "federated": federated_source(),
+    }
+    if part == "all":
+        return sources
+    if part not in sources:
+        raise ValueError(f"part: expected 'all', 'central' or 'federated', got {part!r}")
+    return {name: source if name == part else None for name, source in sources.items()}
+
+
 def machine_facts() -> dict:
     return {
         "python": platform.python_version(),
@@ -158,10 +171,7 @@ def run_suite(
     ``sources``: name -> scenario function (default: central, and federated if present).
     """
     if sources is None:
-        sources = {
-            "central": lambda q, s, p: central_scenarios(q, s, p, jobs=jobs),
-            "federated": federated_source(),
-        }
+        sources = default_sources(jobs)
     loadavg_start, wall, cpu = _loadavg(), time.perf_counter(), _cpu_seconds()
     results: list[MechanismResult] = []
     for source in sources.values():
@@ -169,6 +179,7 @@ def run_suite(
             results += source(quick, seeds, progress)
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     federated = sources.get("federated")
+    absent = "not run (" + FEDERATED_MODULE + " is absent)"
     payload = {
         "benchmark": "mechanisms",
         "command": command,
@@ -179,7 +190,7 @@ def run_suite(
         "federated": {
             "status": "included"
             if federated is not None
-            else f"not run ({FEDERATED_MODULE} is absent)",
+            else (absent if federated_source() is None else "not run (only central asked)"),
             "module": FEDERATED_MODULE,
         },
         "machine": machine_facts(),
@@ -215,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes for the central scenarios"
     )
+    parser.add_argument(
+        "--part",
+        choices=["all", "central", "federated"],
+        default="all",
+        help="run only the central or the federated scenarios (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds: expected a positive count, got {args.seeds}")
@@ -226,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     with RichCellProgress() as progress:
         payload, results = run_suite(
-            args.quick, list(range(count)), progress, command=command, jobs=args.jobs
+            args.quick,
+            list(range(count)),
+            progress,
+            sources=default_sources(args.jobs, args.part),
+            command=command,
+            jobs=args.jobs,
         )
     paths = write_outputs(payload, results, args.out)
     console.print(console_table(results))
