@@ -18,7 +18,8 @@ weights wherever they have the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,3 +177,15 @@ def global_auroc(
     model.load_state_dict(_torch_state(state))
     config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=0)
     return float(evaluate(model, test, config, imputation_error=False).metrics["auroc"])
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch with one intra-op thread inside the block (the models are tiny; see
+    ``mechanisms_federated``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

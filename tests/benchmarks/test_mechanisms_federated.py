@@ -5,14 +5,35 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from rich.progress import Progress
 
 from omnifuse_model import federation_schema as wire
+from omnifuse_model.batch import InMemoryMultimodalDataset
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.site_data import SiteDatasets
 from omnifuse_model.synthetic import (
     SyntheticFeatureConfig,
     SyntheticModality,
     make_synthetic_features,
+)
+from simulation.benchmarks import mechanisms_federated, mechanisms_federated_data
+from simulation.benchmarks.mechanisms_federated import (
+    CELLS_PER_SEED,
+    STATEMENTS,
+    FederatedScenarioConfig,
+    aggregation_data,
+    aggregation_layouts,
+    aggregation_seed,
+    run_scenarios,
+    transfer_data,
+    transfer_layouts,
+    transfer_seed,
+)
+from simulation.benchmarks.mechanisms_federated_data import (
+    HeldOutTest,
+    build_sites,
+    with_prevalence,
 )
 from simulation.benchmarks.mechanisms_federated_harness import (
     FederatedSite,
@@ -21,10 +42,19 @@ from simulation.benchmarks.mechanisms_federated_harness import (
     global_auroc,
     held_only,
     initial_state,
+    one_thread,
     site_round,
 )
 
 TINY = {"d": 8, "num_blocks": 1, "cra_hidden": [8]}
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """As the scenarios run: tiny models, one intra-op thread (fast on a loaded machine)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +173,86 @@ def test_held_only_zeroes_what_a_site_lacks_and_drops_samples_left_empty(setting
     assert not only_a.availability[:, 1].any() and float(only_a.inputs["b"].abs().sum()) == 0.0
     with pytest.raises(ValueError, match=r"\['c'\]"):
         held_only(data, config.modality_names, ("a", "c"))
+
+
+# -- the scenarios ------------------------------------------------------------------------------
+TOY = FederatedScenarioConfig(
+    model=TINY,
+    training=LocalTraining(rounds=1, batch_size=32),
+    helpers=2,
+    helper_train=40,
+    target_train=20,
+    aggregation_train=[60, 40, 20, 20],
+    test_size=120,
+)
+
+
+def _same(a: InMemoryMultimodalDataset, b: InMemoryMultimodalDataset) -> bool:
+    return (
+        torch.equal(a.availability, b.availability)
+        and torch.equal(a.labels, b.labels)
+        and all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+    )
+
+
+def test_a_seed_fixes_every_site_and_test_set_and_another_seed_changes_them():
+    data, layouts = transfer_data("linear"), transfer_layouts(TOY)
+    first, again, other = (build_sites(data, layouts, s) for s in (4, 4, 5))
+    for a, b, c in zip(first, again, other, strict=True):
+        assert _same(a.data.train, b.data.train) and _same(a.data.val, b.data.val)
+        assert not _same(a.data.train, c.data.train)
+    assert first[-1].modalities == ("a",) and not first[-1].data.train.availability[:, 1].any()
+    assert _same(HeldOutTest(data, 50, 4, ["a"]).dataset, HeldOutTest(data, 50, 4, ["a"]).dataset)
+
+
+def test_label_skew_keeps_the_stated_prior_and_names_an_impossible_one(monkeypatch):
+    data = aggregation_data()
+    skewed = with_prevalence(data, 40, 0.3, seed=1, split="train", site="s")
+    assert len(skewed) == 40 and int(skewed.labels.sum()) == 12
+    monkeypatch.setattr(mechanisms_federated_data, "POOL_FACTOR", 1)  # too few draws
+    with pytest.raises(ValueError, match="site 's': prevalence 0.9 of 40 samples needs 36"):
+        with_prevalence(data, 40, 0.9, seed=1, split="train", site="s")
+    layouts = aggregation_layouts(TOY, all_hold_b=False)
+    assert [s.modalities for s in layouts] == [["a"], ["a"], ["a", "b"], ["a", "b"]]
+    assert all(s.modalities == ["a", "b"] for s in aggregation_layouts(TOY, all_hold_b=True))
+
+
+def test_paired_methods_train_on_the_same_sites_from_the_same_initial_weights(monkeypatch):
+    calls = []
+
+    def recording_federate(sites, model_config, training, initial, seed, modality_aware=True):
+        calls.append((sites, model_config, initial, modality_aware))
+        return dict(initial)
+
+    monkeypatch.setattr(mechanisms_federated, "federate", recording_federate)
+    transfer_seed(TOY, 2, "linear", alone=True, advance=lambda: None)
+    (fed_f, config_f, start_f, _), (fed_c, config_c, start_c, _) = calls[:2]
+    assert fed_f is fed_c and [s.name for s in fed_f] == ["helper_0", "helper_1", "target"]
+    assert config_f.use_forward_imputation and not config_c.use_forward_imputation
+    shared = [k for k in start_c if k in start_f and start_c[k].shape == start_f[k].shape]
+    assert shared and all(np.array_equal(start_c[k], start_f[k]) for k in shared)
+    assert [s.name for s in calls[2][0]] == ["target"] and calls[2][0][0] is fed_f[-1]
+    calls.clear()
+    aggregation_seed(TOY, 2, all_hold_b=False, advance=lambda: None)
+    (aware_sites, _, aware_start, aware), (plain_sites, _, plain_start, plain) = calls
+    assert aware_sites is plain_sites and aware_start is plain_start and aware and not plain
+
+
+def test_toy_run_states_its_signs_and_the_all_hold_all_control_is_exactly_zero():
+    torch.set_num_threads(THREADS)  # as the suite's runner leaves it
+    with Progress(disable=True) as progress:
+        results = run_scenarios(TOY, [0], progress, quick=True)
+        [task] = progress.tasks
+        assert task.completed == task.total == CELLS_PER_SEED
+    assert [r.name for r in results] == list(STATEMENTS)
+    for result in results:
+        statement = STATEMENTS[result.name]
+        assert (result.expected_sign, result.control) == (
+            statement.expected_sign,
+            statement.control,
+        )
+        assert 0.5 < result.details["oracle_auroc"] <= 1.0 and result.n_seeds == 1
+    control = results[-1]
+    assert control.paired_diff == 0.0 and control.holds
+    assert control.details["max_parameter_difference_per_seed"] == [0.0]
+    assert torch.get_num_threads() == THREADS  # restored after the one-thread block

@@ -1,0 +1,347 @@
+"""The federated mechanism scenarios (issue #11 point 3): transfer of imputation, and
+modality-aware aggregation, each with a control where theory says there is no effect.
+
+Every federation runs in-process through the functions the deployed apps call
+(``mechanisms_federated_harness``: ``client.local_training.train_round`` at each site,
+``server.aggregation.aggregate_states`` at the server, ``omnifuse_model.training.evaluate``
+for the global model). Seeds are paired: on one seed every method sees the same sites, the
+same test set and the same initial weights (shared by name and shape across model
+configurations). The data come from ``mechanisms_data`` (latent z ~ N(0, I), label ~
+Bernoulli(sigmoid(3 w.z)), so the Bayes probability is known and its test AUROC is the oracle
+bound reported next to every method, with each method's distance to it).
+
+1. Federated transfer. Three helper sites hold modalities a and b; a target site holds a only
+   (it never collects b) and few samples. a is a tanh-MLP view of all eight latent factors
+   (it holds z, but non-linearly and with noise), b a low-noise linear view of them. Metric:
+   the global model's AUROC on the target's test set (a only). Methods: the full model (row
+   f: DWFuse + TLA + forward/backward imputation) federated; row c (no imputation) federated
+   on the same sites; row f trained by the target alone (a federation of one).
+   Theory: the target's samples carry no b, so no imputation can be learnt there; at the
+   helpers, forward imputation is trained to predict b's embedding from a (training-time
+   dropping hides b), a dense, low-noise target that shapes the shared a-encoder and cascade
+   beyond what the noisy binary label gives (learning with privileged information). That
+   gain reaches the target only through the federation. Expected: fed f > fed c
+   (positive), fed f > target alone (positive: also more a-data of the same P(y | a)).
+   Control: b pure noise (link ``noise``), everything else equal. The imputation target then
+   holds nothing about z, so imputation cannot add information: expected non-positive.
+   The oracle (P(y | z)) bounds what the target could reach from a alone.
+2. Modality-aware aggregation. Four sites with size skew (480 / 240 / 120 / 120 training
+   samples) and label skew (prior shift: 30 / 70 / 35 / 65 % positives); a sees latent factors
+   0-3 and b factors 4-7 (both linear), the label reads all eight, so the test AUROC needs
+   both. The two large sites hold a only; the small ones hold a and b. Metric: the global
+   model's AUROC on a test set holding both. Method: modality-aware FedAvg (each modality's
+   encoder and DWFuse head averaged over the sites holding it); reference: plain FedAvg of
+   every parameter by num-examples, with the same full model (row f).
+   Theory: under plain FedAvg the sites without b send b-encoder weights that got no gradient
+   from b data (only from the placeholder e_b(0) and imputed embeddings), so each round's b
+   update is diluted by their 75 % share of the examples and pulled towards the placeholder
+   role: b is learnt more slowly. Expected: positive.
+   Control: every site holds a and b with nothing missing (same sizes and priors). Then every
+   site's num-present.m equals its num-examples, both rules give each parameter the same
+   weights, and the runs are identical: expected zero (the details record the largest
+   parameter difference between the two final models).
+
+Threads: the scenarios run torch with one intra-op thread (restored afterwards). The models
+are tiny (a few thousand weights per layer), so a second thread only adds synchronisation;
+on the shared 2-core machine under load, one quick transfer federation took 11.5 s of CPU
+with two threads against 0.5 s with one (load average 12.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from pydantic import Field
+from rich.progress import Progress
+
+from omnifuse_model.config import OmniFuseConfig, StrictModel
+from simulation.benchmarks.federation import SMALL_MODEL
+from simulation.benchmarks.fidelity import ABLATION_ROWS
+from simulation.benchmarks.mechanism_result import MechanismResult, paired_result
+from simulation.benchmarks.mechanisms_data import Link, MechanismDataConfig, MechanismModality
+from simulation.benchmarks.mechanisms_federated_data import HeldOutTest, SiteLayout, build_sites
+from simulation.benchmarks.mechanisms_federated_harness import (
+    LocalTraining,
+    federate,
+    global_auroc,
+    initial_state,
+    one_thread,
+)
+
+LATENT = list(range(8))
+
+
+class FederatedScenarioConfig(StrictModel):
+    """Sizes and training of the federated scenarios (``FULL`` and ``QUICK`` below)."""
+
+    model: dict = Field(default_factory=lambda: dict(SMALL_MODEL), description="OmniFuse sizes.")
+    training: LocalTraining = Field(default_factory=lambda: LocalTraining(rounds=6))
+    helpers: int = Field(default=3, gt=0, description="Transfer: sites holding a and b.")
+    helper_train: int = Field(default=300, gt=0)
+    target_train: int = Field(default=60, gt=0)
+    aggregation_train: list[int] = Field(default_factory=lambda: [480, 240, 120, 120])
+    aggregation_prevalence: list[float] = Field(default_factory=lambda: [0.3, 0.7, 0.35, 0.65])
+    aggregation_without_b: int = Field(default=2, ge=1, description="The largest sites lack b.")
+    test_size: int = Field(default=2000, gt=0)
+
+    def omnifuse_config(self, data: MechanismDataConfig, row: str) -> OmniFuseConfig:
+        base = {"modalities": data.modality_specs(), "task": "binary"}
+        return OmniFuseConfig.model_validate({**base, **self.model, **ABLATION_ROWS[row]})
+
+
+FULL = FederatedScenarioConfig()
+QUICK = FederatedScenarioConfig(
+    model={"d": 16, "num_blocks": 1, "cra_hidden": [32]},
+    training=LocalTraining(rounds=3),
+    helper_train=200,
+    target_train=40,
+    aggregation_train=[320, 160, 80, 80],
+    test_size=800,
+)
+CELLS_PER_SEED = 10  # federations run per seed (the progress task's unit)
+
+
+def transfer_data(b_link: Link) -> MechanismDataConfig:
+    """Transfer: a a noisy tanh-MLP view of z, b a clean view through ``b_link``."""
+    b_columns = [] if b_link == "noise" else LATENT
+    return MechanismDataConfig(
+        modalities=[
+            MechanismModality(name="a", link="mlp", latent_columns=LATENT, noise=0.5),
+            MechanismModality(name="b", link=b_link, latent_columns=b_columns, noise=0.2),
+        ],
+        latent_dim=len(LATENT),
+        structure_seed=11,
+    )
+
+
+def aggregation_data() -> MechanismDataConfig:
+    """Aggregation: a sees factors 0-3, b factors 4-7, both linear; the label reads all."""
+    return MechanismDataConfig(
+        modalities=[
+            MechanismModality(name="a", link="linear", latent_columns=LATENT[:4], noise=0.5),
+            MechanismModality(name="b", link="linear", latent_columns=LATENT[4:], noise=0.5),
+        ],
+        latent_dim=len(LATENT),
+        structure_seed=12,
+    )
+
+
+def transfer_layouts(config: FederatedScenarioConfig) -> list[SiteLayout]:
+    helpers = [
+        SiteLayout(name=f"helper_{i}", modalities=["a", "b"], train=config.helper_train)
+        for i in range(config.helpers)
+    ]
+    return [*helpers, SiteLayout(name="target", modalities=["a"], train=config.target_train)]
+
+
+def aggregation_layouts(config: FederatedScenarioConfig, all_hold_b: bool) -> list[SiteLayout]:
+    sizes, priors = config.aggregation_train, config.aggregation_prevalence
+    if len(sizes) != len(priors):
+        raise ValueError(
+            f"aggregation_train has {len(sizes)} sites but aggregation_prevalence {len(priors)}"
+        )
+    return [
+        SiteLayout(
+            name=f"site_{i}",
+            modalities=["a", "b"] if all_hold_b or i >= config.aggregation_without_b else ["a"],
+            train=n,
+            prevalence=p,
+        )
+        for i, (n, p) in enumerate(zip(sizes, priors, strict=True))
+    ]
+
+
+Advance = Callable[[], None]
+
+
+def transfer_seed(
+    config: FederatedScenarioConfig, seed: int, b_link: Link, alone: bool, advance: Advance
+) -> dict[str, float]:
+    """One seed of the transfer scenario: the target's test AUROC per method, and the oracle."""
+    data = transfer_data(b_link)
+    sites = build_sites(data, transfer_layouts(config), seed)
+    test = HeldOutTest(data, config.test_size, seed, held=["a"])
+    with_imputation, without = config.omnifuse_config(data, "f"), config.omnifuse_config(data, "c")
+    start_f = initial_state(with_imputation, seed)
+    start_c = initial_state(without, seed, reference=start_f)
+    arms = {"fed_f": (sites, with_imputation, start_f), "fed_c": (sites, without, start_c)}
+    if alone:
+        arms["alone_f"] = (sites[-1:], with_imputation, start_f)
+        arms["alone_c"] = (sites[-1:], without, start_c)
+    values = {"oracle": test.oracle_auroc}
+    for arm, (members, model_config, start) in arms.items():
+        state = federate(members, model_config, config.training, start, seed)
+        values[arm] = global_auroc(model_config, state, test.dataset)
+        advance()
+    return values
+
+
+def aggregation_seed(
+    config: FederatedScenarioConfig, seed: int, all_hold_b: bool, advance: Advance
+) -> dict[str, float]:
+    """One seed of the aggregation scenario: test AUROC of modality-aware and plain FedAvg."""
+    data = aggregation_data()
+    sites = build_sites(data, aggregation_layouts(config, all_hold_b), seed)
+    test = HeldOutTest(data, config.test_size, seed)
+    model_config = config.omnifuse_config(data, "f")
+    start = initial_state(model_config, seed)
+    values: dict[str, float] = {"oracle": test.oracle_auroc}
+    states = {}
+    for arm, aware in (("aware", True), ("plain", False)):
+        states[arm] = federate(sites, model_config, config.training, start, seed, aware)
+        values[arm] = global_auroc(model_config, states[arm], test.dataset)
+        advance()
+    values["max_parameter_difference"] = max(
+        float(np.max(np.abs(states["aware"][k] - states["plain"][k]))) for k in start
+    )
+    return values
+
+
+def _details(per_seed: list[dict[str, float]], arms: list[str]) -> dict:
+    """Oracle AUROC and every arm's AUROC and distance to it, per seed and mean."""
+    oracle = [v["oracle"] for v in per_seed]
+    details: dict = {"oracle_auroc": float(np.mean(oracle)), "oracle_auroc_per_seed": oracle}
+    for arm in arms:
+        values = [v[arm] for v in per_seed]
+        details[f"{arm}_auroc_per_seed"] = values
+        details[f"{arm}_distance_to_oracle"] = float(np.mean(oracle) - np.mean(values))
+    return details
+
+
+class ScenarioStatement(StrictModel):
+    """What a scenario compares and the sign it expects, stated before anything runs."""
+
+    name: str
+    mechanism: str
+    control: bool
+    expected_sign: str
+    method: str
+    reference: str
+    metric: str
+
+
+STATEMENTS: dict[str, ScenarioStatement] = {
+    s.name: s
+    for s in (
+        ScenarioStatement(
+            name="federated-transfer/b-linear/imputation",
+            mechanism="federated transfer of imputation",
+            control=False,
+            expected_sign="positive",
+            method="fed_f",
+            reference="fed_c",
+            metric="target_test_auroc",
+        ),
+        ScenarioStatement(
+            name="federated-transfer/b-linear/vs-alone",
+            mechanism="federated transfer of imputation",
+            control=False,
+            expected_sign="positive",
+            method="fed_f",
+            reference="alone_f",
+            metric="target_test_auroc",
+        ),
+        ScenarioStatement(
+            name="federated-transfer/b-noise/imputation",
+            mechanism="federated transfer of imputation",
+            control=True,
+            expected_sign="non-positive",
+            method="fed_f",
+            reference="fed_c",
+            metric="target_test_auroc",
+        ),
+        ScenarioStatement(
+            name="modality-aware-aggregation/skewed",
+            mechanism="modality-aware aggregation",
+            control=False,
+            expected_sign="positive",
+            method="aware",
+            reference="plain",
+            metric="test_auroc",
+        ),
+        ScenarioStatement(
+            name="modality-aware-aggregation/all-hold-all",
+            mechanism="modality-aware aggregation",
+            control=True,
+            expected_sign="zero",
+            method="aware",
+            reference="plain",
+            metric="test_auroc",
+        ),
+    )
+}
+ARMS = {
+    "fed_f": "federated, row f (with imputation)",
+    "fed_c": "federated, row c (no imputation)",
+    "alone_f": "target alone, row f",
+    "alone_c": "target alone, row c",
+    "aware": "modality-aware FedAvg",
+    "plain": "plain FedAvg",
+}
+
+
+def _result(statement: ScenarioStatement, per_seed: list[dict], arms: list[str], extra: dict):
+    details = {**_details(per_seed, arms), "arms": {a: ARMS[a] for a in arms}, **extra}
+    return paired_result(
+        name=statement.name,
+        mechanism=statement.mechanism,
+        control=statement.control,
+        expected_sign=statement.expected_sign,
+        method=f"{statement.method}: {ARMS[statement.method]}",
+        reference=f"{statement.reference}: {ARMS[statement.reference]}",
+        metric=statement.metric,
+        method_values=[v[statement.method] for v in per_seed],
+        reference_values=[v[statement.reference] for v in per_seed],
+        details=details,
+    )
+
+
+def federated_scenarios(
+    quick: bool, seeds: list[int], progress: Progress | None
+) -> list[MechanismResult]:
+    """Both federated scenarios and their controls over ``seeds`` (``QUICK`` or ``FULL``);
+    ``progress`` gets one task advanced once per federation run."""
+    return run_scenarios(QUICK if quick else FULL, seeds, progress, quick)
+
+
+def run_scenarios(
+    config: FederatedScenarioConfig, seeds: list[int], progress: Progress | None, quick: bool
+) -> list[MechanismResult]:
+    """``federated_scenarios`` under any config (tests run it at toy sizes)."""
+    if not seeds:
+        raise ValueError("federated_scenarios: expected at least one seed, got none")
+    task = (
+        progress.add_task("federated scenarios", total=CELLS_PER_SEED * len(seeds))
+        if progress is not None
+        else None
+    )
+
+    def advance() -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    transfer, noise, skewed, control = [], [], [], []
+    with one_thread():
+        for seed in seeds:
+            transfer.append(transfer_seed(config, seed, "linear", True, advance))
+            noise.append(transfer_seed(config, seed, "noise", False, advance))
+            skewed.append(aggregation_seed(config, seed, False, advance))
+            control.append(aggregation_seed(config, seed, True, advance))
+    setup = {"config": config.model_dump(mode="json"), "quick": quick}
+    four = ["fed_f", "fed_c", "alone_f", "alone_c"]
+    largest = {
+        "max_parameter_difference_per_seed": [v["max_parameter_difference"] for v in control]
+    }
+    return [
+        _result(STATEMENTS["federated-transfer/b-linear/imputation"], transfer, four, setup),
+        _result(STATEMENTS["federated-transfer/b-linear/vs-alone"], transfer, four, setup),
+        _result(STATEMENTS["federated-transfer/b-noise/imputation"], noise, four[:2], setup),
+        _result(STATEMENTS["modality-aware-aggregation/skewed"], skewed, ["aware", "plain"], setup),
+        _result(
+            STATEMENTS["modality-aware-aggregation/all-hold-all"],
+            control,
+            ["aware", "plain"],
+            {**setup, **largest},
+        ),
+    ]
