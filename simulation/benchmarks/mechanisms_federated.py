@@ -152,7 +152,26 @@ def aggregation_layouts(config: FederatedScenarioConfig, all_hold_b: bool) -> li
     ]
 
 
-Advance = Callable[[], None]
+Advance = Callable[[str], None]
+
+
+def cell_counter(progress: object | None, cells: int) -> Advance:
+    """``advance(label)`` after each federation, on what the runner passed: a rich
+    ``Progress`` (one task of ``cells``), the suite's ``CellProgress`` (``plan(cells)`` now,
+    ``advance(label)`` per cell), or None (nothing shown)."""
+    if progress is None:
+        return lambda label: None
+    if isinstance(progress, Progress):
+        task = progress.add_task("federated scenarios", total=cells)
+        return lambda label: progress.update(task, advance=1, description=label)
+    plan, advance = getattr(progress, "plan", None), getattr(progress, "advance", None)
+    if not (callable(plan) and callable(advance)):
+        raise TypeError(
+            f"progress: expected a rich Progress, an object with plan(cells) and "
+            f"advance(label), or None; got {type(progress).__name__}"
+        )
+    plan(cells)
+    return advance
 
 
 def transfer_seed(
@@ -173,7 +192,7 @@ def transfer_seed(
     for arm, (members, model_config, start) in arms.items():
         state = federate(members, model_config, config.training, start, seed)
         values[arm] = global_auroc(model_config, state, test.dataset)
-        advance()
+        advance(f"federated-transfer/b-{b_link} seed {seed} ({arm})")
     return values
 
 
@@ -186,12 +205,13 @@ def aggregation_seed(
     test = HeldOutTest(data, config.test_size, seed)
     model_config = config.omnifuse_config(data, "f")
     start = initial_state(model_config, seed)
+    scenario = "all-hold-all" if all_hold_b else "skewed"
     values: dict[str, float] = {"oracle": test.oracle_auroc}
     states = {}
     for arm, aware in (("aware", True), ("plain", False)):
         states[arm] = federate(sites, model_config, config.training, start, seed, aware)
         values[arm] = global_auroc(model_config, states[arm], test.dataset)
-        advance()
+        advance(f"modality-aware-aggregation/{scenario} seed {seed} ({arm})")
     values["max_parameter_difference"] = max(
         float(np.max(np.abs(states["aware"][k] - states["plain"][k]))) for k in start
     )
@@ -298,29 +318,20 @@ def _result(statement: ScenarioStatement, per_seed: list[dict], arms: list[str],
 
 
 def federated_scenarios(
-    quick: bool, seeds: list[int], progress: Progress | None
+    quick: bool, seeds: list[int], progress: object | None
 ) -> list[MechanismResult]:
     """Both federated scenarios and their controls over ``seeds`` (``QUICK`` or ``FULL``);
-    ``progress`` gets one task advanced once per federation run."""
+    ``progress`` (``cell_counter``) advances once per federation run."""
     return run_scenarios(QUICK if quick else FULL, seeds, progress, quick)
 
 
 def run_scenarios(
-    config: FederatedScenarioConfig, seeds: list[int], progress: Progress | None, quick: bool
+    config: FederatedScenarioConfig, seeds: list[int], progress: object | None, quick: bool
 ) -> list[MechanismResult]:
     """``federated_scenarios`` under any config (tests run it at toy sizes)."""
     if not seeds:
         raise ValueError("federated_scenarios: expected at least one seed, got none")
-    task = (
-        progress.add_task("federated scenarios", total=CELLS_PER_SEED * len(seeds))
-        if progress is not None
-        else None
-    )
-
-    def advance() -> None:
-        if progress is not None and task is not None:
-            progress.advance(task)
-
+    advance = cell_counter(progress, CELLS_PER_SEED * len(seeds))
     transfer, noise, skewed, control = [], [], [], []
     with one_thread():
         for seed in seeds:

@@ -25,6 +25,7 @@ from simulation.benchmarks.mechanisms_federated import (
     aggregation_data,
     aggregation_layouts,
     aggregation_seed,
+    cell_counter,
     run_scenarios,
     transfer_data,
     transfer_layouts,
@@ -225,7 +226,7 @@ def test_paired_methods_train_on_the_same_sites_from_the_same_initial_weights(mo
         return dict(initial)
 
     monkeypatch.setattr(mechanisms_federated, "federate", recording_federate)
-    transfer_seed(TOY, 2, "linear", alone=True, advance=lambda: None)
+    transfer_seed(TOY, 2, "linear", alone=True, advance=lambda label: None)
     (fed_f, config_f, start_f, _), (fed_c, config_c, start_c, _) = calls[:2]
     assert fed_f is fed_c and [s.name for s in fed_f] == ["helper_0", "helper_1", "target"]
     assert config_f.use_forward_imputation and not config_c.use_forward_imputation
@@ -233,7 +234,7 @@ def test_paired_methods_train_on_the_same_sites_from_the_same_initial_weights(mo
     assert shared and all(np.array_equal(start_c[k], start_f[k]) for k in shared)
     assert [s.name for s in calls[2][0]] == ["target"] and calls[2][0][0] is fed_f[-1]
     calls.clear()
-    aggregation_seed(TOY, 2, all_hold_b=False, advance=lambda: None)
+    aggregation_seed(TOY, 2, all_hold_b=False, advance=lambda label: None)
     (aware_sites, _, aware_start, aware), (plain_sites, _, plain_start, plain) = calls
     assert aware_sites is plain_sites and aware_start is plain_start and aware and not plain
 
@@ -256,3 +257,26 @@ def test_toy_run_states_its_signs_and_the_all_hold_all_control_is_exactly_zero()
     assert control.paired_diff == 0.0 and control.holds
     assert control.details["max_parameter_difference_per_seed"] == [0.0]
     assert torch.get_num_threads() == THREADS  # restored after the one-thread block
+
+
+class _Cells:
+    """The suite runner's CellProgress, as a recorder."""
+
+    def __init__(self) -> None:
+        self.planned, self.done = 0, []
+
+    def plan(self, cells: int) -> None:
+        self.planned += cells
+
+    def advance(self, label: str) -> None:
+        self.done.append(label)
+
+
+def test_progress_counts_one_cell_per_federation_on_either_kind_of_handle():
+    cells = _Cells()
+    advance = cell_counter(cells, 3)
+    advance("x seed 0 (fed_f)")
+    assert cells.planned == 3 and cells.done == ["x seed 0 (fed_f)"]
+    with pytest.raises(TypeError, match="got int"):
+        cell_counter(7, 3)
+    cell_counter(None, 3)("nothing happens")
