@@ -253,6 +253,13 @@ def test_toy_run_states_its_signs_and_the_all_hold_all_control_is_exactly_zero()
             statement.control,
         )
         assert 0.5 < result.details["oracle_auroc"] <= 1.0 and result.n_seeds == 1
+    linear, noise, information = results[0], results[2], results[3]
+    assert information.method_values == pytest.approx(
+        [m - r for m, r in zip(linear.method_values, linear.reference_values, strict=True)]
+    )
+    assert information.reference_values == pytest.approx(
+        [m - r for m, r in zip(noise.method_values, noise.reference_values, strict=True)]
+    )
     control = results[-1]
     assert control.paired_diff == 0.0 and control.holds
     assert control.details["max_parameter_difference_per_seed"] == [0.0]
