@@ -49,6 +49,12 @@ bound reported next to every method, with each method's distance to it).
    weights, and the runs are identical: expected zero (the details record the largest
    parameter difference between the two final models).
 
+Sizes (``FULL``; ``QUICK`` in brackets): the federation benchmark's small model, d 32, K 2
+(d 16, K 1); 6 (3) rounds of 1 local epoch, batch 32, lr 3e-3, no early stopping; transfer:
+helpers 300 (200) training samples each, target 60 (40); aggregation: 480 / 240 / 120 / 120
+(320 / 160 / 80 / 80); test sets 2000 (800) samples; every site validates on 20. Ten
+federations per seed.
+
 Threads: the scenarios run torch with one intra-op thread (restored afterwards). The models
 are tiny (a few thousand weights per layer), so a second thread only adds synchronisation;
 on the shared 2-core machine under load, one quick transfer federation took 11.5 s of CPU
@@ -75,6 +81,11 @@ from simulation.benchmarks.mechanisms_federated_harness import (
     global_auroc,
     initial_state,
     one_thread,
+)
+from simulation.benchmarks.mechanisms_federated_statements import (
+    ARMS,
+    STATEMENTS,
+    ScenarioStatement,
 )
 
 LATENT = list(range(8))
@@ -235,89 +246,6 @@ def _details(per_seed: list[dict[str, float]], arms: list[str]) -> dict:
         details[f"{arm}_auroc_per_seed"] = values
         details[f"{arm}_distance_to_oracle"] = float(np.mean(oracle) - np.mean(values))
     return details
-
-
-class ScenarioStatement(StrictModel):
-    """What a scenario compares and the sign it expects, stated before anything runs."""
-
-    name: str
-    mechanism: str
-    control: bool
-    expected_sign: str
-    method: str
-    reference: str
-    metric: str
-
-
-STATEMENTS: dict[str, ScenarioStatement] = {
-    s.name: s
-    for s in (
-        ScenarioStatement(
-            name="federated-transfer/b-linear/imputation",
-            mechanism="federated transfer of imputation",
-            control=False,
-            expected_sign="positive",
-            method="fed_f",
-            reference="fed_c",
-            metric="target_test_auroc",
-        ),
-        ScenarioStatement(
-            name="federated-transfer/b-linear/vs-alone",
-            mechanism="federated transfer of imputation",
-            control=False,
-            expected_sign="positive",
-            method="fed_f",
-            reference="alone_f",
-            metric="target_test_auroc",
-        ),
-        ScenarioStatement(
-            name="federated-transfer/b-noise/imputation",
-            mechanism="federated transfer of imputation",
-            control=True,
-            expected_sign="non-positive",
-            method="fed_f",
-            reference="fed_c",
-            metric="target_test_auroc",
-        ),
-        ScenarioStatement(
-            name="federated-transfer/b-information",
-            mechanism="federated transfer of imputation",
-            control=False,
-            expected_sign="positive",
-            method="gain_b_linear",
-            reference="gain_b_noise",
-            metric="target_test_auroc gain of fed_f over fed_c",
-        ),
-        ScenarioStatement(
-            name="modality-aware-aggregation/skewed",
-            mechanism="modality-aware aggregation",
-            control=False,
-            expected_sign="positive",
-            method="aware",
-            reference="plain",
-            metric="test_auroc",
-        ),
-        ScenarioStatement(
-            name="modality-aware-aggregation/all-hold-all",
-            mechanism="modality-aware aggregation",
-            control=True,
-            expected_sign="zero",
-            method="aware",
-            reference="plain",
-            metric="test_auroc",
-        ),
-    )
-}
-ARMS = {
-    "fed_f": "federated, row f (with imputation)",
-    "fed_c": "federated, row c (no imputation)",
-    "alone_f": "target alone, row f",
-    "alone_c": "target alone, row c",
-    "gain_b_linear": "fed_f - fed_c, b a clean linear view of z",
-    "gain_b_noise": "fed_f - fed_c, b pure noise (same sites otherwise)",
-    "aware": "modality-aware FedAvg",
-    "plain": "plain FedAvg",
-}
 
 
 def _result(statement: ScenarioStatement, per_seed: list[dict], arms: list[str], extra: dict):
