@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from simulation.benchmarks.mechanisms_progress import (
 from simulation.benchmarks.mechanisms_report import console_table, markdown_report, write_plots
 
 FEDERATED_MODULE = "simulation.benchmarks.mechanisms_federated"
-FULL_SEEDS = 8
+FULL_SEEDS = 6
 QUICK_SEEDS = 2
 ScenarioSource = Callable[[bool, list[int], CellProgress], list[MechanismResult]]
 
@@ -71,47 +72,68 @@ def central_scenarios(
     processes (each with this process's torch thread count). Results are the same either
     way: every unit is seeded by its own seed, and units are merged in seed order.
     """
+    tasks = _central_tasks(quick, seeds, progress)
+    return _central_results(tasks, run_tasks(tasks, progress, jobs))
+
+
+def _central_tasks(quick: bool, seeds: list[int], progress: CellProgress) -> list[tuple]:
     progress.plan(sum(module.planned_cells(seeds) for module in SCENARIO_MODULES.values()))
-    units = [(name, seed) for seed in seeds for name in SCENARIO_MODULES]
-    if jobs <= 1:
-        measured = [_measure_unit(name, quick, seed, progress) for name, seed in units]
-    else:
-        measured = _measure_in_workers(units, quick, progress, jobs)
+    return [("central", (name, quick, seed)) for seed in seeds for name in SCENARIO_MODULES]
+
+
+def _central_results(tasks: list[tuple], outputs: list) -> list[MechanismResult]:
+    """Each scenario's summary over its per-seed units (in seed order)."""
     results: list[MechanismResult] = []
     for name, module in SCENARIO_MODULES.items():
-        parts = [values for (unit, _), values in zip(units, measured, strict=True) if unit == name]
+        parts = [out for (_, args), out in zip(tasks, outputs, strict=True) if args[0] == name]
         results += module.summarise(SeedValues.merged(parts))
     return results
 
 
-def _measure_unit(name: str, quick: bool, seed: int, progress: CellProgress) -> SeedValues:
-    return SCENARIO_MODULES[name].measure(suite_settings(quick, [seed]), progress)
+def _run_task(task: tuple, progress: CellProgress):
+    """('central', (scenario, quick, seed)) -> SeedValues; ('federated', (quick, seeds))
+    -> list[MechanismResult]."""
+    kind, args = task
+    if kind == "central":
+        name, quick, seed = args
+        return SCENARIO_MODULES[name].measure(suite_settings(quick, [seed]), progress)
+    source = federated_source()
+    if source is None:
+        raise ValueError(f"federated task: {FEDERATED_MODULE} is absent")
+    return source(*args, progress)
 
 
-def _worker_unit(name: str, quick: bool, seed: int, queue) -> SeedValues:
-    return _measure_unit(name, quick, seed, QueueProgress(queue))
+def _worker_task(task: tuple, queue):
+    return _run_task(task, QueueProgress(queue))
 
 
-def _measure_in_workers(
-    units: list[tuple[str, int]], quick: bool, progress: CellProgress, jobs: int
-) -> list[SeedValues]:
-    """Run the units in ``jobs`` spawned processes; replay their progress here."""
+def run_tasks(tasks: list[tuple], progress: CellProgress, jobs: int) -> list:
+    """Run the tasks here (``jobs`` <= 1) or in ``jobs`` spawned processes, replaying their
+    progress here; outputs in task order. Interrupted, it terminates its workers."""
+    if jobs <= 1:
+        return [_run_task(task, progress) for task in tasks]
     context = multiprocessing.get_context("spawn")
-    with (
-        context.Manager() as manager,
-        ProcessPoolExecutor(
+    with context.Manager() as manager:
+        pool = ProcessPoolExecutor(
             max_workers=jobs,
             mp_context=context,
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
-        ) as pool,
-    ):
-        queue = manager.Queue()
-        futures = [pool.submit(_worker_unit, name, quick, seed, queue) for name, seed in units]
-        while not all(future.done() for future in futures):
-            drain(queue, progress, timeout=0.5)
-        drain(queue, progress, timeout=0.0)
-        return [future.result() for future in futures]
+        )
+        try:
+            queue = manager.Queue()
+            futures = [pool.submit(_worker_task, task, queue) for task in tasks]
+            while not all(future.done() for future in futures):
+                drain(queue, progress, timeout=0.5)
+            drain(queue, progress, timeout=0.0)
+            outputs = [future.result() for future in futures]
+        except BaseException:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return outputs
 
 
 def federated_source() -> ScenarioSource | None:
@@ -121,17 +143,26 @@ def federated_source() -> ScenarioSource | None:
     return importlib.import_module(FEDERATED_MODULE).federated_scenarios
 
 
-def default_sources(jobs: int = 1, part: str = "all") -> dict[str, ScenarioSource | None]:
-    """Central (``jobs`` worker processes) and federated (if present); ``part`` keeps one."""
-    sources: dict[str, ScenarioSource | None] = {
-        "central": lambda q, s, p: central_scenarios(q, s, p, jobs=jobs),
-        "federated": federated_source(),
-    }
-    if part == "all":
-        return sources
-    if part not in sources:
+def _default_run(
+    quick: bool, seeds: list[int], progress: CellProgress, jobs: int, part: str
+) -> tuple[list[MechanismResult], str]:
+    """Central and federated scenarios in one pool (the federated task first: it is the
+    longest); returns the results and the federated status."""
+    if part not in ("all", "central", "federated"):
         raise ValueError(f"part: expected 'all', 'central' or 'federated', got {part!r}")
-    return {name: source if name == part else None for name, source in sources.items()}
+    tasks: list[tuple] = []
+    federated = part != "central" and federated_source() is not None
+    if federated:
+        tasks.append(("federated", (quick, seeds)))
+    central = _central_tasks(quick, seeds, progress) if part != "federated" else []
+    outputs = run_tasks(tasks + central, progress, jobs)
+    results = _central_results(central, outputs[len(tasks) :]) if central else []
+    if federated:
+        results += outputs[0]
+        return results, "included"
+    if federated_source() is None:
+        return results, f"not run ({FEDERATED_MODULE} is absent)"
+    return results, "not run (--part central)"
 
 
 def machine_facts() -> dict:
@@ -165,21 +196,24 @@ def run_suite(
     sources: dict[str, ScenarioSource | None] | None = None,
     command: str = "python -m simulation.benchmarks.mechanisms",
     jobs: int = 1,
+    part: str = "all",
 ) -> tuple[dict, list[MechanismResult]]:
-    """Run every scenario source; return the JSON payload and the results.
+    """Run the scenarios; return the JSON payload and the results.
 
-    ``sources``: name -> scenario function (default: central, and federated if present).
+    Default: the central scenarios and, if its module exists, the federated ones (``part``
+    keeps one of them), in ``jobs`` processes. ``sources`` (name -> scenario function, run
+    in this process) replaces them, e.g. in tests.
     """
-    if sources is None:
-        sources = default_sources(jobs)
     loadavg_start, wall, cpu = _loadavg(), time.perf_counter(), _cpu_seconds()
-    results: list[MechanismResult] = []
-    for source in sources.values():
-        if source is not None:
-            results += source(quick, seeds, progress)
+    if sources is None:
+        results, status = _default_run(quick, seeds, progress, jobs, part)
+    else:
+        results = []
+        for source in sources.values():
+            if source is not None:
+                results += source(quick, seeds, progress)
+        status = "included" if sources.get("federated") is not None else "not run"
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-    federated = sources.get("federated")
-    absent = "not run (" + FEDERATED_MODULE + " is absent)"
     payload = {
         "benchmark": "mechanisms",
         "command": command,
@@ -187,12 +221,7 @@ def run_suite(
         "seeds": seeds,
         "jobs": jobs,
         "settings": suite_settings(quick, seeds).model_dump(mode="json"),
-        "federated": {
-            "status": "included"
-            if federated is not None
-            else (absent if federated_source() is None else "not run (only central asked)"),
-            "module": FEDERATED_MODULE,
-        },
+        "federated": {"status": status, "module": FEDERATED_MODULE},
         "machine": machine_facts(),
         "timing": {
             "wall_seconds": wall,
@@ -236,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds: expected a positive count, got {args.seeds}")
     torch.set_num_threads(args.threads)
+    # A SIGTERM unwinds like Ctrl-C, so that run_tasks terminates its worker processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     count = args.seeds or (QUICK_SEEDS if args.quick else FULL_SEEDS)
     console = Console()
     command = "python -m simulation.benchmarks.mechanisms " + " ".join(
@@ -246,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             args.quick,
             list(range(count)),
             progress,
-            sources=default_sources(args.jobs, args.part),
             command=command,
             jobs=args.jobs,
+            part=args.part,
         )
     paths = write_outputs(payload, results, args.out)
     console.print(console_table(results))
