@@ -168,3 +168,48 @@ def paired_result(
         reference_values=[float(v) for v in reference_values],
         details=details or {},
     )
+
+
+def merge_over_seeds(parts: list[list[MechanismResult]]) -> list[MechanismResult]:
+    """Results of the same scenarios run on disjoint seeds, merged into one per scenario.
+
+    Per-seed values are concatenated in the parts' order and the mean, CI and verdict are
+    recomputed (``paired_result``). Details: numbers become their mean over the parts
+    (weighted by each part's seeds), lists are concatenated, anything else is taken from the
+    first part. Used when a scenario source runs one seed per worker process.
+    """
+    if not parts:
+        return []
+    merged: list[MechanismResult] = []
+    for first in parts[0]:
+        same = [next(r for r in part if r.name == first.name) for part in parts]
+        merged.append(
+            paired_result(
+                name=first.name,
+                mechanism=first.mechanism,
+                control=first.control,
+                expected_sign=first.expected_sign,
+                method=first.method,
+                reference=first.reference,
+                metric=first.metric,
+                method_values=[v for r in same for v in r.method_values],
+                reference_values=[v for r in same for v in r.reference_values],
+                details=_merged_details(same),
+                tolerance=first.tolerance,
+            )
+        )
+    return merged
+
+
+def _merged_details(results: list[MechanismResult]) -> dict[str, Any]:
+    details: dict[str, Any] = {}
+    weights = [r.n_seeds for r in results]
+    for key, value in results[0].details.items():
+        values = [r.details.get(key) for r in results]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            details[key] = float(np.average(values, weights=weights))
+        elif all(isinstance(v, list) for v in values):
+            details[key] = [item for v in values for item in v]
+        else:
+            details[key] = value
+    return details

@@ -40,7 +40,7 @@ from simulation.benchmarks import (
     mechanisms_central_imputation,
     mechanisms_central_tla,
 )
-from simulation.benchmarks.mechanism_result import MechanismResult
+from simulation.benchmarks.mechanism_result import MechanismResult, merge_over_seeds
 from simulation.benchmarks.mechanisms_central import SeedValues, suite_settings
 from simulation.benchmarks.mechanisms_progress import (
     CellProgress,
@@ -146,19 +146,21 @@ def federated_source() -> ScenarioSource | None:
 def _default_run(
     quick: bool, seeds: list[int], progress: CellProgress, jobs: int, part: str
 ) -> tuple[list[MechanismResult], str]:
-    """Central and federated scenarios in one pool (the federated task first: it is the
-    longest); returns the results and the federated status."""
+    """Central and federated scenarios in one pool (the federated tasks first: they are the
+    longest), one task per (scenario, seed) and one federated task per seed; returns the
+    results and the federated status. The federated per-seed results are merged by
+    ``merge_over_seeds`` (per-seed values concatenated, CI recomputed)."""
     if part not in ("all", "central", "federated"):
         raise ValueError(f"part: expected 'all', 'central' or 'federated', got {part!r}")
     tasks: list[tuple] = []
     federated = part != "central" and federated_source() is not None
-    if federated:
-        tasks.append(("federated", (quick, seeds)))
+    if federated:  # one task per seed, merged below (with jobs > 1 they run side by side)
+        tasks += [("federated", (quick, [seed])) for seed in seeds]
     central = _central_tasks(quick, seeds, progress) if part != "federated" else []
     outputs = run_tasks(tasks + central, progress, jobs)
     results = _central_results(central, outputs[len(tasks) :]) if central else []
     if federated:
-        results += outputs[0]
+        results += merge_over_seeds(outputs[: len(tasks)])
         return results, "included"
     if federated_source() is None:
         return results, f"not run ({FEDERATED_MODULE} is absent)"

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from simulation.benchmarks.mechanism_result import (
     MechanismResult,
     decide_holds,
+    merge_over_seeds,
     paired_bootstrap_ci,
     paired_result,
 )
@@ -118,3 +119,21 @@ def test_result_rejects_mismatched_seed_counts_and_unknown_fields() -> None:
         MechanismResult.model_validate({**good, "surprise": 1})
     with pytest.raises(ValidationError):
         MechanismResult.model_validate({**good, "expected_sign": "negative"})
+
+
+def test_merge_over_seeds_equals_one_run_over_all_seeds() -> None:
+    def run(method: list[float], reference: list[float], oracle: float) -> MechanismResult:
+        return paired_result(
+            name="s", mechanism="m", control=False, expected_sign="positive", method="a",
+            reference="b", metric="auroc", method_values=method, reference_values=reference,
+            details={"oracle": oracle, "per_seed": [oracle], "note": "x"},
+        )  # fmt: skip
+
+    whole = run([0.8, 0.9, 0.7], [0.7, 0.8, 0.75], 0.9)
+    merged = merge_over_seeds([[run([0.8], [0.7], 0.9)], [run([0.9, 0.7], [0.8, 0.75], 0.9)]])
+    assert len(merged) == 1
+    assert merged[0].method_values == whole.method_values
+    assert (merged[0].paired_diff, merged[0].ci_low, merged[0].ci_high) == pytest.approx(
+        (whole.paired_diff, whole.ci_low, whole.ci_high)
+    )
+    assert merged[0].details == {"oracle": pytest.approx(0.9), "per_seed": [0.9, 0.9], "note": "x"}
