@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from omnifuse_model.config import FusionKind
+from omnifuse_model.config import FusionKind, TaskKind
 from omnifuse_model.encoders import build_lstm
+from omnifuse_model.losses import (
+    confidence,
+    confidence_per_label,
+    true_label_probability,
+    true_label_probability_per_label,
+)
 
 
 def dwfuse_weights(p_true: Tensor, beta: float, enters: Tensor | None = None) -> Tensor:
@@ -54,6 +60,50 @@ def dwfuse_weights(p_true: Tensor, beta: float, enters: Tensor | None = None) ->
     others = torch.where(counted, miss, torch.ones_like(miss)).prod(dim=2)
     count = counted.sum(dim=2).clamp_min(1).to(p_true.dtype)  # K_m; an empty product is 1
     return others.pow(beta / count)
+
+
+def modality_weights(
+    modality_logits: Tensor,
+    labels: Tensor | None,
+    task: TaskKind,
+    beta: float,
+    enters: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """omega of every modality from its head's logits: (omega [B, M], per label [B, M, C]
+    for multi-label else None).
+
+    p_m is the probability head m gives the true label (``labels``), or without labels its
+    confidence in its own prediction. Multi-label: Eq. 10 per label, on the probability each
+    head gives that label's true value, and omega [B, M] is the mean over labels of the
+    per-label weights. Taking the mean of p over labels first (as before) is uninformative:
+    with 25 mostly rare phenotypes the easy negatives dominate, every head's mean p sits
+    near the mean (1 - prevalence), and omega barely moves between samples or modalities,
+    nor says which modality fails on which label.
+
+    Args:
+        modality_logits: [B, M, C] detached per-modality logits.
+        labels: the task's labels (``omnifuse_model.losses``) or None.
+        enters: see ``dwfuse_weights``.
+    """
+    if task == "multilabel":
+        if labels is not None:
+            p = true_label_probability_per_label(modality_logits, labels.unsqueeze(1))
+        else:
+            p = confidence_per_label(modality_logits)  # [B, M, C]
+        batch, num_modalities, num_labels = p.shape
+        rows = p.transpose(1, 2).reshape(batch * num_labels, num_modalities)
+        if enters is not None:
+            enters = enters.unsqueeze(1).expand(-1, num_labels, -1)
+            enters = enters.reshape(batch * num_labels, num_modalities)
+        per_label = dwfuse_weights(rows, beta, enters).view(batch, num_labels, num_modalities)
+        per_label = per_label.transpose(1, 2)  # [B, M, C]
+        return per_label.mean(dim=2), per_label
+    columns = []
+    for m in range(modality_logits.shape[1]):
+        logits = modality_logits[:, m]
+        p = true_label_probability(logits, labels, task) if labels is not None else None
+        columns.append(p if p is not None else confidence(logits, task))
+    return dwfuse_weights(torch.stack(columns, dim=1), beta, enters), None
 
 
 def _classifier(d_in: int, num_classes: int, dropout: float) -> nn.Sequential:

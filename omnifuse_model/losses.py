@@ -40,6 +40,25 @@ def true_label_probability(logits: Tensor, labels: Tensor, task: TaskKind) -> Te
     return (labels * probs + (1.0 - labels) * (1.0 - probs)).mean(dim=1)
 
 
+def true_label_probability_per_label(logits: Tensor, labels: Tensor) -> Tensor:
+    """Binary/multi-label: the probability of each label's true value, [B, C]."""
+    probs = torch.sigmoid(logits)
+    labels = labels.to(probs.dtype)
+    return labels * probs + (1.0 - labels) * (1.0 - probs)
+
+
+def confidence_per_label(logits: Tensor) -> Tensor:
+    """Binary/multi-label without labels: the probability of each label's predicted value,
+    [B, C]."""
+    probs = torch.sigmoid(logits)
+    return torch.maximum(probs, 1.0 - probs)
+
+
+def per_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Binary/multi-label: BCE of each label, [B, C] (``per_sample_loss`` is its mean)."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+
+
 def confidence(logits: Tensor, task: TaskKind) -> Tensor:
     """Stand-in for the true-label probability when no label is known: the probability of
     the predicted value (mean over labels for multi-label), [B]."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.encoders import ModalityEncoders
-from omnifuse_model.fusion import DWFuseHeads, build_baseline_fusion, dwfuse_weights
+from omnifuse_model.fusion import DWFuseHeads, build_baseline_fusion, modality_weights
 from omnifuse_model.imputation import (
     CascadeOutput,
     CascadeResidualAutoencoder,
@@ -31,11 +31,10 @@ from omnifuse_model.laziness import (
     tla_loss,
 )
 from omnifuse_model.losses import (
-    confidence,
     mean_absolute_error,
+    per_label_loss,
     per_sample_loss,
     probabilities,
-    true_label_probability,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,7 +48,10 @@ class OmniFuseOutput:
     logits: joint prediction o [B, C] (the reported prediction).
     modality_logits: per-modality predictions P_m [B, M, C] (DWFuse only, else None).
     dwfuse_weights: omega [B, M] (DWFuse only, else None); with labels the true-label
-        probabilities drive them, without labels each head's confidence does.
+        probabilities drive them, without labels each head's confidence does. Multi-label:
+        the mean over labels of ``dwfuse_label_weights``.
+    dwfuse_label_weights: multi-label DWFuse only, omega per label [B, M, C] (Eq. 10 on
+        each label's true-value probabilities); they weight L_ens label by label.
     completed: completed modality embeddings [B, M, d]: real where the input holds the
         modality, imputed (forward CRA) where it does not.
     input_availability: bool [B, M] the modalities the prediction used.
@@ -62,6 +64,7 @@ class OmniFuseOutput:
     completed: Tensor
     input_availability: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
+    dwfuse_label_weights: Tensor | None = None
 
 
 @dataclass
@@ -188,11 +191,17 @@ class OmniFuse(nn.Module):
         embeddings, placeholders = self.encoders(inputs, availability, masks)
         used = availability & ~drop.to(torch.bool) if drop is not None else availability
         prediction = self._predict(embeddings, used, placeholders)
-        weights = self._weights(prediction.modality_logits, labels, used)
+        weights, label_weights = self._weights(prediction.modality_logits, labels, used)
         losses: dict[str, Tensor] = {}
         if labels is not None:
             losses = self._losses(
-                embeddings, availability, used, placeholders, prediction, weights, labels
+                embeddings,
+                availability,
+                used,
+                placeholders,
+                prediction,
+                weights if label_weights is None else label_weights,
+                labels,
             )
         return OmniFuseOutput(
             logits=prediction.logits,
@@ -201,24 +210,24 @@ class OmniFuse(nn.Module):
             completed=prediction.completed,
             input_availability=used,
             losses=losses,
+            dwfuse_label_weights=label_weights,
         )
 
     def _weights(
         self, modality_logits: Tensor | None, labels: Tensor | None, used: Tensor
-    ) -> Tensor | None:
-        """omega [B, M] (Eq. 10). With forward imputation every modality enters the
-        products (absent ones were imputed); without it only the modalities the input holds
-        (``used``) do: an absent one's head saw the placeholder alone (``dwfuse_weights``)."""
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(omega [B, M], multi-label: omega per label [B, M, C]), ``fusion.modality_weights``.
+
+        With forward imputation every modality enters the products (absent ones were
+        imputed); without it only the modalities the input holds (``used``) do: an absent
+        one's head saw the placeholder alone (``fusion.dwfuse_weights``).
+        """
         if modality_logits is None:
-            return None
-        task = self.config.task
-        columns = []
-        for m in range(modality_logits.shape[1]):
-            logits = modality_logits[:, m].detach()
-            p = true_label_probability(logits, labels, task) if labels is not None else None
-            columns.append(p if p is not None else confidence(logits, task))
+            return None, None
         enters = None if self.forward_cra is not None else used
-        return dwfuse_weights(torch.stack(columns, dim=1), self.config.beta, enters)
+        return modality_weights(
+            modality_logits.detach(), labels, self.config.task, self.config.beta, enters
+        )
 
     def _losses(
         self,
@@ -249,14 +258,7 @@ class OmniFuse(nn.Module):
                 total = total + cfg.lambda1 * losses["backward"]
         joint = per_sample_loss(prediction.logits, labels, task).mean()
         if prediction.modality_logits is not None and weights is not None:
-            per_modality = torch.stack(
-                [
-                    per_sample_loss(prediction.modality_logits[:, m], labels, task)
-                    for m in range(prediction.modality_logits.shape[1])
-                ],
-                dim=1,
-            )
-            losses["ens"] = (weights * per_modality).mean(dim=0).sum()  # Eq. 12
+            losses["ens"] = self._ensemble_loss(prediction.modality_logits, weights, labels)
             losses["rs"] = joint  # Eq. 13
             losses["fusion"] = losses["ens"] + cfg.alpha * joint  # Eq. 14
         else:
@@ -268,6 +270,20 @@ class OmniFuse(nn.Module):
             total = total + cfg.lambda3 * losses["tla"]
         losses["total"] = total
         return losses
+
+    def _ensemble_loss(self, modality_logits: Tensor, weights: Tensor, labels: Tensor) -> Tensor:
+        """L_ens (Eq. 12) = sum_m mean_B(omega_m * CE(P_m, y)). ``weights`` [B, M], or per
+        label [B, M, C] (multi-label), each label's BCE then weighted by its own omega and
+        averaged over labels (with equal weights: the same as the label-averaged BCE)."""
+        task = self.config.task
+        terms = []
+        for m in range(modality_logits.shape[1]):
+            if weights.dim() == 3:
+                weighted = (weights[:, m] * per_label_loss(modality_logits[:, m], labels)).mean(1)
+            else:
+                weighted = weights[:, m] * per_sample_loss(modality_logits[:, m], labels, task)
+            terms.append(weighted)
+        return torch.stack(terms, dim=1).mean(dim=0).sum()
 
     def _tla(
         self,

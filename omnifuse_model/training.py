@@ -28,7 +28,7 @@ from omnifuse_model.batch import Batch, InMemoryMultimodalDataset, collate_sampl
 from omnifuse_model.config import TrainConfig
 from omnifuse_model.laziness import LazinessMiner, LazinessReport, combination_masks
 from omnifuse_model.metrics import classification_report
-from omnifuse_model.model import OmniFuse
+from omnifuse_model.model import OmniFuse, OmniFuseOutput
 
 ExtraLoss = Callable[[OmniFuse], Tensor]
 # One epoch's training batches, given the run's generator (e.g. DP-SGD's Poisson sampling).
@@ -255,12 +255,7 @@ def evaluate(
             output = model(batch.inputs, batch.availability, batch.masks)
             if imputation_error and model.forward_cra is not None:
                 _add_imputation_errors(model, batch, output.completed, sums)
-        sums.probabilities.append(model.predict_proba(output.logits.float()).cpu())
-        sums.labels.append(batch.labels.cpu())
-        if output.dwfuse_weights is not None:
-            sums.weights += output.dwfuse_weights.sum(dim=0).double().cpu()
-        sums.present += batch.availability.sum(dim=0).cpu()
-        sums.samples += len(batch)
+        sums.add_batch(model, batch, output)
     normalised = sums.normalised_errors(names, embedding_means)
     probabilities = torch.cat(sums.probabilities).numpy()
     label_array = torch.cat(sums.labels).numpy()
@@ -303,6 +298,15 @@ class _EvaluationSums:
             error_counts=torch.zeros(modalities, dtype=torch.long),
             present=torch.zeros(modalities, dtype=torch.long),
         )
+
+    def add_batch(self, model: OmniFuse, batch: Batch, output: OmniFuseOutput) -> None:
+        """One batch's probabilities, labels, DWFuse weights and availability counts."""
+        self.probabilities.append(model.predict_proba(output.logits.float()).cpu())
+        self.labels.append(batch.labels.cpu())
+        if output.dwfuse_weights is not None:
+            self.weights += output.dwfuse_weights.sum(dim=0).double().cpu()
+        self.present += batch.availability.sum(dim=0).cpu()
+        self.samples += len(batch)
 
     def add_embeddings(self, m: int, true: Tensor) -> None:
         """Running sums of the true embeddings ``true`` [n, d] of modality m (for the

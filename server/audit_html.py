@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from server.audit_tables import ReportTable
+from server.audit_tables import TEST_TIME_WEIGHT_NOTE, ReportTable
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -45,7 +45,9 @@ SECTIONS = (
     ),
     Section(
         "3. Modality weights: observed vs imputed, next to availability",
-        "How much DWFuse trusts each modality at each site, and whether the site holds it.",
+        "DWFuse's test-time confidence weight per modality at each site (how hard training "
+        "would push the modality: high where the others are unsure), and whether the site "
+        "holds it.",
         ("weight_profile", "dwfuse_weights"),
         ("weight_profile", "modality_weights"),
     ),
@@ -85,6 +87,7 @@ def reading_guide(data: dict) -> list[str]:
         "(highest TLA score); the next round's training pushes it. It is a finding only when "
         f"its margin over the runner-up is at least {tie} of its score; smaller margins are "
         "marked '?' (near tie) and should be read as 'no clear lazy combination'.",
+        TEST_TIME_WEIGHT_NOTE,
         "Observed vs imputed: a site that holds no sample of a modality still gets a DWFuse "
         "weight for it, computed on an embedding imputed from the other modalities. Such "
         "weights are labelled 'imputed' and drawn dashed or hatched: they say nothing about "

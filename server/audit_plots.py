@@ -165,7 +165,8 @@ def plot_modality_weights(
     modalities: list[str],
     observed: dict[str, list[str] | None] | None = None,
 ) -> Path:
-    """One panel per site: mean DWFuse weight of each modality over rounds.
+    """One panel per site: mean test-time DWFuse confidence weight of each modality over
+    rounds (``audit_tables.TEST_TIME_WEIGHT_NOTE`` says what it is).
 
     A modality keeps its colour in every panel; one legend for the figure lists those drawn.
     A modality the site does not hold (``observed``) is drawn dashed with hollow markers and
@@ -194,8 +195,11 @@ def plot_modality_weights(
             _empty_note(axes, "no weights reported")
     for position in range(len(sites), rows * columns):
         panels[position // columns][position % columns].set_visible(False)
-    panels[0][0].set_ylabel("mean DWFuse weight")
-    figure.suptitle("Mean DWFuse weight per modality")
+    panels[0][0].set_ylabel("test-time confidence weight")
+    figure.suptitle(
+        "DWFuse weight per modality at test time (validation, no labels: head confidences "
+        "stand in for p; not the training omega)"
+    )
     handles = [
         Line2D([], [], color=colours[m], marker="o", label=m) for m in modalities if m in drawn
     ]
@@ -304,10 +308,10 @@ def plot_weight_profile(
     for position in range(len(sites), rows * columns):
         panels[position // columns][position % columns].set_visible(False)
     panels[0][0].set_ylabel("weight / share of samples")
-    figure.suptitle("Modality-weight profile (mean over rounds) and availability")
+    figure.suptitle("Test-time DWFuse confidence weight (mean over rounds) and availability")
     figure.legend(
         handles=[
-            Patch(facecolor="grey", label="mean DWFuse weight (observed)"),
+            Patch(facecolor="grey", label="test-time confidence weight (observed)"),
             Patch(facecolor="grey", alpha=0.35, hatch="//", label="weight of imputed modality"),
             Line2D([], [], color="black", lw=2.5, label="share of samples holding it"),
         ],

@@ -9,6 +9,14 @@ MISSING = "-"
 NEAR_TIE_MARK = "?"
 IMPUTED = "imputed"
 HIDDEN = "hidden"
+# What the reported DWFuse weight is; the tables, the reading guide and the figures say so.
+TEST_TIME_WEIGHT_NOTE = (
+    "Weight = omega_m (DWFuse Eq. 10) averaged over the site's validation split at test time, "
+    "without labels: each head's confidence stands in for its true-label probability. It is "
+    "not the omega that weighted training (computed with labels) and it does not enter the "
+    "prediction; a high value means the OTHER modalities' heads are unsure, not that this "
+    "modality is trusted."
+)
 
 
 @dataclass
@@ -85,7 +93,8 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
         "lazy_frequency": _frequency_table(data),
         "weight_profile": _profile_table(data),
         "dwfuse_weights": ReportTable(
-            "Mean DWFuse weight per modality: last round (change since first round)",
+            "Test-time DWFuse confidence weight per modality: last round (change since first "
+            "round)",
             ["site", *modalities],
             [
                 [
@@ -97,8 +106,8 @@ def build_tables(data: dict) -> dict[str, ReportTable]:
                 ]
                 for s in sites
             ],
-            f"'{IMPUTED}' = the site holds no sample of this modality: its weight is that of "
-            "an imputed embedding, not of observed data.",
+            f"{TEST_TIME_WEIGHT_NOTE} '{IMPUTED}' = the site holds no sample of this "
+            "modality: its weight is that of an imputed embedding, not of observed data.",
         ),
         "imputation_error": _imputation_table(data),
         "availability": _availability_table(data),
@@ -194,12 +203,12 @@ def _profile_table(data: dict) -> ReportTable:
             cells += [weight, held]
         rows.append(cells)
     return ReportTable(
-        "Modality-weight profile (mean over rounds) next to availability",
+        "Test-time DWFuse confidence weight (mean over rounds) next to availability",
         columns,
         rows,
-        "held = share of the site's training samples holding the modality (last round; '>=' "
-        f"when a suppressed cell holds it). '{IMPUTED}': weight of a modality the site never "
-        "observes.",
+        "weight = test-time DWFuse confidence weight (see the weight table's note). held = "
+        "share of the site's training samples holding the modality (last round; '>=' when a "
+        f"suppressed cell holds it). '{IMPUTED}': weight of a modality the site never observes.",
     )
 
 

@@ -290,3 +290,19 @@ def test_console_tables_fit_80_columns_without_cutting_names(tmp_path):
     assert max(len(line) for line in text.splitlines()) <= 80
     flattened = "".join(text.split())  # a folded name reads whole once the wrapping goes
     assert all(name in flattened for name in long_names.values())
+
+
+def test_the_weight_is_labelled_as_the_test_time_confidence_weight(report):
+    """The reported omega comes from label-free test-time passes: every place that shows it
+    says so, and that it is not the training omega (issue #11 point 5d)."""
+    for name in ("dwfuse_weights", "weight_profile"):
+        table = report.tables[name]
+        assert "test-time" in table.title.lower() and "confidence" in table.title.lower()
+        assert "test time" in table.caption or "test-time" in table.caption
+    caption = report.tables["dwfuse_weights"].caption
+    assert "not the omega that weighted training" in caption
+    assert "does not enter the prediction" in caption
+    for document in ("report.md", "report.html"):
+        text = (report.out_dir / document).read_text()
+        assert "not the omega that weighted training" in text
+        assert "Mean DWFuse weight" not in text

@@ -129,8 +129,19 @@ def test_forward_without_labels_has_no_losses_but_weights(
         confidence = torch.softmax(logits, dim=-1).max(dim=-1).values
     else:
         probs = torch.sigmoid(logits)
-        confidence = torch.maximum(probs, 1 - probs).mean(dim=-1)
-    torch.testing.assert_close(output.dwfuse_weights, dwfuse_weights(confidence, config.beta))
+        confidence = torch.maximum(probs, 1 - probs)  # [B, M, C]
+    if task == "multilabel":  # omega per label, then its mean over labels
+        per_label = [
+            dwfuse_weights(confidence[:, :, c], config.beta) for c in range(logits.shape[2])
+        ]
+        expected = torch.stack(per_label, dim=2)
+        torch.testing.assert_close(output.dwfuse_label_weights, expected)
+        expected = expected.mean(dim=2)
+    else:
+        expected = dwfuse_weights(
+            confidence.squeeze(-1) if task == "binary" else confidence, config.beta
+        )
+    torch.testing.assert_close(output.dwfuse_weights, expected)
 
 
 def test_encoders_put_the_placeholder_at_absent_positions(make_config, make_batch, all_patterns):

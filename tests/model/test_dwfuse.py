@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from omnifuse_model.fusion import dwfuse_weights
+from omnifuse_model.fusion import dwfuse_weights, modality_weights
 from omnifuse_model.losses import true_label_probability
 from omnifuse_model.model import OmniFuse
 
@@ -104,6 +104,15 @@ def _hand_ce_and_p(logits: torch.Tensor, labels: torch.Tensor, task: str):
     return ce, p
 
 
+def _hand_per_label_bce_and_p(logits: torch.Tensor, labels: torch.Tensor):
+    """Multi-label, per head and label: BCE and the probability of the true value,
+    [B, M, C] each, from logits [B, M, C] and labels [B, C]."""
+    probs = 1.0 / (1.0 + torch.exp(-logits))
+    y = labels.unsqueeze(1)
+    bce = -(y * probs.log() + (1 - y) * (1 - probs).log())
+    return bce, y * probs + (1 - y) * (1 - probs)
+
+
 @pytest.mark.parametrize("task", ["binary", "multilabel", "multiclass"])
 def test_model_losses_follow_eq_12_to_14(make_config, make_batch, all_patterns, task):
     torch.manual_seed(0)
@@ -124,6 +133,8 @@ def test_model_losses_follow_eq_12_to_14(make_config, make_batch, all_patterns, 
         strict=True,
     )
     ce, p = torch.stack(ce, dim=1), torch.stack(p, dim=1)  # [B, M]
+    if task == "multilabel":  # omega per label (Eq. 10 on each label), L_ens label by label
+        ce, p = _hand_per_label_bce_and_p(output.modality_logits, batch.labels)  # [B, M, C]
     # Eq. 10 written as a loop over modalities
     omega = torch.stack(
         [
@@ -133,8 +144,14 @@ def test_model_losses_follow_eq_12_to_14(make_config, make_batch, all_patterns, 
         ],
         dim=1,
     )
+    if task == "multilabel":
+        torch.testing.assert_close(output.dwfuse_label_weights, omega)
+        l_ens = sum((omega[:, m] * ce[:, m]).mean() for m in range(num_modalities))
+        omega = omega.mean(dim=2)  # the reported [B, M]: mean over labels
+    else:
+        assert output.dwfuse_label_weights is None
+        l_ens = sum((omega[:, m] * ce[:, m]).mean() for m in range(num_modalities))
     torch.testing.assert_close(output.dwfuse_weights, omega)
-    l_ens = sum((omega[:, m] * ce[:, m]).mean() for m in range(num_modalities))
     torch.testing.assert_close(output.losses["ens"], l_ens)
     l_rs, _ = _hand_ce_and_p(output.logits, batch.labels, task)
     torch.testing.assert_close(output.losses["rs"], l_rs.mean())
@@ -237,3 +254,43 @@ def test_with_imputation_an_imputed_modality_enters_the_others_weights(
     after = model(**batch.forward_kwargs()).dwfuse_weights
     absent = ~patterns[:, 2]
     assert not torch.allclose(after[absent][:, :2], before[absent][:, :2])
+
+
+def test_multilabel_omega_is_per_label_and_tells_samples_apart():
+    """Two samples whose heads have the same mean true-label probability over labels but
+    fail on different labels: a mean of p over labels gives them the same omega; per label
+    they differ, and each label's weight follows the other head on that label alone.
+
+    M = 2, beta = 1 (exponent 1): omega_{1,c} = 1 - p_{2,c}, omega_{2,c} = 1 - p_{1,c}.
+    Head 1 gives the truth 0.9 on both labels of both samples; head 2 gives (0.9, 0.1) to
+    sample 1 and (0.5, 0.5) to sample 2: mean p 0.5 for both samples.
+    Sample 1: omega_1 = (0.1, 0.9), mean 0.5; sample 2: omega_1 = (0.5, 0.5), mean 0.5;
+    omega_2 = (0.1, 0.1) in both.
+    """
+    logit = math.log(9.0)  # sigmoid = 0.9
+    labels = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    logits = torch.tensor(
+        [
+            [[logit, logit], [logit, -logit]],  # head 1 right; head 2 right on label 1 only
+            [[logit, logit], [0.0, 0.0]],  # head 2 undecided on both labels
+        ]
+    )  # [B, M, C]
+    weights, per_label = modality_weights(logits, labels, "multilabel", 1.0)
+    torch.testing.assert_close(
+        per_label, torch.tensor([[[0.1, 0.9], [0.1, 0.1]], [[0.5, 0.5], [0.1, 0.1]]])
+    )
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.1], [0.5, 0.1]]))
+    # without labels: each label's confidence max(p, 1 - p) stands in, per label too
+    _, unlabelled = modality_weights(logits, None, "multilabel", 1.0)
+    torch.testing.assert_close(unlabelled[:, 0], torch.tensor([[0.1, 0.1], [0.5, 0.5]]))
+
+
+def test_multilabel_per_label_weights_respect_left_out_modalities():
+    # M = 3, one label, modality 3 left out: omega_1 = (1 - p_2)^beta, as in the binary case
+    logits = torch.tensor([[[0.0], [math.log(3.0)], [5.0]]])  # p = 0.5, 0.75, ~1 (label 1)
+    labels = torch.tensor([[1.0]])
+    enters = torch.tensor([[True, True, False]])
+    weights, _ = modality_weights(logits, labels, "multilabel", 0.5, enters)
+    binary, _ = modality_weights(logits, labels, "binary", 0.5, enters)
+    torch.testing.assert_close(weights, binary)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5**0.5, (0.5 * 0.25) ** 0.25]]))
