@@ -31,9 +31,24 @@ def _plain(value: object) -> str:
     return f"{float(value):.3f}"
 
 
+def oracle_distances(result: MechanismResult) -> tuple[float | None, float | None]:
+    """(method, reference) distance to the oracle: the central scenarios' keys
+    ``method_oracle_distance`` / ``reference_oracle_distance``, or the federated ones'
+    ``<arm>_distance_to_oracle``; None where the scenario has none."""
+    details = result.details
+    # the federated arms are named 'fed_f: ...' (key, then a description)
+    method_key, reference_key = result.method.split(":")[0], result.reference.split(":")[0]
+    method = details.get("method_oracle_distance", details.get(f"{method_key}_distance_to_oracle"))
+    reference = details.get(
+        "reference_oracle_distance", details.get(f"{reference_key}_distance_to_oracle")
+    )
+    return method, reference
+
+
 def row_cells(result: MechanismResult) -> list[str]:
     """The report's cells for one result (same order as HEADER)."""
     details = result.details
+    method_distance, reference_distance = oracle_distances(result)
     return [
         result.name,
         result.mechanism,
@@ -42,8 +57,8 @@ def row_cells(result: MechanismResult) -> list[str]:
         f"{_number(result.paired_diff)} [{_number(result.ci_low)}, {_number(result.ci_high)}]",
         "**yes**" if result.holds else "**no**",
         _plain(details.get("oracle_auroc")),
-        _plain(details.get("method_oracle_distance")),
-        _plain(details.get("reference_oracle_distance")),
+        _plain(method_distance),
+        _plain(reference_distance),
     ]
 
 
@@ -148,11 +163,12 @@ def write_plots(results: list[MechanismResult], out: Path) -> list[Path]:
     figure.savefig(paths[0], dpi=120)
     plt.close(figure)
 
-    with_oracle = [r for r in results if "method_oracle_distance" in r.details]
+    with_oracle = [r for r in results if None not in oracle_distances(r)]
     figure, axis = plt.subplots(figsize=(9, 0.45 * max(len(with_oracle), 1) + 1.5))
     for i, r in enumerate(with_oracle):
-        axis.barh(i - 0.2, r.details["method_oracle_distance"], height=0.4, color="tab:blue")
-        axis.barh(i + 0.2, r.details["reference_oracle_distance"], height=0.4, color="tab:gray")
+        method_distance, reference_distance = oracle_distances(r)
+        axis.barh(i - 0.2, method_distance, height=0.4, color="tab:blue")
+        axis.barh(i + 0.2, reference_distance, height=0.4, color="tab:gray")
     axis.set_yticks(range(len(with_oracle)), [r.name for r in with_oracle], fontsize=7)
     axis.invert_yaxis()
     axis.set_xlabel("oracle AUROC - arm AUROC (blue: method, grey: reference)")

@@ -149,3 +149,15 @@ def test_quick_cli_end_to_end(tmp_path: Path) -> None:
     decoded = json.loads((tmp_path / "mechanisms.json").read_text())
     assert decoded["quick"] is True and decoded["seeds"] == [0, 1]
     assert all(r["n_seeds"] == 2 for r in decoded["results"])
+
+
+def test_report_reads_federated_oracle_distances() -> None:
+    from simulation.benchmarks.mechanisms_report import oracle_distances
+
+    result = paired_result(
+        name="fed", mechanism="m", control=False, expected_sign="positive",
+        method="aware: modality-aware FedAvg", reference="plain: plain FedAvg", metric="auroc",
+        method_values=[0.8], reference_values=[0.7],
+        details={"aware_distance_to_oracle": 0.1, "plain_distance_to_oracle": 0.2},
+    )  # fmt: skip
+    assert oracle_distances(result) == (0.1, 0.2)
