@@ -13,8 +13,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from omnifuse_model.evaluation import _EvaluationSums
 from omnifuse_model.federation_schema import AuditRow
-from omnifuse_model.training import _EvaluationSums
 from server.checkpoint import ServerState
 from server.round_record import RoundRecord, RoundRecorder
 from server.run_config import FederationRunConfig
