@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.scenario import Scenario
+from omnifuse_model.wire_format import TransportDtype, WireFormat
 
 
 class FederationRunConfig(StrictModel):
@@ -67,6 +68,24 @@ class FederationRunConfig(StrictModel):
         ge=0,
         description="Reject a site update farther than this (L2) from the global weights; 0 = off.",
     )
+    # -- wire format (issue #14 point 3; server.strategy, omnifuse_model.wire_format) --
+    transport: TransportDtype = Field(
+        default="float16",
+        description=(
+            "How weights travel: float32 (the original wire: weights both ways), float16 or "
+            "bfloat16 (the 16-bit rounding of the float32 master weights down, 16-bit "
+            "updates up, added to the master). central-dp other than off forces float32 "
+            "(Flower's clipping wrappers need float32 weights)."
+        ),
+    )
+    omit_unheld: bool = Field(
+        default=True,
+        description=(
+            "With 16-bit transport and modality-aware aggregation, a site sends back only "
+            "the shared parameters and those of the modalities it registered as held (the "
+            "others would get weight 0 in the aggregate)."
+        ),
+    )
 
     tensorboard: bool = Field(
         default=False,
@@ -113,6 +132,16 @@ class FederationRunConfig(StrictModel):
         """``expected-fingerprints`` as backbone -> SHA-256 hex digest."""
         pairs = [item.split("=", 1) for item in self.expected_fingerprints.split(",") if item]
         return {name: digest for name, digest in pairs}
+
+    def wire_format(self) -> WireFormat:
+        """The wire format in effect: float32 without omission under central DP; omission
+        only with modality-aware aggregation (otherwise every site counts in every group)."""
+        if self.central_dp != "off":
+            return WireFormat(dtype="float32", omit_unheld=False)
+        return WireFormat(
+            dtype=self.transport,
+            omit_unheld=self.omit_unheld and self.modality_aware and self.transport != "float32",
+        )
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model
