@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -22,6 +22,7 @@ from client.error_replies import SiteStepFailed, error_reply, refuse, site_step
 from client.local_training import RoundInstructions, evaluate_global, train_round
 from client.registration import site_declaration
 from client.statistics import site_statistics
+from client.transport import decode_global, encode_update, sent_modalities
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.federation_replies import (
@@ -140,7 +141,7 @@ def _round_inputs(
     datasets = _datasets(site, plan)
     load_seconds = time.perf_counter() - started
     state = site_step(
-        "bad_instructions", lambda: msg.content[wire.ARRAYS].to_torch_state_dict(), site.name
+        "bad_instructions", lambda: decode_global(msg.content[wire.ARRAYS]), site.name
     )
     return instructions, datasets, state, load_seconds
 
@@ -161,14 +162,22 @@ def _train(msg: Message, context: Context) -> RecordDict:
     site = _site(context)
     check_shared_text_backbone(site, context)
     instructions, datasets, state, load_seconds = _round_inputs(msg, site)
+    held = site_step(
+        "bad_instructions",
+        lambda: sent_modalities(msg.content[wire.CONFIG], instructions.wire),
+        site.name,
+    )
     result = site_step(
         "training_failed",
         lambda: train_round(site.name, datasets, instructions, state),
         site.name,
     )
+    arrays = encode_update(
+        result.state, state, instructions.wire, instructions.model_config.modality_names, held
+    )
     content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord(result.state),
+            wire.ARRAYS: arrays,
             wire.METRICS: MetricRecord({**result.metrics, wire.LOAD_SECONDS: load_seconds}),
             wire.AUDIT: ConfigRecord(wire.encode_audit(result.audit)),
         }

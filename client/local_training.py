@@ -53,6 +53,7 @@ from omnifuse_model.suppression import (
     statistic_or_none,
 )
 from omnifuse_model.training import EvaluationResult, FitResult, evaluate, fit, mean_embeddings
+from omnifuse_model.wire_format import WireFormat
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class RoundInstructions:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the site's DP-SGD settings
     planned_rounds: int = 1  # the federation's total rounds (DP-SGD plans its noise for them)
     privacy_ledger: Path | None = None  # where a DP site keeps its accountant across rounds
+    wire: WireFormat = field(default_factory=WireFormat)  # how the reply's weights travel
 
     @classmethod
     def for_site(cls, plan: RoundPlan, site: SiteConfig) -> RoundInstructions:
@@ -85,6 +87,7 @@ class RoundInstructions:
             privacy=site.privacy,
             planned_rounds=plan.rounds_planned(),
             privacy_ledger=ledger_path(site.cache_dir, plan.privacy_ledger),
+            wire=plan.wire,
         )
 
 

@@ -17,6 +17,7 @@ from pydantic import Field
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.wire_format import WireFormat
 
 
 def site_round_seed(seed: int, global_round: int, site_name: str) -> int:
@@ -79,6 +80,10 @@ class RoundPlan(StrictModel):
     privacy_ledger: str = Field(
         default="default",
         description="Id of the run's privacy ledger at DP sites (the same across resumes).",
+    )
+    wire: WireFormat = Field(
+        default_factory=WireFormat,
+        description="How weights travel this round (omnifuse_model.wire_format).",
     )
     ehr_normalizer: NormalizerState | None = Field(
         default=None,

@@ -1,17 +1,19 @@
 """Screening of site replies before anything in them is used: accept, or reject by name.
 
 One function per phase turns a Flower reply into an ``Accepted*`` object (typed metrics,
-float32 weights, the audit row, TLA sums) or a ``Rejection`` (node, bound site, reason).
+the update as one float32 row, the audit row, TLA sums) or a ``Rejection`` (node, bound
+site, reason).
 Screening never raises: a reply that cannot be read is a rejection like any other. The site
 is the one the registry bound to the sending node; a reply's own claims (audit row site and
-round) must agree with it. Weight checks beyond the wire format (keys, shapes, finiteness,
-distance to the global model) are ``server.update_validation``'s.
+round) must agree with it. The update must hold exactly the keys the site was asked for, in
+the run's transport dtype, with the global shapes, finite, and within ``max-update-norm`` of
+the global weights (``server.update_rows``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -27,8 +29,9 @@ from omnifuse_model.federation_replies import (
     parse_tla_sums,
     parse_train_metrics,
 )
+from omnifuse_model.wire_format import WireFormat, held_modalities, uplink_keys
 from server.site_registry import SiteRegistry, error_reason, short_reason
-from server.update_validation import update_rejection
+from server.update_rows import UpdateLayout, decode_update, update_norm
 
 
 @dataclass
@@ -55,7 +58,7 @@ class AcceptedTrain:
     node: int
     site: str
     metrics: TrainMetrics
-    state: dict[str, np.ndarray]
+    update: np.ndarray  # float32 row: the update, or weights (``server.update_rows``)
     row: wire.AuditRow
     tla: tuple[dict[str, float], dict[str, int]] | None
     received_bytes: int
@@ -77,6 +80,19 @@ class TrainContext:
     reference: Mapping[str, np.ndarray]
     modality_names: list[str]
     max_norm: float | None
+    wire: WireFormat = field(default_factory=WireFormat)
+    layout: UpdateLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = UpdateLayout(self.reference)
+
+    def expected_keys(self, site: str) -> list[str]:
+        """The parameter keys ``site`` was asked to send back (``wire_format.uplink_keys``)."""
+        held = None
+        if self.wire.omit_unheld:
+            held = held_modalities(self.registry.declarations[site].num_present)
+        return uplink_keys(self.reference, self.modality_names, held)
 
 
 def _records(message: Message, required: dict[str, type], optional: dict[str, type]) -> dict:
@@ -93,30 +109,6 @@ def _records(message: Message, required: dict[str, type], optional: dict[str, ty
             raise ReplyError(f"record_type:{key}:{type(content[key]).__name__}")
         records[key] = content[key]
     return records
-
-
-def decode_weights(
-    record: ArrayRecord, reference: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """The reply's arrays as numpy, each of its reference's dtype (float32) and shape."""
-    state: dict[str, np.ndarray] = {}
-    for key in record:
-        if key not in reference:
-            raise ReplyError(f"unexpected_keys:{str(key)[:80]}")
-        expected = reference[key]
-        array = record[key]
-        if array.dtype != expected.dtype.name or tuple(array.shape) != expected.shape:
-            raise ReplyError(f"declared_dtype_or_shape:{key}:{str(array.dtype)[:20]}")
-        try:
-            value = array.numpy()
-        except Exception as error:  # malformed bytes are the site's fault
-            raise ReplyError(f"undecodable_array:{key}:{type(error).__name__}") from error
-        if value.dtype != expected.dtype:
-            raise ReplyError(f"dtype_mismatch:{key}:{value.dtype}!={expected.dtype}")
-        if value.shape != expected.shape:
-            raise ReplyError(f"shape_mismatch:{key}")
-        state[key] = value
-    return state
 
 
 def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain | Rejection:
@@ -153,22 +145,17 @@ def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain
             if wire.TLA_SUMS in records
             else None
         )
-        state = decode_weights(records[wire.ARRAYS], context.reference)
-        reason = update_rejection(
-            state,
-            context.reference,
-            metrics.as_metrics(),
-            context.modality_names,
-            context.max_norm,
-        )
-        if reason is not None:
-            raise ReplyError(reason)
+        expected = context.expected_keys(site)
+        update = decode_update(records[wire.ARRAYS], context.layout, expected, context.wire)
+        norm = update_norm(update, context.layout, expected, context.wire.deltas)
+        if context.max_norm is not None and norm > context.max_norm:
+            raise ReplyError(f"norm_exceeded:{norm:.3g}>{context.max_norm:g}")
         received = records[wire.ARRAYS].count_bytes()
     except ReplyError as error:
         return Rejection(node, site, "rejected", error.reason, row)
     except Exception as error:  # a reply never stops the server
         return Rejection(node, site, "rejected", short_reason(f"unreadable:{type(error).__name__}"))
-    return AcceptedTrain(node, site, metrics, state, row, tla, received)
+    return AcceptedTrain(node, site, metrics, update, row, tla, received)
 
 
 def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedEvaluate | Rejection:

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.scenario import Scenario
+from omnifuse_model.wire_format import TransportDtype, WireFormat
 
 
 class FederationRunConfig(StrictModel):
@@ -76,6 +77,26 @@ class FederationRunConfig(StrictModel):
             "torch's default, which Ray sets from the client's reserved CPUs."
         ),
     )
+    # -- wire format (issue #14 point 3; server.strategy, omnifuse_model.wire_format) --
+    transport: TransportDtype = Field(
+        default="bfloat16",
+        description=(
+            "How weights travel: float32 (the original wire: weights both ways), float16 or "
+            "bfloat16 (the 16-bit rounding of the float32 master weights down, 16-bit "
+            "updates up, added to the master). central-dp other than off forces float32 "
+            "(Flower's clipping wrappers need float32 weights). bfloat16 by default: test "
+            "AUROC within 0.005 of float32 (docs/BENCHMARKS.md), float32's range (no "
+            "overflow), and the server decodes it with one shift (float16: ~6x the cost)."
+        ),
+    )
+    omit_unheld: bool = Field(
+        default=True,
+        description=(
+            "With 16-bit transport and modality-aware aggregation, a site sends back only "
+            "the shared parameters and those of the modalities it registered as held (the "
+            "others would get weight 0 in the aggregate)."
+        ),
+    )
 
     tensorboard: bool = Field(
         default=False,
@@ -122,6 +143,16 @@ class FederationRunConfig(StrictModel):
         """``expected-fingerprints`` as backbone -> SHA-256 hex digest."""
         pairs = [item.split("=", 1) for item in self.expected_fingerprints.split(",") if item]
         return {name: digest for name, digest in pairs}
+
+    def wire_format(self) -> WireFormat:
+        """The wire format in effect: float32 without omission under central DP; omission
+        only with modality-aware aggregation (otherwise every site counts in every group)."""
+        if self.central_dp != "off":
+            return WireFormat(dtype="float32", omit_unheld=False)
+        return WireFormat(
+            dtype=self.transport,
+            omit_unheld=self.omit_unheld and self.modality_aware and self.transport != "float32",
+        )
 
     def omnifuse_config(self) -> OmniFuseConfig:
         return self.scenario().model

@@ -24,7 +24,7 @@ import random
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -32,6 +32,13 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
 from omnifuse_model.round_plan import RoundPlan
+from omnifuse_model.wire_format import (
+    RAW_STYPE,
+    UPLINK_MODALITIES,
+    WireFormat,
+    encode16,
+    held_modalities,
+)
 from server.aggregation import aggregate_states
 from server.reply_screening import (
     AcceptedEvaluate,
@@ -46,6 +53,7 @@ from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry, register_newcomers
 from server.statistics_phase import Preprocessing, check_late_sites
+from server.update_rows import UpdateLayout
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +99,17 @@ class OmniFuseStrategy(FedAvg):
         self.global_laziness = global_laziness
         self.registry = registry if registry is not None else SiteRegistry()
         self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
-        self.previous: dict[str, np.ndarray] | None = None
+        self.previous: dict[str, np.ndarray] | None = None  # the float32 master weights
         self.records: dict[int, RoundRecord] = {}
+        self.wire = run.wire_format()
+        self._layout: UpdateLayout | None = None
+
+    def layout(self) -> UpdateLayout:
+        """The flat layout of the master weights (rebuilt when they change)."""
+        previous = self.previous or {}
+        if self._layout is None or self._layout.master is not previous:
+            self._layout = UpdateLayout(previous, self.model_config.modality_names)
+        return self._layout
 
     # -- helpers --------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -113,6 +130,7 @@ class OmniFuseStrategy(FedAvg):
             # one privacy ledger per run directory: the same across resumes of the run
             privacy_ledger=hashlib.sha256(str(run.run_dir.resolve()).encode()).hexdigest()[:16],
             ehr_normalizer=self.preprocessing.normalizer,
+            wire=self.wire,
         )
         config[wire.ROUND_PLAN] = plan.model_dump_json()
         return config
@@ -140,13 +158,16 @@ class OmniFuseStrategy(FedAvg):
         )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous = {k: v.numpy() for k, v in arrays.items()}
-        messages = self.without_excluded(
-            server_round,
-            super().configure_train(
-                server_round, arrays, self.round_config(server_round, config), grid
-            ),
+        downlink = downlink_arrays(self.previous, self.wire, arrays)
+        messages = self.with_uplink_keys(
+            self.without_excluded(
+                server_round,
+                super().configure_train(
+                    server_round, downlink, self.round_config(server_round, config), grid
+                ),
+            )
         )
-        self.record(self.global_round(server_round)).bytes["sent"] = arrays.count_bytes() * len(
+        self.record(self.global_round(server_round)).bytes["sent"] = downlink.count_bytes() * len(
             messages
         )
         return messages
@@ -155,12 +176,29 @@ class OmniFuseStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         random.seed(self.run.seed * 100_003 + self.global_round(server_round) + 50_000)
+        downlink = downlink_arrays({k: v.numpy() for k, v in arrays.items()}, self.wire, arrays)
         return self.without_excluded(
             server_round,
             super().configure_evaluate(
-                server_round, arrays, self.round_config(server_round, config), grid
+                server_round, downlink, self.round_config(server_round, config), grid
             ),
         )
+
+    def with_uplink_keys(self, messages: list[Message]) -> list[Message]:
+        """With omission, each train message names the modalities whose parameter groups
+        its site sends back: those it registered as held (its own copy of the config)."""
+        if not self.wire.omit_unheld:
+            return messages
+        for message in messages:
+            site = self.registry.site_of(message.metadata.dst_node_id)
+            declaration = self.registry.declarations.get(site) if site is not None else None
+            held = held_modalities(declaration.num_present) if declaration is not None else []
+            config = ConfigRecord(dict(message.content[wire.CONFIG]))
+            config[UPLINK_MODALITIES] = held
+            message.content = RecordDict(
+                {wire.ARRAYS: message.content[wire.ARRAYS], wire.CONFIG: config}
+            )
+        return messages
 
     def without_excluded(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         """The messages minus those to a site the statistics phase excluded (recorded with
@@ -206,6 +244,8 @@ class OmniFuseStrategy(FedAvg):
             self.previous or {},
             self.model_config.modality_names,
             self.run.max_update_norm or None,
+            self.wire,
+            self.layout(),
         )
         screened = one_reply_per_node([screen_train_reply(m, context) for m in replies])
         accepted = sorted(
@@ -248,16 +288,7 @@ class OmniFuseStrategy(FedAvg):
         aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics."""
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
-        averaged = aggregate_states(
-            [a.state for a in accepted],
-            metrics,
-            self.model_config.modality_names,
-            self.previous,
-            rule=self.run.aggregation,
-            modality_aware=self.run.modality_aware,
-            uniform=self.run.central_dp != "off",
-            trim_fraction=self.run.trim_fraction,
-        )
+        averaged = self.apply_updates(accepted, metrics)
         for item in accepted:
             self.registry.last_counts[item.site] = item.metrics.counts()
             if item.row.lazy_combination:
@@ -278,10 +309,7 @@ class OmniFuseStrategy(FedAvg):
                 aggregated[key + "-sum"] = float(sum(seconds))
                 aggregated[key + "-max"] = float(max(seconds, default=0.0))
         record.train = aggregated
-        # float32 whatever the replies held (screening admits float32 only)
-        arrays = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in averaged.items()}
-        )
+        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
         log.info(
             "round %d: aggregated %d sites, bytes sent %d received %d",
             global_round,
@@ -290,6 +318,41 @@ class OmniFuseStrategy(FedAvg):
             record.bytes["received"],
         )
         return arrays, MetricRecord(aggregated)
+
+    def apply_updates(
+        self, accepted: list[AcceptedTrain], metrics: list[dict[str, float]]
+    ) -> dict[str, np.ndarray]:
+        """The new float32 master weights.
+
+        16-bit transport: master + the aggregate of the sites' updates (a group no site took
+        part in gets update 0). float32 transport: the aggregate of the sites' weights (a
+        group no site took part in keeps the master's value). A key left out of a site's reply
+        is 0 in its row, and that site's weight for the key's group is 0 (``wire_format``)."""
+        layout = self.layout()
+        deltas = self.wire.deltas
+        # FedAvg is elementwise: one long vector per group gives the same bits as key by key
+        # (robust rules sort in bounded blocks of keys, so they get the per-key views)
+        fedavg = self.run.aggregation == "fedavg"
+        split = layout.group_view if fedavg else layout.views
+        keep = np.zeros(layout.size, np.float32) if deltas else layout.flat_master()
+        aggregate = aggregate_states(
+            [split(a.update) for a in accepted],
+            metrics,
+            self.model_config.modality_names,
+            split(keep),
+            rule=self.run.aggregation,
+            modality_aware=self.run.modality_aware,
+            uniform=self.run.central_dp != "off",
+            trim_fraction=self.run.trim_fraction,
+        )
+        flat = np.empty(layout.size, np.float32)
+        spans = layout.group_spans if fedavg else layout.spans
+        for name, value in aggregate.items():
+            start, stop = spans[name]
+            flat[start:stop] = value.reshape(-1)
+        if deltas:
+            flat += layout.flat_master()
+        return layout.views(flat)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -314,6 +377,23 @@ class OmniFuseStrategy(FedAvg):
         accepted.sort(key=lambda a: a.site)
         record.evaluate_clients = weighted_metrics([a.metrics.as_metrics() for a in accepted])
         return MetricRecord(record.evaluate_clients)
+
+
+def downlink_arrays(
+    master: dict[str, np.ndarray], wire_format: WireFormat, arrays: ArrayRecord
+) -> ArrayRecord:
+    """What every site is sent: ``arrays`` as they are (float32), or the 16-bit rounding of
+    the master weights as raw bytes (``omnifuse_model.wire_format``)."""
+    if not wire_format.deltas:
+        return arrays
+    return ArrayRecord(
+        {
+            key: Array(
+                wire_format.dtype, tuple(value.shape), RAW_STYPE, encode16(value, wire_format.dtype)
+            )
+            for key, value in master.items()
+        }
+    )
 
 
 def status_row(site: str, global_round: int, status: str, reason: str) -> wire.AuditRow:

@@ -132,7 +132,7 @@ def test_audit_suppression_and_round_trip():
 
 def test_strategy_aggregates_real_site_replies(site_round, site_registry, model_config, tmp_path):
     global_state, results, replies = site_round
-    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
+    run = FederationRunConfig(transport="float32", scenario_dir=tmp_path, run_dir=tmp_path)
     strategy = OmniFuseStrategy(run, model_config, registry=copy.deepcopy(site_registry))
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     aggregated, metrics = strategy.aggregate_train(1, replies)
@@ -158,7 +158,9 @@ def test_strategy_aggregates_real_site_replies(site_round, site_registry, model_
     assert config.site_laziness.keys() == {"a_full", "b_no_cxr"}
 
     # global TLA scope: the server merges the sites' sums and sends one combination back
-    global_run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, tla_scope="global")
+    global_run = FederationRunConfig(
+        transport="float32", scenario_dir=tmp_path, run_dir=tmp_path, tla_scope="global"
+    )
     global_strategy = OmniFuseStrategy(global_run, model_config, registry=site_registry)
     global_strategy.previous = strategy.previous
     global_strategy.aggregate_train(1, replies)
@@ -183,7 +185,9 @@ def test_the_run_configs_robust_rule_is_what_the_strategy_applies(
     wise statistic of the sites (with two sites both are their plain mean, not the sample-
     weighted one); a modality's parameters still come only from the sites that held it."""
     global_state, results, replies = site_round
-    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, aggregation=rule)
+    run = FederationRunConfig(
+        transport="float32", scenario_dir=tmp_path, run_dir=tmp_path, aggregation=rule
+    )
     strategy = OmniFuseStrategy(run, model_config, registry=copy.deepcopy(site_registry))
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     state = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()

@@ -184,6 +184,7 @@ def test_client_app_dp_round_with_the_strategys_config(
         message_type=MessageType.TRAIN,
         dst_node_id=1,
     )
+    [request] = strategy.with_uplink_keys([request])  # what the site sends back (omission)
     context = Context(
         run_id=1,
         node_id=1,

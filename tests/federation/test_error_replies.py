@@ -136,7 +136,9 @@ def test_the_server_names_the_site_and_metrics_json_holds_no_path(
     path = _site(tmp_path)
     error = train(_round_request(model_config, MessageType.TRAIN), _context(path))
     failed = Message(error.error, reply_to=request_to(ROUND_SITES["b_no_cxr"][2]))
-    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path / "run", min_train_nodes=1)
+    run = FederationRunConfig(
+        transport="float32", scenario_dir=tmp_path, run_dir=tmp_path / "run", min_train_nodes=1
+    )
     run.run_dir.mkdir()
     strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in OmniFuse(model_config).state_dict().items()}

@@ -28,7 +28,9 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.transport import encode_update
 from omnifuse_model import federation_schema as wire
+from omnifuse_model.wire_format import RAW_STYPE, decode16, encode16, held_modalities
 from server.run_config import FederationRunConfig
 from server.site_registry import REASON_CHARS
 from server.strategy import OmniFuseStrategy
@@ -251,7 +253,11 @@ def hostile_round(site_round, site_registry, model_config, tmp_path):
     bad_reply, good_reply = replies  # site_round lists b_no_cxr (node 12), then a_full
     assert bad_reply.metadata.src_node_id == BAD_NODE
     run = FederationRunConfig(
-        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, tla_scope="global"
+        transport="float32",
+        scenario_dir=tmp_path,
+        run_dir=tmp_path,
+        min_train_nodes=1,
+        tla_scope="global",
     )
     previous = {k: v.numpy() for k, v in global_state.items()}
 
@@ -403,10 +409,108 @@ def test_published_counts_fit_the_declaration_and_one_above_it_is_rejected(
     )
 
 
+# -- 16-bit transport with omission (issue #14 point 3) --------------------------------------
+def mutate_arrays16(data, records: dict, dtype: str, reference: dict) -> str:
+    """A 16-bit reply's arrays broken in a way the server must refuse: another dtype, stype,
+    shape or byte count, a value decoding to NaN/inf, a huge update, a key missing, a key it
+    was not asked for (a modality group it does not hold, or an unknown name)."""
+    arrays = {k: records[wire.ARRAYS][k] for k in records[wire.ARRAYS]}
+    key = data.draw(st.sampled_from(sorted(arrays)))
+    shape = tuple(arrays[key].shape)
+    value = decode16(arrays[key].data, dtype, shape)
+    how = data.draw(
+        st.sampled_from(
+            ["dtype", "stype", "shape", "bytes", "non_finite", "huge", "missing", "unasked"]
+        )
+    )
+    if how == "dtype":
+        other = data.draw(st.sampled_from(["float32", "int16", "uint16", "float16", "bfloat16"]))
+        if other == dtype:
+            other = "float32"
+        arrays[key] = Array(other, shape, RAW_STYPE, arrays[key].data)
+    elif how == "stype":  # the same values in Flower's numpy serialisation
+        arrays[key] = Array(value.astype(np.float16))
+    elif how == "shape":  # the same bytes declared with an extra axis
+        arrays[key] = Array(dtype, (*shape, 1), RAW_STYPE, arrays[key].data)
+    elif how == "bytes":  # two bytes short, or some bytes too many
+        raw = arrays[key].data
+        extra = data.draw(st.binary(min_size=1, max_size=8))
+        arrays[key] = Array(
+            dtype, shape, RAW_STYPE, raw[:-2] if data.draw(st.booleans()) else raw + extra
+        )
+    elif how == "non_finite":
+        flat = value.copy().ravel()
+        flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(
+            st.sampled_from([np.nan, np.inf, -np.inf])
+        )
+        arrays[key] = Array(dtype, shape, RAW_STYPE, encode16(flat, dtype))
+    elif how == "huge":
+        arrays[key] = Array(dtype, shape, RAW_STYPE, encode16(value + np.float32(1e4), dtype))
+    elif how == "missing":
+        del arrays[key]
+    else:  # a key the site was not asked for: a group of a modality it lacks, or a made-up one
+        unasked = sorted(set(reference) - set(arrays))
+        extra = data.draw(st.sampled_from(unasked) if unasked else odd_name(arrays))
+        size = reference[extra].shape if extra in reference else (2,)
+        zeros = np.zeros(size, np.float32)
+        arrays[extra] = Array(dtype, tuple(zeros.shape), RAW_STYPE, encode16(zeros, dtype))
+    records[wire.ARRAYS] = ArrayRecord(arrays)
+    return f"arrays16.{how}"
+
+
+@pytest.fixture(params=["float16", "bfloat16"])
+def hostile_round16(request, site_round, site_registry, model_config, tmp_path, reply_from):
+    """``hostile_round`` with the 16-bit wire and omission: replies as the ClientApp encodes
+    them (b_no_cxr sends no cxr group)."""
+    dtype = request.param
+    global_state, results, replies = site_round
+    run = FederationRunConfig(
+        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, tla_scope="global",
+        transport=dtype, omit_unheld=True,
+    )  # fmt: skip
+    encoded = []
+    for result, reply in zip(results, replies, strict=True):
+        held = held_modalities(site_registry.declarations[result.audit.site].num_present)
+        content = RecordDict({k: reply.content[k] for k in reply.content})
+        content[wire.ARRAYS] = encode_update(
+            result.state, global_state, run.wire_format(), model_config.modality_names, held
+        )
+        encoded.append(reply_from(content, reply.metadata.src_node_id))
+    bad_reply, good_reply = encoded
+    previous = {k: v.numpy() for k, v in global_state.items()}
+
+    def fresh() -> OmniFuseStrategy:
+        strategy = OmniFuseStrategy(run, model_config, registry=copy.deepcopy(site_registry))
+        strategy.previous = previous
+        return strategy
+
+    baseline = fresh()
+    arrays, metrics = baseline.aggregate_train(1, [good_reply])
+    both = fresh()
+    both.aggregate_train(1, [bad_reply, good_reply])
+    assert both.records[1].accepted_sites == ["a_full", BAD_SITE]  # the valid replies pass
+    return fresh, good_reply, bad_reply, (arrays, metrics, baseline), dtype, previous
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_mutated_16bit_reply_is_rejected_and_the_aggregate_is_the_same_without_it(
+    data, hostile_round16, reply_from
+):
+    fresh, good, bad, baseline, dtype, reference = hostile_round16
+    records = {key: bad.content[key] for key in bad.content}
+    TRIED[mutate_arrays16(data, records, dtype, reference)] += 1
+    strategy = fresh()
+    result = strategy.aggregate_train(1, [reply_from(RecordDict(records), BAD_NODE), good])
+    _assert_same_as_without(strategy, result, baseline, BAD_NODE, BAD_SITE)
+
+
 # -- evaluate replies ------------------------------------------------------------------------
 @pytest.fixture
 def evaluate_round(site_registry, model_config, tmp_path, reply_from):
-    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1)
+    run = FederationRunConfig(
+        transport="float32", scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1
+    )
 
     def reply(node: int, metrics: dict) -> Message:
         content = RecordDict({wire.METRICS: MetricRecord(metrics)})

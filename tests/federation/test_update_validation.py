@@ -58,7 +58,9 @@ def test_the_round_goes_on_without_the_rejected_site(
     site_round, site_registry, reply_from, model_config, tmp_path
 ):
     global_state, results, replies = site_round
-    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1)
+    run = FederationRunConfig(
+        transport="float32", scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1
+    )
     strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
     key = "forward_cra.blocks.0.encoder.0.weight"
@@ -84,7 +86,11 @@ def test_too_few_accepted_updates_keep_the_global_model(
 ):
     global_state, _, replies = site_round
     run = FederationRunConfig(
-        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=2, max_update_norm=1e-9
+        transport="float32",
+        scenario_dir=tmp_path,
+        run_dir=tmp_path,
+        min_train_nodes=2,
+        max_update_norm=1e-9,
     )  # every real update moves further
     strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
     strategy.previous = {k: v.numpy() for k, v in global_state.items()}
@@ -99,7 +105,9 @@ def test_an_unreadable_audit_is_a_rejection_not_a_crash(
 ):
     global_state, _, replies = site_round
     strategy = OmniFuseStrategy(
-        FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1),
+        FederationRunConfig(
+            transport="float32", scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1
+        ),
         model_config,
         registry=site_registry,
     )
