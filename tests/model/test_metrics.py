@@ -54,3 +54,12 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
     assert set(report) >= {"auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high"}
     with pytest.raises(ValueError, match="metric"):
         bootstrap_interval(labels, scores, "binary", "accuracy")
+
+
+def test_a_perfect_ranking_scores_exactly_one_never_above():
+    """sklearn's average precision of 9 positives ranked above 2 negatives sums to
+    1.0000000000000002; the site would then send a value the server rejects as out of range."""
+    labels = np.r_[np.zeros(2), np.ones(9)]
+    scores = np.arange(11) / 11
+    assert auprc(labels, scores, "binary") == 1.0
+    assert auroc(labels, scores, "binary") == 1.0
