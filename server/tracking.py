@@ -5,7 +5,8 @@ Enabled by the run-config key ``tensorboard = true`` (off by default); events go
 'omnifuse-fl[tracking]'``); asking for it without the package is an error that says so.
 The tags are ``global/<group>/<metric>`` (groups: server, evaluate_clients, train, bytes,
 time) and ``site/<site>/<statistic>`` from each accepted audit row (val_auroc, epsilon,
-weight/<modality>, weight_imputed/<modality> for a modality the site does not hold,
+test_time_weight/<modality>, test_time_weight_imputed/<modality> for a modality the site
+does not hold (the test-time confidence weight, not the training omega),
 imputation_error_normalised/<modality>, tla/<combination>). Suppressed or undefined values
 are not written.
 """
@@ -49,7 +50,10 @@ def site_scalars(row: wire.AuditRow) -> Iterator[tuple[str, float]]:
     held = row.observed_modalities
     for key, value in sorted(row.mean_dwfuse_weight.items()):
         if value is not None:  # a modality the site lacks: its weight is of an imputed embedding
-            group = "weight" if held is None or key in held else "weight_imputed"
+            # the test-time confidence weight (docs/AUDIT.md), not the training omega
+            group = (
+                "test_time_weight" if held is None or key in held else "test_time_weight_imputed"
+            )
             yield f"{prefix}/{group}/{key}", float(value)
     for group, values in (
         ("imputation_error_normalised", row.imputation_error_normalised),

@@ -85,9 +85,12 @@ def test_recorder_logs_every_rounds_global_and_site_metrics(tmp_path, model_conf
     assert logged["global/bytes/sent"] == [(1, 1000.0), (2, 2000.0)]
     assert logged["global/sites/failed_or_rejected"] == [(1, 1.0), (2, 1.0)]
     assert logged["site/site_a/val_auroc"] == [(1, pytest.approx(0.71)), (2, pytest.approx(0.72))]
-    assert logged["site/site_a/weight/ehr"][0] == (1, pytest.approx(0.6))
-    assert logged["site/site_a/weight_imputed/cxr"][0] == (1, pytest.approx(0.3))  # not held
-    assert "site/site_a/weight/cxr" not in logged
+    assert logged["site/site_a/test_time_weight/ehr"][0] == (1, pytest.approx(0.6))
+    assert logged["site/site_a/test_time_weight_imputed/cxr"][0] == (
+        1,
+        pytest.approx(0.3),
+    )  # not held
+    assert "site/site_a/test_time_weight/cxr" not in logged
     assert logged["site/site_a/imputation_error_normalised/ehr"][1] == (2, pytest.approx(0.7))
     assert logged["site/site_a/tla/ehr+cxr"][0] == (1, pytest.approx(0.5))
     assert "site/site_a/imputation_error_normalised/cxr" not in logged  # withheld: not logged
