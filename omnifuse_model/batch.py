@@ -114,6 +114,16 @@ class InMemoryMultimodalDataset(Dataset):
         )
 
 
+def zero_absent(column, keep: Tensor):
+    """``column`` with the rows where ``keep`` is False reading as zeros: a tensor is
+    multiplied by the mask; a lazily read column (one with a ``zero_rows`` method, e.g.
+    ``MappedRows``) stays lazy and unread."""
+    zero_rows = getattr(column, "zero_rows", None)
+    if zero_rows is not None:
+        return zero_rows(~keep)
+    return column * keep.view(-1, *[1] * (column.dim() - 1))
+
+
 def _take(column, indices: Tensor):
     """Rows ``indices`` of an input column: a tensor, or a lazily read column (one with a
     ``take_rows`` method, e.g. ``omnifuse_model.data.features.mapped_rows.MappedRows``, which

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from omnifuse_model.batch import InMemoryMultimodalDataset
+from omnifuse_model.batch import InMemoryMultimodalDataset, zero_absent
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.site_dataset import load_cached_split
@@ -30,8 +30,7 @@ def _absent_outside_site(
     availability = data.availability & held
     inputs = {}
     for index, name in enumerate(model_config.modality_names):
-        column = availability[:, index].view(-1, *[1] * (data.inputs[name].dim() - 1))
-        inputs[name] = data.inputs[name] * column
+        inputs[name] = zero_absent(data.inputs[name], availability[:, index])
     view = InMemoryMultimodalDataset(inputs, availability, data.labels, data.masks, data.sample_ids)
     return view.subset(availability.any(dim=1).nonzero().squeeze(1))
 

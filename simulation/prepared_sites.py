@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from client.statistics import site_statistics
-from omnifuse_model.batch import InMemoryMultimodalDataset
+from omnifuse_model.batch import InMemoryMultimodalDataset, zero_absent
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.manifest import read_manifest
@@ -192,7 +192,6 @@ def mask_at_rate(
         pick = held[torch.randint(0, len(held), (1,), generator=generator)]
         availability[row, pick] = True
     inputs = {}
-    for index, (name, tensor) in enumerate(data.inputs.items()):
-        column = availability[:, index].view(-1, *[1] * (tensor.dim() - 1))
-        inputs[name] = tensor * column
+    for index, (name, column) in enumerate(data.inputs.items()):
+        inputs[name] = zero_absent(column, availability[:, index])
     return InMemoryMultimodalDataset(inputs, availability, data.labels, data.masks, data.sample_ids)

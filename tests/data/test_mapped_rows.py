@@ -109,3 +109,22 @@ def test_concat_columns_keeps_rows_in_order_across_maps_and_tensors():
     assert torch.equal(concat_columns([plain, plain]), torch.cat([plain, plain]))
     with pytest.raises(ValueError, match="rows"):
         concat_columns([mapped, torch.zeros(1, 3)])
+
+
+def test_zero_absent_hides_rows_of_mapped_and_plain_columns_alike():
+    """Masking modalities at a rate (experiments) or outside a site: hidden rows read as zeros,
+    the others unchanged, a mapped column stays lazy, and the original is not changed."""
+    from omnifuse_model.batch import zero_absent
+    from omnifuse_model.data.features.mapped_rows import MappedRows
+
+    view = torch.arange(12, dtype=torch.float16).reshape(3, 2, 2)
+    mapped = MappedRows([view], torch.tensor([0, 0, -1]), torch.tensor([2, 0, 0]), (2, 2))
+    keep = torch.tensor([False, True, True])
+    hidden = zero_absent(mapped, keep)
+    assert isinstance(hidden, MappedRows)
+    assert torch.equal(
+        hidden[:], torch.stack([torch.zeros(2, 2), view[0].float(), torch.zeros(2, 2)])
+    )
+    assert torch.equal(mapped[0], view[2].float())  # the original column is untouched
+    plain = mapped[:]
+    assert torch.equal(zero_absent(plain, keep), hidden[:])

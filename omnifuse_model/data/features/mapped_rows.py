@@ -158,6 +158,11 @@ class MappedRows:
             return torch.zeros(0, *self.row_shape)
         return torch.stack([self._one(i) for i in positions.tolist()])
 
+    def zero_rows(self, rows: Tensor) -> MappedRows:
+        """The column with the samples where ``rows`` (bool ``[n]``) is True absent (zeros)."""
+        shard = torch.where(rows, torch.full_like(self.shard, -1), self.shard)
+        return MappedRows(self.views, shard, self.row, self.row_shape)
+
     def take_rows(self, indices: Tensor) -> MappedRows:
         """The column of the samples ``indices`` (same maps; nothing read)."""
         return MappedRows(self.views, self.shard[indices], self.row[indices], self.row_shape)
