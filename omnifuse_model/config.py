@@ -173,3 +173,25 @@ class TrainConfig(StrictModel):
     )
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers.")
     progress: bool = Field(default=True, description="Show rich progress bars.")
+
+
+_ABLATION_SWITCHES = ("use_tla", "use_forward_imputation", "use_backward_imputation")
+
+
+def ablation_row(
+    fusion: FusionKind, tla: bool = False, forward: bool = False, backward: bool = False
+) -> dict:
+    """OmniFuseConfig overrides of one fusion head with TLA / forward / backward imputation."""
+    switches = dict(zip(_ABLATION_SWITCHES, (tla, forward, backward), strict=True))
+    return {"fusion": fusion, **switches}
+
+
+ABLATION_ROWS: dict[str, dict] = {
+    "a": ablation_row("concat"),
+    "b": ablation_row("dwfuse"),
+    "c": ablation_row("dwfuse", tla=True),
+    "d": ablation_row("dwfuse", tla=True, forward=True),
+    "e": ablation_row("dwfuse", forward=True, backward=True),
+    "f": ablation_row("dwfuse", tla=True, forward=True, backward=True),
+}
+"""The paper's Table 4 rows (a)-(f) as OmniFuseConfig overrides."""

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
+from omnifuse_model.evaluation import EvaluationResult
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.synthetic import (
     SyntheticFeatureConfig,
@@ -79,6 +80,17 @@ def load_run_config(path: str | Path | None) -> CentralRunConfig:
         raise ValueError(f"{path}: invalid run config:\n{error}") from error
 
 
+def run_summary(model: OmniFuse, evaluation: EvaluationResult) -> dict:
+    """What a centralised run reports: test metrics, weights, imputation error, laziness."""
+    return {
+        "test": evaluation.metrics,
+        "mean_dwfuse_weight": evaluation.mean_dwfuse_weight,
+        "imputation_error": evaluation.imputation_error,
+        "lazy_combination": list(model.lazy_combination) if model.lazy_combination else None,
+        "laziness_scores": model.laziness.scores if model.laziness else {},
+    }
+
+
 def run_central(config: CentralRunConfig, out: str | Path, console: Console | None = None) -> dict:
     """Generate data, train with early stopping, evaluate on the test split, write the run."""
     console = console or Console()
@@ -91,13 +103,7 @@ def run_central(config: CentralRunConfig, out: str | Path, console: Console | No
     model = OmniFuse(config.model_config_for_data())
     result = fit(model, train, val, config.train)
     evaluation = evaluate(model, test, config.train)
-    summary = {
-        "test": evaluation.metrics,
-        "mean_dwfuse_weight": evaluation.mean_dwfuse_weight,
-        "imputation_error": evaluation.imputation_error,
-        "lazy_combination": list(model.lazy_combination) if model.lazy_combination else None,
-        "laziness_scores": model.laziness.scores if model.laziness else {},
-    }
+    summary = run_summary(model, evaluation)
     directory = write_run(out, model, config.train, result, test=summary)
     (directory / "run_config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     _print_summary(console, result.best_epoch, summary, directory)

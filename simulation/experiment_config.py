@@ -14,29 +14,13 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from omnifuse_model.config import StrictModel, TrainConfig
+from omnifuse_model.config import ABLATION_ROWS, StrictModel, TrainConfig, ablation_row
 from omnifuse_model.site_config import validation_problems
 
 CELL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
-# The Table 4 ablation rows and the fusion baselines (as simulation.benchmarks.fidelity).
-_SWITCHES = ("use_tla", "use_forward_imputation", "use_backward_imputation")
-
-
-def _row(fusion: str, tla: bool = False, forward: bool = False, backward: bool = False) -> dict:
-    return {"fusion": fusion, **dict(zip(_SWITCHES, (tla, forward, backward), strict=True))}
-
-
-ABLATION_ROWS: dict[str, dict] = {
-    "a": _row("concat"),
-    "b": _row("dwfuse"),
-    "c": _row("dwfuse", tla=True),
-    "d": _row("dwfuse", tla=True, forward=True),
-    "e": _row("dwfuse", forward=True, backward=True),
-    "f": _row("dwfuse", tla=True, forward=True, backward=True),
-}
 FUSION_BASELINES: dict[str, dict] = {
-    name: _row(name) for name in ("concat", "sum", "se_gate", "lstm")
+    name: ablation_row(name) for name in ("concat", "sum", "se_gate", "lstm")
 }
 
 

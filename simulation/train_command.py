@@ -111,7 +111,7 @@ def run_prepared(prepared, config: PreparedRunConfig, out: Path, console=None) -
     from omnifuse_model.model import OmniFuse
     from omnifuse_model.training import evaluate, fit, write_run
     from simulation import prepared_sites
-    from simulation.central import _print_summary
+    from simulation.central import _print_summary, run_summary
 
     console = console or Console()
     prepared.model = _model_config(prepared.model, config.model)
@@ -126,11 +126,7 @@ def run_prepared(prepared, config: PreparedRunConfig, out: Path, console=None) -
     result = fit(model, train, val, config.train)
     evaluation = evaluate(model, test, config.train)
     summary = {
-        "test": evaluation.metrics,
-        "mean_dwfuse_weight": evaluation.mean_dwfuse_weight,
-        "imputation_error": evaluation.imputation_error,
-        "lazy_combination": list(model.lazy_combination) if model.lazy_combination else None,
-        "laziness_scores": model.laziness.scores if model.laziness else {},
+        **run_summary(model, evaluation),
         "sites": sorted(datasets),
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
     }

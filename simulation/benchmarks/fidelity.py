@@ -52,7 +52,14 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from omnifuse_model.config import ModalitySpec, OmniFuseConfig, StrictModel, TrainConfig
+from omnifuse_model.config import (
+    ABLATION_ROWS,
+    ModalitySpec,
+    OmniFuseConfig,
+    StrictModel,
+    TrainConfig,
+    ablation_row,
+)
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.synthetic import SyntheticFeatureConfig
 from omnifuse_model.training import evaluate, fit
@@ -66,26 +73,11 @@ from simulation.benchmarks.fidelity_data import (
 )
 from simulation.benchmarks.fidelity_report import claims, print_tables, summarize
 
-_SWITCHES = ("use_tla", "use_forward_imputation", "use_backward_imputation")
-
-
-def _row(fusion: str, tla: bool = False, forward: bool = False, backward: bool = False) -> dict:
-    return {"fusion": fusion, **dict(zip(_SWITCHES, (tla, forward, backward), strict=True))}
-
-
-ABLATION_ROWS: dict[str, dict] = {
-    "a": _row("concat"),
-    "b": _row("dwfuse"),
-    "c": _row("dwfuse", tla=True),
-    "d": _row("dwfuse", tla=True, forward=True),
-    "e": _row("dwfuse", forward=True, backward=True),
-    "f": _row("dwfuse", tla=True, forward=True, backward=True),
-}
 FUSION_METHODS: dict[str, dict] = {
     "concat": ABLATION_ROWS["a"],
-    "sum": _row("sum"),
-    "se_gate": _row("se_gate"),
-    "lstm": _row("lstm"),
+    "sum": ablation_row("sum"),
+    "se_gate": ablation_row("se_gate"),
+    "lstm": ablation_row("lstm"),
     "dwfuse": ABLATION_ROWS["b"],
     "omnifuse": ABLATION_ROWS["f"],
 }

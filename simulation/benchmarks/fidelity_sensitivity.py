@@ -36,10 +36,10 @@ from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from omnifuse_model.config import ABLATION_ROWS
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.training import evaluate, fit
 from simulation.benchmarks.fidelity import (
-    ABLATION_ROWS,
     IMPUTATION_VARIANTS,
     FidelityConfig,
     Runner,

@@ -6,7 +6,7 @@ initialisation seed, so arms are paired. The model is the shipped one: ``OmniFus
 by ``omnifuse_model.training.fit`` (early stopping on validation AUROC, training-time
 modality dropping) and scored on predictions of its reported joint output.
 
-Arms come from the fidelity benchmark's Table 4 presets (``fidelity.ABLATION_ROWS``: (a)
+Arms come from the Table 4 presets (``omnifuse_model.config.ABLATION_ROWS``: (a)
 concat, (b) DWFuse, (c) DWFuse + TLA, (f) everything) plus single-switch variants: concat
 with forward imputation, concat with TLA, and DWFuse with beta = 0 (omega = 1).
 """
@@ -24,11 +24,10 @@ from pydantic import Field
 from torch import Tensor
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
-from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
+from omnifuse_model.config import ABLATION_ROWS, OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.metrics import auroc
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.training import fit, iterate_batches
-from simulation.benchmarks.fidelity import ABLATION_ROWS
 from simulation.benchmarks.mechanisms_data import (
     MechanismDataConfig,
     MechanismSplit,

@@ -69,9 +69,8 @@ import numpy as np
 from pydantic import Field
 from rich.progress import Progress
 
-from omnifuse_model.config import OmniFuseConfig, StrictModel
+from omnifuse_model.config import ABLATION_ROWS, OmniFuseConfig, StrictModel
 from simulation.benchmarks.federation import SMALL_MODEL
-from simulation.benchmarks.fidelity import ABLATION_ROWS
 from simulation.benchmarks.mechanism_result import MechanismResult, paired_result
 from simulation.benchmarks.mechanisms_data import Link, MechanismDataConfig, MechanismModality
 from simulation.benchmarks.mechanisms_federated_data import HeldOutTest, SiteLayout, build_sites

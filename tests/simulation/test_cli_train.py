@@ -7,21 +7,9 @@ import json
 import pytest
 
 from simulation.cli import main
+from tests.simulation.prepared_fixtures import TINY_TRAIN
 
-TINY = """
-train_size = 200
-val_size = 100
-test_size = 100
-[model]
-d = 8
-num_blocks = 1
-cra_hidden = [16, 8]
-[train]
-epochs = 2
-batch_size = 64
-bootstrap_samples = 10
-progress = false
-"""
+TINY = "train_size = 200\nval_size = 100\ntest_size = 100\n" + TINY_TRAIN
 
 
 def test_train_writes_config_metrics_and_checkpoint(tmp_path):
