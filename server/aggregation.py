@@ -101,6 +101,32 @@ def aggregate_states(
     return {key: result[key] for key in keys}
 
 
+def fedavg_weights(
+    counts: Sequence[Mapping[str, float]],
+    groups: Mapping[str, str | None],
+    *,
+    modality_aware: bool = True,
+    uniform: bool = False,
+) -> dict[str, np.ndarray | None]:
+    """Per group, each site's FedAvg weight as :func:`aggregate_states` uses it: float32,
+    normalised to sum to 1 over the sites taking part (0 for the others); None when no site
+    takes part (the group keeps its previous value).
+
+    ``groups`` maps a group's name to its modality (None: the shared parameters)."""
+    aware = modality_aware and not uniform
+    result: dict[str, np.ndarray | None] = {}
+    for name, modality in groups.items():
+        weights = _group_weights(counts, modality if aware else None, uniform)
+        sites = np.flatnonzero(weights > 0)
+        if sites.size == 0:
+            result[name] = None
+            continue
+        normalised = np.zeros(len(counts), np.float32)
+        normalised[sites] = (weights[sites] / weights[sites].sum()).astype(np.float32)
+        result[name] = normalised
+    return result
+
+
 def _check_arguments(
     states: Sequence[Mapping[str, np.ndarray]],
     counts: Sequence[Mapping[str, float]],

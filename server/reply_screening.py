@@ -6,13 +6,15 @@ site, reason).
 Screening never raises: a reply that cannot be read is a rejection like any other. The site
 is the one the registry bound to the sending node; a reply's own claims (audit row site and
 round) must agree with it. The update must hold exactly the keys the site was asked for, in
-the run's transport dtype, with the global shapes, finite, and within ``max-update-norm`` of
-the global weights (``server.update_rows``).
+the run's transport dtype, with the global shapes (``server.update_rows``), then, checked
+over the whole round in one streamed pass (``server.update_stream``, :func:`screen_norms`),
+be finite and within ``max-update-norm`` of the global weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +33,7 @@ from omnifuse_model.federation_replies import (
 )
 from omnifuse_model.wire_format import WireFormat, held_modalities, uplink_keys
 from server.site_registry import SiteRegistry, error_reason, short_reason
-from server.update_rows import UpdateLayout, decode_update, update_norm
+from server.update_rows import SiteUpdate, UpdateLayout, exact_norm, read_update
 
 
 @dataclass
@@ -58,7 +60,7 @@ class AcceptedTrain:
     node: int
     site: str
     metrics: TrainMetrics
-    update: np.ndarray  # float32 row: the update, or weights (``server.update_rows``)
+    update: SiteUpdate  # as sent: the update, or weights (``server.update_rows``)
     row: wire.AuditRow
     tla: tuple[dict[str, float], dict[str, int]] | None
     received_bytes: int
@@ -146,16 +148,43 @@ def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain
             else None
         )
         expected = context.expected_keys(site)
-        update = decode_update(records[wire.ARRAYS], context.layout, expected, context.wire)
-        norm = update_norm(update, context.layout, expected, context.wire.deltas)
-        if context.max_norm is not None and norm > context.max_norm:
-            raise ReplyError(f"norm_exceeded:{norm:.3g}>{context.max_norm:g}")
+        update = read_update(records[wire.ARRAYS], context.layout, expected, context.wire)
         received = records[wire.ARRAYS].count_bytes()
     except ReplyError as error:
         return Rejection(node, site, "rejected", error.reason, row)
     except Exception as error:  # a reply never stops the server
         return Rejection(node, site, "rejected", short_reason(f"unreadable:{type(error).__name__}"))
     return AcceptedTrain(node, site, metrics, update, row, tla, received)
+
+
+def screen_norms(
+    accepted: Sequence[AcceptedTrain], squared_norms: np.ndarray, context: TrainContext
+) -> tuple[list[AcceptedTrain], list[Rejection]]:
+    """The updates that are finite and within ``max-update-norm``, and a rejection naming
+    the first non-finite key, or the norm, for each other one (``squared_norms``: each
+    update's squared L2 norm, from ``server.update_stream``)."""
+    kept: list[AcceptedTrain] = []
+    rejected: list[Rejection] = []
+    for item, squared in zip(accepted, squared_norms, strict=True):
+        try:
+            norm = _norm(item.update, float(squared), context)
+            if context.max_norm is not None and norm > context.max_norm:
+                raise ReplyError(f"norm_exceeded:{norm:.3g}>{context.max_norm:g}")
+        except ReplyError as error:
+            rejected.append(Rejection(item.node, item.site, "rejected", error.reason, item.row))
+            continue
+        kept.append(item)
+    return kept, rejected
+
+
+def _norm(update: SiteUpdate, squared: float, context: TrainContext) -> float:
+    if math.isfinite(squared):
+        return math.sqrt(squared)
+    key = update.first_non_finite(context.layout)
+    if key is not None:
+        raise ReplyError(f"non_finite:{key}")
+    # every value finite, only a float32 sum of squares (or difference) overflowed
+    return exact_norm(update, context.layout, context.wire.deltas)
 
 
 def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedEvaluate | Rejection:

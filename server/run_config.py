@@ -77,6 +77,15 @@ class FederationRunConfig(StrictModel):
             "torch's default, which Ray sets from the client's reserved CPUs."
         ),
     )
+    server_threads: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "Threads the server reads and averages a round's updates with "
+            "(server.update_stream); 0: the machine's cores, at most 4."
+        ),
+    )
     # -- wire format (issue #14 point 3; server.strategy, omnifuse_model.wire_format) --
     transport: TransportDtype = Field(
         default="bfloat16",

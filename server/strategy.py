@@ -24,7 +24,7 @@ import random
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -33,13 +33,10 @@ from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.laziness import LazinessMiner
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.wire_format import (
-    RAW_STYPE,
     UPLINK_MODALITIES,
-    WireFormat,
-    encode16,
     held_modalities,
 )
-from server.aggregation import aggregate_states
+from server.master_weights import MasterWeights
 from server.reply_screening import (
     AcceptedEvaluate,
     AcceptedTrain,
@@ -102,14 +99,11 @@ class OmniFuseStrategy(FedAvg):
         self.previous: dict[str, np.ndarray] | None = None  # the float32 master weights
         self.records: dict[int, RoundRecord] = {}
         self.wire = run.wire_format()
-        self._layout: UpdateLayout | None = None
+        self.weights = MasterWeights(run, model_config.modality_names)
 
     def layout(self) -> UpdateLayout:
         """The flat layout of the master weights (rebuilt when they change)."""
-        previous = self.previous or {}
-        if self._layout is None or self._layout.master is not previous:
-            self._layout = UpdateLayout(previous, self.model_config.modality_names)
-        return self._layout
+        return self.weights.layout(self.previous or {})
 
     # -- helpers --------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -157,8 +151,7 @@ class OmniFuseStrategy(FedAvg):
             self.run.round_timeout,
         )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
-        self.previous = {k: v.numpy() for k, v in arrays.items()}
-        downlink = downlink_arrays(self.previous, self.wire, arrays)
+        self.previous, downlink = self.weights.round_arrays(arrays)
         messages = self.with_uplink_keys(
             self.without_excluded(
                 server_round,
@@ -176,7 +169,7 @@ class OmniFuseStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         random.seed(self.run.seed * 100_003 + self.global_round(server_round) + 50_000)
-        downlink = downlink_arrays({k: v.numpy() for k, v in arrays.items()}, self.wire, arrays)
+        _, downlink = self.weights.round_arrays(arrays)
         return self.without_excluded(
             server_round,
             super().configure_evaluate(
@@ -236,7 +229,13 @@ class OmniFuseStrategy(FedAvg):
         return self.average(global_round, accepted)
 
     def screen_train(self, global_round: int, replies: list[Message]) -> list[AcceptedTrain]:
-        """Accepted replies in site order; rejections go to the round's record."""
+        """Accepted replies in site order; rejections go to the round's record.
+
+        Each reply is screened on its own (records, metrics, audit row, the update's keys,
+        dtypes, shapes and byte counts); then every update is read once, in one streamed pass
+        (``server.update_stream``) that gives each one's norm and, with FedAvg, the aggregate
+        of all of them; a non-finite or too large update is rejected and, only then, the
+        aggregate is taken again without it."""
         record = self.record(global_round)
         context = TrainContext(
             self.registry,
@@ -248,10 +247,11 @@ class OmniFuseStrategy(FedAvg):
             self.layout(),
         )
         screened = one_reply_per_node([screen_train_reply(m, context) for m in replies])
-        accepted = sorted(
+        candidates = sorted(
             (s for s in screened if isinstance(s, AcceptedTrain)), key=lambda a: a.site
         )
         rejected = [s for s in screened if isinstance(s, Rejection)]
+        accepted = self.weights.screen_norms(candidates, context, rejected)
         rows = [a.row for a in accepted]
         for rejection in rejected:
             log.warning(
@@ -288,7 +288,8 @@ class OmniFuseStrategy(FedAvg):
         aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics."""
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
-        averaged = self.apply_updates(accepted, metrics)
+        self.layout()
+        arrays = self.weights.adopt(*self.weights.new_master(accepted, metrics))
         for item in accepted:
             self.registry.last_counts[item.site] = item.metrics.counts()
             if item.row.lazy_combination:
@@ -309,7 +310,6 @@ class OmniFuseStrategy(FedAvg):
                 aggregated[key + "-sum"] = float(sum(seconds))
                 aggregated[key + "-max"] = float(max(seconds, default=0.0))
         record.train = aggregated
-        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
         log.info(
             "round %d: aggregated %d sites, bytes sent %d received %d",
             global_round,
@@ -322,37 +322,10 @@ class OmniFuseStrategy(FedAvg):
     def apply_updates(
         self, accepted: list[AcceptedTrain], metrics: list[dict[str, float]]
     ) -> dict[str, np.ndarray]:
-        """The new float32 master weights.
-
-        16-bit transport: master + the aggregate of the sites' updates (a group no site took
-        part in gets update 0). float32 transport: the aggregate of the sites' weights (a
-        group no site took part in keeps the master's value). A key left out of a site's reply
-        is 0 in its row, and that site's weight for the key's group is 0 (``wire_format``)."""
+        """The new float32 master weights, as views on one row
+        (``MasterWeights.new_master``)."""
         layout = self.layout()
-        deltas = self.wire.deltas
-        # FedAvg is elementwise: one long vector per group gives the same bits as key by key
-        # (robust rules sort in bounded blocks of keys, so they get the per-key views)
-        fedavg = self.run.aggregation == "fedavg"
-        split = layout.group_view if fedavg else layout.views
-        keep = np.zeros(layout.size, np.float32) if deltas else layout.flat_master()
-        aggregate = aggregate_states(
-            [split(a.update) for a in accepted],
-            metrics,
-            self.model_config.modality_names,
-            split(keep),
-            rule=self.run.aggregation,
-            modality_aware=self.run.modality_aware,
-            uniform=self.run.central_dp != "off",
-            trim_fraction=self.run.trim_fraction,
-        )
-        flat = np.empty(layout.size, np.float32)
-        spans = layout.group_spans if fedavg else layout.spans
-        for name, value in aggregate.items():
-            start, stop = spans[name]
-            flat[start:stop] = value.reshape(-1)
-        if deltas:
-            flat += layout.flat_master()
-        return layout.views(flat)
+        return layout.views(self.weights.new_master(accepted, metrics)[0])
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -377,23 +350,6 @@ class OmniFuseStrategy(FedAvg):
         accepted.sort(key=lambda a: a.site)
         record.evaluate_clients = weighted_metrics([a.metrics.as_metrics() for a in accepted])
         return MetricRecord(record.evaluate_clients)
-
-
-def downlink_arrays(
-    master: dict[str, np.ndarray], wire_format: WireFormat, arrays: ArrayRecord
-) -> ArrayRecord:
-    """What every site is sent: ``arrays`` as they are (float32), or the 16-bit rounding of
-    the master weights as raw bytes (``omnifuse_model.wire_format``)."""
-    if not wire_format.deltas:
-        return arrays
-    return ArrayRecord(
-        {
-            key: Array(
-                wire_format.dtype, tuple(value.shape), RAW_STYPE, encode16(value, wire_format.dtype)
-            )
-            for key, value in master.items()
-        }
-    )
 
 
 def status_row(site: str, global_round: int, status: str, reason: str) -> wire.AuditRow:

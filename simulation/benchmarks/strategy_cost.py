@@ -32,7 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -80,9 +89,14 @@ def _reply(node: int, content: RecordDict) -> Message:
 
 
 def site_replies(
-    config: OmniFuseConfig, master: dict[str, torch.Tensor], run: FederationRunConfig, sites: int
+    config: OmniFuseConfig,
+    master: dict[str, torch.Tensor],
+    run: FederationRunConfig,
+    sites: int,
+    server_round: int = 1,
 ) -> tuple[SiteRegistry, list[Message]]:
-    """A registry binding ``sites`` nodes, and one valid train reply per node."""
+    """A registry binding ``sites`` nodes, and one valid train reply per node for
+    ``server_round``."""
     names = config.modality_names
     registry = SiteRegistry()
     replies = []
@@ -99,7 +113,7 @@ def site_replies(
         held = held_modalities(present) if wire_format.omit_unheld else None
         audit = wire.AuditRow(
             site=declaration.site,
-            round=1,
+            round=server_round,
             num_examples=TRAIN_SIZE,
             availability_counts={},
             tla_scores={},
@@ -127,7 +141,13 @@ def site_replies(
 
 
 def time_rounds(transport: str, sites: int, repeats: int, quick: bool) -> dict:
-    """Median ms of ``aggregate_train`` over ``repeats`` fresh strategies (one warm-up)."""
+    """Median ms of a round's strategy work over ``repeats`` fresh strategies (one warm-up).
+
+    Per strategy: round 1 (``aggregate_train`` on the initial weights: the layout is built),
+    then round 2, the steady state of every later round: ``aggregate_train`` alone
+    (``ms``), and with the arrays work of the next evaluate and train configuration
+    (``round_ms``: ``round_arrays`` of the record it returned, the master weights and the
+    downlink, twice, as Flower asks for them)."""
     config = model_config(quick)
     torch.manual_seed(0)
     master = OmniFuse(config).state_dict()
@@ -136,27 +156,41 @@ def time_rounds(transport: str, sites: int, repeats: int, quick: bool) -> dict:
         scenario_dir=root, run_dir=root, transport=transport, min_train_nodes=1
     )
     registry, replies = site_replies(config, master, run, sites)
-    arrays = {k: v.numpy() for k, v in master.items()}
-    times, cpu = [], []
+    _, second = site_replies(config, master, run, sites, server_round=2)
+    first = ArrayRecord({k: Array(v.numpy()) for k, v in master.items()})
+    timed: dict[str, list[float]] = {k: [] for k in ("first", "ms", "cpu", "round", "round_cpu")}
     for repeat in range(repeats + 1):
         strategy = OmniFuseStrategy(run, config, registry=registry)
-        strategy.previous = dict(arrays)  # a new round: the layout is rebuilt, as it is live
-        started, started_cpu = time.perf_counter(), time.process_time()
+        strategy.previous, _ = strategy.weights.round_arrays(first)  # round 1's configure_train
+        started = time.perf_counter()
         result, _ = strategy.aggregate_train(1, replies)
+        first_ms = 1000 * (time.perf_counter() - started)
+        strategy.previous, _ = strategy.weights.round_arrays(result)  # round 2's configure_train
+        started, started_cpu = time.perf_counter(), time.process_time()
+        result, _ = strategy.aggregate_train(2, second)
         elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
-        if result is None or len(strategy.records[1].accepted_sites) != sites:
-            raise RuntimeError(f"{sites} sites, {transport}: not every reply was accepted")
+        strategy.weights.round_arrays(result)  # configure_evaluate of round 2
+        strategy.weights.round_arrays(result)  # configure_train of round 3
+        whole, whole_cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        for round_id in (1, 2):
+            if len(strategy.records[round_id].accepted_sites) != sites:
+                raise RuntimeError(f"{sites} sites, {transport}: not every reply was accepted")
         if repeat:
-            times.append(1000 * elapsed)
-            cpu.append(1000 * elapsed_cpu)
-    received = strategy.records[1].bytes["received"]
+            for key, value in zip(
+                timed, (first_ms, elapsed, elapsed_cpu, whole, whole_cpu), strict=True
+            ):
+                timed[key].append(value if key == "first" else 1000 * value)
     return {
         "transport": transport,
         "sites": sites,
-        "ms": statistics.median(times),
-        "ms_all": times,
-        "cpu_ms": statistics.median(cpu),
-        "received_bytes": received,
+        "ms": statistics.median(timed["ms"]),
+        "ms_all": timed["ms"],
+        "cpu_ms": statistics.median(timed["cpu"]),
+        "round_ms": statistics.median(timed["round"]),
+        "round_cpu_ms": statistics.median(timed["round_cpu"]),
+        "first_round_ms": statistics.median(timed["first"]),
+        "server_threads": strategy.weights.threads,
+        "received_bytes": strategy.records[2].bytes["received"],
     }
 
 

@@ -15,10 +15,10 @@ key names), for float32 (today's wire), 16-bit, and 16-bit with omission; as a %
 cxr) federated in process for R rounds x E local epochs with modality-aware FedAvg, through
 the functions the apps use each round: the strategy's downlink encoding, the ClientApp's
 decoding, ``train_round``, the ClientApp's update encoding and the strategy's screening
-decode (``server.update_rows``) and ``apply_updates``. Only the Flower messaging is left
-out. Each seed fixes data, initialisation and site training seeds for every transport, so
-the per-seed AUROC difference (16-bit - float32) is paired; reported with its mean and a
-95% t interval. The target: the interval within +-0.005.
+read (``server.update_rows``), norm (``server.update_stream``) and ``apply_updates``. Only
+the Flower messaging is left out. Each seed fixes data, initialisation and site training
+seeds for every transport, so the per-seed AUROC difference (16-bit - float32) is paired;
+reported with its mean and a 95% t interval. The target: the interval within +-0.005.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ from omnifuse_model.site_config import load_site_config
 from omnifuse_model.site_data import load_site_datasets
 from omnifuse_model.training import evaluate
 from omnifuse_model.wire_format import TRANSPORT_DTYPES, WireFormat, held_modalities, uplink_keys
+from server.master_weights import downlink_arrays
 from server.reply_screening import AcceptedTrain
 from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry
-from server.strategy import OmniFuseStrategy, downlink_arrays
-from server.update_rows import decode_update, update_norm
+from server.strategy import OmniFuseStrategy
+from server.update_rows import read_update
+from server.update_stream import stream_updates
 from simulation.benchmarks.federation import SMALL_MODEL, BenchmarkConfig
 from simulation.scenarios import write_feature_scenario
 
@@ -168,8 +170,10 @@ def _site_round(
     record = encode_update(result.state, received, wire, names, held)
     layout = strategy.layout()
     expected = uplink_keys(layout.master, names, held)
-    update = decode_update(record, layout, expected, wire)
-    update_norm(update, layout, expected, wire.deltas)
+    update = read_update(record, layout, expected, wire)
+    squared = stream_updates([update], layout, None, deltas=wire.deltas).squared_norms[0]
+    if not np.isfinite(squared):
+        raise RuntimeError(f"site {site.name}: a non-finite update")
     metrics = parse_train_metrics(result.metrics, names)
     return AcceptedTrain(node, site.name, metrics, update, result.audit, None, record.count_bytes())
 

@@ -30,8 +30,9 @@ from omnifuse_model.wire_format import (
     round16,
     uplink_keys,
 )
+from server.master_weights import downlink_arrays
 from server.run_config import FederationRunConfig
-from server.strategy import OmniFuseStrategy, downlink_arrays
+from server.strategy import OmniFuseStrategy
 from tests.federation.conftest import ROUND_SITES, make_site
 
 NAMES = ["ehr", "cxr"]
@@ -209,3 +210,57 @@ def test_central_dp_forces_the_float32_wire(tmp_path):
     assert run.wire_format() == WireFormat(dtype="float32", omit_unheld=False)
     plain = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, modality_aware=False)
     assert plain.wire_format().omit_unheld is False
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_the_next_rounds_master_and_downlink_come_from_the_aggregation_unchanged(
+    dtype, site_round, site_registry, model_config, reply_from, tmp_path
+):
+    """Flower hands the record aggregate_train returned back to configure_train/evaluate:
+    the strategy's master weights and downlink for it are exactly what decoding and encoding
+    the record would give (made once, in the aggregation's pass)."""
+    global_state = site_round[0]
+    run = run_config(tmp_path, dtype, omit=dtype != "float32")
+    replies = (
+        site_round[2]
+        if dtype == "float32"
+        else encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
+    )
+    arrays, _ = aggregate(run, model_config, site_registry, global_state, replies)
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    new_record, _ = strategy.aggregate_train(1, replies)
+    master, downlink = strategy.weights.round_arrays(new_record)
+    assert master.keys() == arrays.keys()
+    for key, value in new_record.items():
+        assert np.array_equal(master[key], value.numpy()) and master[key].dtype == np.float32
+        assert np.array_equal(master[key], arrays[key])
+    expected = downlink_arrays(master, run.wire_format(), new_record)
+    assert {k: downlink[k].data for k in downlink} == {k: expected[k].data for k in expected}
+    again = strategy.weights.round_arrays(new_record)
+    assert again[0] is master and again[1] is downlink  # made once
+    foreign = ArrayRecord({k: v for k, v in make_state(model_config).items()})
+    decoded, _ = strategy.weights.round_arrays(foreign)
+    assert all(np.array_equal(decoded[k], foreign[k].numpy()) for k in foreign)
+
+
+def test_apply_updates_on_other_replies_than_screened_averages_those(
+    site_round, site_registry, model_config, reply_from, tmp_path
+):
+    """The aggregate the screening pass left is used only for exactly the updates it read."""
+    global_state = site_round[0]
+    run = run_config(tmp_path, "bfloat16")
+    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    accepted = strategy.screen_train(1, replies)
+    both = strategy.apply_updates(accepted, [a.metrics.as_metrics() for a in accepted])
+    one = strategy.apply_updates(accepted[:1], [accepted[0].metrics.as_metrics()])
+    alone = OmniFuseStrategy(run, model_config, registry=site_registry)
+    alone.previous = strategy.previous
+    first = alone.screen_train(
+        1, [r for r in replies if r.metadata.src_node_id == accepted[0].node]
+    )
+    expected = alone.apply_updates(first, [first[0].metrics.as_metrics()])
+    assert all(np.array_equal(one[k], expected[k]) for k in expected)
+    assert any(not np.array_equal(one[k], both[k]) for k in both)
