@@ -23,7 +23,8 @@ NUMPY_STYPE = "numpy.ndarray"  # Flower's SType.NUMPY
 
 
 @functools.lru_cache(maxsize=4096)
-def _npy_header(shape: tuple[int, ...]) -> bytes:
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` (v1.0) header of a little-endian float32 C-order array of ``shape``."""
     buffer = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False}
     np.lib.format.write_array_header_1_0(buffer, {**header, "shape": shape})
@@ -39,6 +40,16 @@ def _array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array
     return array
 
 
+def record_of_bytes(
+    data: Mapping[str, bytes], dtype: str, stype: str, shapes: Mapping[str, tuple[int, ...]]
+) -> ArrayRecord:
+    """The ArrayRecord of each key's ready bytes (``shapes`` gives the keys and their order)."""
+    record = ArrayRecord()
+    for key, shape in shapes.items():
+        record[key] = _array(dtype, tuple(int(n) for n in shape), stype, data[key])
+    return record
+
+
 def float32_record(
     row: np.ndarray, spans: Mapping[str, tuple[int, int]], shapes: Mapping[str, tuple[int, ...]]
 ) -> ArrayRecord:
@@ -49,7 +60,7 @@ def float32_record(
     record = ArrayRecord()  # filled key by key: ArrayRecord(dict) copies every Array again
     for key, (start, stop) in spans.items():
         shape = tuple(int(n) for n in shapes[key])
-        data = b"".join((_npy_header(shape), memoryview(row[start:stop])))
+        data = b"".join((npy_header(shape), memoryview(row[start:stop])))
         record[key] = _array("float32", shape, NUMPY_STYPE, data)
     return record
 

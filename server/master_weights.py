@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord
 from omnifuse_model.federation_schema import parameter_modality
 from omnifuse_model.wire_format import RAW_STYPE, WireFormat, encode16
 from server.aggregation import aggregate_states, fedavg_weights
-from server.array_records import float32_record, raw16_record
+from server.array_records import NUMPY_STYPE, float32_record, raw16_record, record_of_bytes
 from server.reply_screening import AcceptedTrain, Rejection, TrainContext, screen_norms
 from server.run_config import FederationRunConfig
 from server.update_rows import UpdateLayout
@@ -132,13 +132,15 @@ class MasterWeights:
             norms=norms,
             threads=self.threads,
             encode=self.wire.dtype if deltas else None,
+            serialise=weights is not None,
         )
 
     def new_master(
         self, accepted: list[AcceptedTrain], metrics: list[dict[str, float]]
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The new float32 master weights as one row of the layout, and, with 16-bit
-        transport and FedAvg, their 16-bit rounding (the next downlink, ``uint16``).
+    ) -> StreamResult:
+        """The new float32 master weights as one row of the layout (``aggregate``) and, with
+        FedAvg, their bytes per key and, with 16-bit transport, their 16-bit rounding (the
+        next downlink).
 
         16-bit transport: master + the aggregate of the sites' updates (a group no site took
         part in gets update 0). float32 transport: the aggregate of the sites' weights (a
@@ -155,9 +157,8 @@ class MasterWeights:
             updates = [a.update for a in accepted]
             streamed = self._streamed
             if streamed is not None and streamed[0] == tuple(map(id, updates)):
-                return streamed[1].aggregate, streamed[1].encoded
-            result = self._stream(updates, self.fedavg_weights(accepted), norms=False)
-            return result.aggregate, result.encoded
+                return streamed[1]
+            return self._stream(updates, self.fedavg_weights(accepted), norms=False)
         keep = np.zeros(layout.size, np.float32) if deltas else layout.flat_master()
         aggregate = aggregate_states(
             [layout.views(a.update.row(layout)) for a in accepted],
@@ -175,18 +176,25 @@ class MasterWeights:
             flat[start:stop] = value.reshape(-1)
         if deltas:
             flat += layout.flat_master()
-        return flat, None
+        return StreamResult(flat, np.zeros(len(accepted)))
 
-    def adopt(self, row: np.ndarray, encoded: np.ndarray | None) -> ArrayRecord:
-        """Make ``row`` (new master weights in the current layout) the next round's master:
-        its float32 record (returned to Flower), views, layout and downlink."""
+    def adopt(self, new: StreamResult) -> ArrayRecord:
+        """Make ``new.aggregate`` (new master weights in the current layout) the next round's
+        master: its float32 record (returned to Flower), views, layout and downlink, from
+        the bytes the pass made when it did."""
         layout = self._layout
-        assert layout is not None
+        assert layout is not None and new.aggregate is not None
+        row = new.aggregate
         shapes = {key: value.shape for key, value in layout.master.items()}
-        arrays = float32_record(row, layout.spans, shapes)
+        if new.float32_bytes:
+            arrays = record_of_bytes(new.float32_bytes, "float32", NUMPY_STYPE, shapes)
+        else:
+            arrays = float32_record(row, layout.spans, shapes)
         master = layout.views(row)
-        if encoded is not None:
-            downlink = raw16_record(encoded, self.wire.dtype, layout.spans, shapes)
+        if new.encoded_bytes:
+            downlink = record_of_bytes(new.encoded_bytes, self.wire.dtype, RAW_STYPE, shapes)
+        elif new.encoded is not None:
+            downlink = raw16_record(new.encoded, self.wire.dtype, layout.spans, shapes)
         else:
             downlink = downlink_arrays(master, self.wire, arrays)
         self._sent = SentArrays(arrays, master, downlink)

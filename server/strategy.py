@@ -289,7 +289,7 @@ class OmniFuseStrategy(FedAvg):
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
         self.layout()
-        arrays = self.weights.adopt(*self.weights.new_master(accepted, metrics))
+        arrays = self.weights.adopt(self.weights.new_master(accepted, metrics))
         for item in accepted:
             self.registry.last_counts[item.site] = item.metrics.counts()
             if item.row.lazy_combination:
@@ -325,7 +325,7 @@ class OmniFuseStrategy(FedAvg):
         """The new float32 master weights, as views on one row
         (``MasterWeights.new_master``)."""
         layout = self.layout()
-        return layout.views(self.weights.new_master(accepted, metrics)[0])
+        return layout.views(self.weights.new_master(accepted, metrics).aggregate)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

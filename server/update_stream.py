@@ -25,21 +25,41 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.array_records import npy_header
 from server.update_rows import Chunk, SiteUpdate, UpdateLayout
 
 
 @dataclass
 class StreamResult:
-    """The aggregate row (None when not asked), each site's squared norm (float64) and the
-    aggregate's 16-bit rounding as raw ``uint16`` (when asked: the next downlink)."""
+    """The aggregate row (None when not asked), each site's squared norm (float64), the
+    aggregate's 16-bit rounding as raw ``uint16`` (when asked: the next downlink) and, when
+    asked to serialise, each key's bytes: ``.npy`` float32 (Flower's ``Array(ndarray)``
+    bytes) and raw 16-bit."""
 
     aggregate: np.ndarray | None
     squared_norms: np.ndarray
     encoded: np.ndarray | None = None
+    float32_bytes: dict[str, bytes] = field(default_factory=dict)
+    encoded_bytes: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Pass:
+    """What every worker of one pass reads and writes (disjoint chunks of the rows)."""
+
+    updates: Sequence[SiteUpdate]
+    layout: UpdateLayout
+    weights: Mapping[str, np.ndarray | None] | None
+    deltas: bool
+    norms: bool
+    aggregate: np.ndarray | None
+    encoded: np.ndarray | None
+    result: StreamResult
+    serialise: bool
 
 
 def default_threads() -> int:
@@ -56,6 +76,7 @@ def stream_updates(
     norms: bool = True,
     threads: int = 1,
     encode: str | None = None,
+    serialise: bool = False,
 ) -> StreamResult:
     """Read every update once, chunk by chunk.
 
@@ -73,6 +94,8 @@ def stream_updates(
         encode: ``float16`` / ``bfloat16``: also round the aggregate to 16 bits, chunk by
             chunk while it is in cache (round to nearest even, as
             ``omnifuse_model.wire_format.encode16``).
+        serialise: also copy each key's aggregate (and 16-bit rounding) into the bytes of
+            its Flower ``Array`` while the chunk is in cache (``server.array_records``).
     """
     aggregate = np.empty(layout.size, np.float32) if weights is not None else None
     encoded = None
@@ -80,52 +103,44 @@ def stream_updates(
         if encode not in ("float16", "bfloat16"):
             raise ValueError(f"encode {encode!r}: expected float16 or bfloat16")
         encoded = np.empty(layout.size, np.uint16 if encode == "bfloat16" else np.float16)
-    master = layout.flat_master()
+    result = StreamResult(aggregate, np.zeros(len(updates)))
+    work = _Pass(updates, layout, weights, deltas, norms, aggregate, encoded, result, serialise)
     workers = max(1, min(threads, len(layout.chunks)))
     shares = [layout.chunks[index::workers] for index in range(workers)]
-
-    def run(chunks: list[Chunk]) -> np.ndarray:
-        return _stream_chunks(chunks, updates, master, weights, aggregate, deltas, norms, encoded)
-
     if workers == 1:
-        partial = [run(shares[0])]
+        partial = [_stream_chunks(shares[0], work)]
     else:
         with ThreadPoolExecutor(workers) as pool:
-            partial = list(pool.map(run, shares))
-    raw = None if encoded is None else encoded.view(np.uint16)
-    return StreamResult(aggregate, np.sum(partial, axis=0), raw)
+            partial = list(pool.map(lambda chunks: _stream_chunks(chunks, work), shares))
+    result.squared_norms = np.sum(partial, axis=0)
+    result.encoded = None if encoded is None else encoded.view(np.uint16)
+    return result
 
 
-def _stream_chunks(
-    chunks: list[Chunk],
-    updates: Sequence[SiteUpdate],
-    master: np.ndarray,
-    weights: Mapping[str, np.ndarray | None] | None,
-    aggregate: np.ndarray | None,
-    deltas: bool,
-    norms: bool,
-    encoded: np.ndarray | None,
-) -> np.ndarray:
+def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
     """One worker's chunks; returns its part of the squared norms."""
     largest = max((chunk.size for chunk in chunks), default=0)
     scratch = np.empty(largest, np.float32)
-    bits = np.empty(largest, np.uint32)
     difference = np.empty(largest, np.float32)
-    squared = np.zeros(len(updates), np.float64)
+    bits = np.empty(largest, np.uint32)
+    squared = np.zeros(len(work.updates), np.float64)
+    master = work.layout.flat_master()
     for chunk in chunks:
         values, old = scratch[: chunk.size], master[chunk.start : chunk.stop]
-        group = None if weights is None else weights[chunk.group]
-        out = None if aggregate is None else aggregate[chunk.start : chunk.stop]
+        group = None if work.weights is None else work.weights[chunk.group]
+        out = None if work.aggregate is None else work.aggregate[chunk.start : chunk.stop]
         started = False
-        for site, update in enumerate(updates):
+        for site, update in enumerate(work.updates):
             weight = 0.0 if group is None else float(group[site])
             sent = any(key in update.parts for key, _, _ in chunk.parts)
-            if not (weight > 0 or (norms and (sent or not deltas))):
+            if not (weight > 0 or (work.norms and (sent or not work.deltas))):
                 continue  # nothing sent here and no part in the sum: zeros, no work
             for key, offset, size in chunk.parts:
                 update.decode_into(key, values[offset : offset + size])
-            if norms:
-                delta = values if deltas else np.subtract(values, old, out=difference[: chunk.size])
+            if work.norms:
+                delta = values
+                if not work.deltas:
+                    delta = np.subtract(values, old, out=difference[: chunk.size])
                 squared[site] += float(np.dot(delta, delta))
             if weight > 0 and out is not None:
                 if not started:
@@ -135,13 +150,31 @@ def _stream_chunks(
                     np.multiply(values, group[site], out=values)
                     np.add(out, values, out=out)
         if out is not None:
-            if not started:  # no site takes part in the group: the master's values
-                out[...] = old
-            elif deltas:
-                np.add(out, old, out=out)
-            if encoded is not None:  # the chunk was just written: still in cache
-                _encode16(out, encoded[chunk.start : chunk.stop], bits[: chunk.size])
+            _finish_chunk(chunk, work, out, old, started, bits[: chunk.size])
     return squared
+
+
+def _finish_chunk(
+    chunk: Chunk, work: _Pass, out: np.ndarray, old: np.ndarray, started: bool, bits: np.ndarray
+) -> None:
+    """The chunk's aggregate complete (master kept or added), rounded and serialised while
+    it is in cache."""
+    if not started:  # no site takes part in the group: the master's values
+        out[...] = old
+    elif work.deltas:
+        np.add(out, old, out=out)
+    encoded = None
+    if work.encoded is not None:
+        encoded = work.encoded[chunk.start : chunk.stop]
+        _encode16(out, encoded, bits)
+    if not work.serialise:
+        return
+    for key, offset, size in chunk.parts:
+        shape = work.layout.master[key].shape
+        piece = out[offset : offset + size]
+        work.result.float32_bytes[key] = b"".join((npy_header(shape), memoryview(piece)))
+        if encoded is not None:
+            work.result.encoded_bytes[key] = encoded[offset : offset + size].tobytes()
 
 
 def _encode16(values: np.ndarray, out: np.ndarray, bits: np.ndarray) -> None:

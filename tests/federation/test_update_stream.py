@@ -200,3 +200,19 @@ def test_raw16_records_hold_each_keys_16bit_values():
     assert decoded.tolist() == decode16(encode16(values[4:], "bfloat16"), "bfloat16", (6,)).tolist()
     with pytest.raises(ValueError, match="float32"):
         float32_record(values.astype(np.float64), {"a": (0, 4)}, {"a": (4,)})
+
+
+def test_bytes_serialised_in_the_pass_are_those_of_the_records_of_the_row():
+    master = master_weights(6)
+    layout = UpdateLayout(master, NAMES, chunk_coordinates=5)
+    rng = np.random.default_rng(7)
+    updates = [make_update(rng, master, set(NAMES), "bfloat16", omit=False) for _ in range(2)]
+    weights = fedavg_weights([site_counts(set(NAMES), 10)] * 2, groups_of(layout))
+    got = stream_updates(
+        updates, layout, weights, deltas=True, threads=2, encode="bfloat16", serialise=True
+    )
+    shapes = {k: v.shape for k, v in master.items()}
+    floats = float32_record(got.aggregate, layout.spans, shapes)
+    raw = raw16_record(got.encoded, "bfloat16", layout.spans, shapes)
+    assert got.float32_bytes == {k: floats[k].data for k in floats}
+    assert got.encoded_bytes == {k: raw[k].data for k in raw}
