@@ -268,6 +268,7 @@ def protect_combination_counts(
     negative = {k: v for k, v in counts.items() if v < 0}
     if negative:
         raise ValueError(f"combination counts must be >= 0, got {negative}")
+    margin_matrix(list(counts), modality_names)  # labels name known modalities, else raise
     primary = [label for label, count in counts.items() if 0 < count < threshold]
     if not primary:  # nothing to hide: no cell is suppressed, none can be exposed
         return ProtectedCounts(reported=dict(counts), primary=(), complementary=(), exposed=())

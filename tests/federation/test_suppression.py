@@ -278,6 +278,8 @@ def test_statistics_over_too_few_samples_are_withheld_and_bad_input_is_named():
         protect_combination_counts(_cells(TWO, [1, -1, 3]), TWO, 5)
     with pytest.raises(ValueError, match="not in"):
         protect_combination_counts({"ehr": 1, "pet": 2}, TWO, 5)
+    with pytest.raises(ValueError, match="pet"):  # without a small cell too
+        protect_combination_counts({"ehr": 10, "pet": 20}, TWO, 5)
 
 
 # -- end to end -------------------------------------------------------------------------------
