@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from client.model_cache import LoadedModel, loaded_model
 from client.privacy import PrivacyLedger, PrivacyPlan, ledger_path, planned_epochs, private_fit
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
 from omnifuse_model.federation_schema import (
@@ -99,13 +100,6 @@ class RoundResult:
     laziness: LazinessReport | None
 
 
-def build_model(config: OmniFuseConfig, state: dict[str, Tensor] | None) -> OmniFuse:
-    model = OmniFuse(config)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
-
-
 def proximal_term(model: OmniFuse, global_state: dict[str, Tensor], mu: float):
     """FedProx: (mu / 2) * ||w - w_global||^2 over trainable parameters."""
     anchors = {k: v.detach().clone() for k, v in global_state.items()}
@@ -125,12 +119,26 @@ def train_round(
     instructions: RoundInstructions,
     global_state: dict[str, Tensor],
 ) -> RoundResult:
-    """Local epochs from the global weights, then a local validation pass for the audit."""
+    """Local epochs from the global weights, then a local validation pass for the audit.
+
+    The model is the process's reused one (``client.model_cache``), except for DP-SGD."""
     started = time.perf_counter()
     model_config = instructions.model_config
     if instructions.privacy.dp_sgd:
         model_config = model_config.model_copy(update={"dp_compatible": True})
-    model = build_model(model_config, global_state)
+    with loaded_model(model_config, global_state) as loaded:
+        return _train_loaded(loaded, started, site_name, datasets, instructions, global_state)
+
+
+def _train_loaded(
+    loaded: LoadedModel,
+    started: float,
+    site_name: str,
+    datasets: SiteDatasets,
+    instructions: RoundInstructions,
+    global_state: dict[str, Tensor],
+) -> RoundResult:
+    model = loaded.model
     if instructions.lazy_combination is not None:
         model.set_laziness(LazinessReport(lazy_combination=instructions.lazy_combination))
     epsilon = None
@@ -151,7 +159,11 @@ def train_round(
     metrics = report.metrics(result, evaluation, epsilon)
     metrics[TRAIN_SECONDS] = time.perf_counter() - started
     audit = report.audit(evaluation, model.laziness, epsilon)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a reused model's tensors are overwritten by the next message: the reply keeps a copy
+    state = {
+        k: v.detach().cpu().clone() if loaded.reused else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     return RoundResult(state, metrics, audit, model.laziness)
 
 
@@ -293,13 +305,13 @@ def evaluate_global(
     """Federated evaluation of the global model on the site's validation split; AUROC/AUPRC
     over fewer than ``min_count`` (the audit's suppression threshold) samples are sent as -1,
     and the validation size as ``published_count(size, min_count)``."""
-    model = build_model(model_config, state)
-    evaluation = evaluate(
-        model,
-        datasets.val,
-        train_config.model_copy(update={"bootstrap_samples": 0}),
-        imputation_error=False,
-    )
+    with loaded_model(model_config, state) as loaded:
+        evaluation = evaluate(
+            loaded.model,
+            datasets.val,
+            train_config.model_copy(update={"bootstrap_samples": 0}),
+            imputation_error=False,
+        )
     size = len(datasets.val)
     return {
         NUM_EXAMPLES: published_count(size, min_count),

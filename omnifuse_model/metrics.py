@@ -75,21 +75,72 @@ def bootstrap_interval(
     """
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    fn = auroc if metric == "auroc" else auprc
     labels, scores = np.asarray(labels), np.asarray(scores)
     rng = np.random.default_rng(seed)
     n = len(labels)
-    values = []
-    for _ in range(samples):
-        index = rng.integers(0, n, n)
-        value = fn(labels[index], scores[index], task)
-        if not math.isnan(value):
-            values.append(value)
-    if not values:
+    # one draw per resample, as a loop of fn(labels[index], ...) would make them
+    index = np.stack([rng.integers(0, n, n) for _ in range(samples)]) if samples else None
+    if index is None or n == 0:
+        return math.nan, math.nan
+    values = resampled_metric(labels, scores, task, metric, index)
+    values = values[~np.isnan(values)]
+    if not len(values):
         return math.nan, math.nan
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def resampled_metric(
+    labels: np.ndarray, scores: np.ndarray, task: TaskKind, metric: str, index: np.ndarray
+) -> np.ndarray:
+    """``auroc`` / ``auprc`` of every resample ``labels[index[r]], scores[index[r]]`` at once:
+    [R] values, NaN where undefined. The same quantities as scikit-learn's (the tests compare
+    them resample by resample, to rounding), without its per-call overhead: 200 resamples of
+    200 examples in a few ms instead of ~170 ms."""
+    truth, score = _one_vs_rest(labels, scores, task)
+    columns = []
+    for column in range(truth.shape[1]):
+        y = truth[:, column][index]  # [R, n]
+        s = score[:, column][index]
+        area = _resampled_auroc(y, s) if metric == "auroc" else _resampled_auprc(y, s)
+        single = y.min(axis=1) == y.max(axis=1)  # undefined for a single class
+        columns.append(np.where(single, np.nan, area))
+    stacked = np.stack(columns, axis=1)  # [R, C]
+    defined = ~np.isnan(stacked)
+    count = defined.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(defined, stacked, 0.0).sum(axis=1) / count
+    return np.where(count > 0, np.clip(mean, 0.0, 1.0), np.nan)
+
+
+def _resampled_auroc(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Per row: the area under the ROC curve (the Mann-Whitney statistic, ties counted half,
+    which is what the trapezoidal ROC area equals)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s, axis=1)  # average ranks of tied scores
+    positives = y.sum(axis=1)
+    negatives = y.shape[1] - positives
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * y).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def _resampled_auprc(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Per row: average precision, sum over distinct thresholds (highest first) of the
+    recall gained there times the precision there (scikit-learn's definition)."""
+    order = np.argsort(-s, axis=1, kind="stable")
+    s, y = np.take_along_axis(s, order, 1), np.take_along_axis(y, order, 1)
+    true_positives = np.cumsum(y, axis=1)
+    last_of_tie = np.ones_like(s, dtype=bool)
+    last_of_tie[:, :-1] = s[:, 1:] != s[:, :-1]
+    at_threshold = np.where(last_of_tie, true_positives, 0.0)
+    before = np.zeros_like(at_threshold)  # true positives at the previous threshold
+    before[:, 1:] = np.maximum.accumulate(at_threshold, axis=1)[:, :-1]
+    precision = true_positives / np.arange(1, s.shape[1] + 1)
+    gained = np.where(last_of_tie, true_positives - before, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (gained * precision).sum(axis=1) / true_positives[:, -1]
 
 
 def classification_report(

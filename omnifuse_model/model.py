@@ -377,10 +377,13 @@ def write_checkpoint(
     config: OmniFuseConfig,
     laziness: LazinessReport | None = None,
     extra: dict | None = None,
+    indent: int | None = 2,
 ) -> Path:
     """The one checkpoint format (a model's, and the server's per round): ``model.safetensors``
     with the weights and ``config.json`` with the model config, laziness, versions and
-    ``extra`` (e.g. the server's round state). Readable by ``OmniFuse.from_checkpoint``."""
+    ``extra`` (e.g. the server's round state). Readable by ``OmniFuse.from_checkpoint``.
+    ``indent=None`` writes config.json on one line (json's C encoder: ~3x faster for the
+    server's growing round state)."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -391,7 +394,7 @@ def write_checkpoint(
         "versions": {"torch": torch.__version__, "format": 1},
         "extra": extra or {},
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=indent))
     return directory
 
 

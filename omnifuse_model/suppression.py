@@ -143,6 +143,7 @@ def determined_cells(
     public_margins: bool = True,
     rounded: bool = True,
     tla_counts: Mapping[str, int] | None = None,
+    certificates: bool = True,
 ) -> set[str]:
     """The suppressed cells that take one value in every table the server could infer.
 
@@ -151,6 +152,11 @@ def determined_cells(
     (``rounded``) only the interval its ``published_count`` leaves (``margin_interval``).
     With ``tla_counts`` (the site's mining counts, sent in its TLA sums: samples holding
     every modality of a combination) it also knows their ``tla_intervals``.
+
+    A cell is not determined when a table next to the true one is feasible with another
+    value of it (``_movable_cells``: one cell +-1, or one unit moved between two cells): an
+    exact certificate, found without a solver for most cells. The others get the two
+    integer programs (``certificates=False``: every cell does, as a check).
     """
     labels = list(counts)
     hidden = [label for label in labels if label in suppressed]
@@ -172,24 +178,69 @@ def determined_cells(
     known = matrix[:, shown] @ values[shown]
     low = np.asarray([lo for lo, _ in intervals], dtype=float) - known
     high = np.asarray([hi for _, hi in intervals], dtype=float) - known
+    upper = max(1.0, intervals[0][1])
+    movable = (
+        _movable_cells(matrix[:, columns], values[columns], low, high, upper)
+        if certificates
+        else np.zeros(len(hidden), dtype=bool)
+    )
     constraint = LinearConstraint(matrix[:, columns], low, high)
-    bounds = Bounds(np.ones(len(hidden)), np.full(len(hidden), max(1.0, intervals[0][1])))
-    determined = set()
-    for position, label in enumerate(hidden):
-        value = counts[label]
-        for sign in (1.0, -1.0):  # the least, then the greatest feasible value
-            objective = np.zeros(len(hidden))
-            objective[position] = sign
-            solution = milp(
-                objective, integrality=np.ones(len(hidden)), bounds=bounds, constraints=constraint
-            )
-            if not solution.success:
-                raise RuntimeError(f"suppression check of '{label}' failed: {solution.message}")
-            if round(float(solution.x[position])) != value:
-                break  # another value is feasible
-        else:
-            determined.add(label)
-    return determined
+    bounds = Bounds(np.ones(len(hidden)), np.full(len(hidden), upper))
+    return {
+        label
+        for position, label in enumerate(hidden)
+        if not movable[position]  # else another feasible table gives it another value
+        and _single_value(position, label, counts[label], len(hidden), bounds, constraint)
+    }
+
+
+def _single_value(
+    position: int,
+    label: str,
+    value: int,
+    size: int,
+    bounds: Bounds,
+    constraint: LinearConstraint,
+) -> bool:
+    """Whether hidden cell ``position`` has ``value`` as its least and its greatest feasible
+    value (two integer programs; the second only when the first gives ``value``)."""
+    for sign in (1.0, -1.0):
+        objective = np.zeros(size)
+        objective[position] = sign
+        solution = milp(objective, integrality=np.ones(size), bounds=bounds, constraints=constraint)
+        if not solution.success:
+            raise RuntimeError(f"suppression check of '{label}' failed: {solution.message}")
+        if round(float(solution.x[position])) != value:
+            return False  # another value is feasible
+    return True
+
+
+def _movable_cells(
+    matrix: np.ndarray, true: np.ndarray, low: np.ndarray, high: np.ndarray, upper: float
+) -> np.ndarray:
+    """Per hidden cell: whether a feasible integer table other than the true one (which is
+    feasible) gives it another value, among the tables one step away: the cell +-1, or
+    one unit moved between it and another hidden cell. A True is a proof (both tables are
+    feasible integer tables); a False decides nothing (the integer programs do)."""
+    size = len(true)
+    eye = np.eye(size)
+    steps = [eye, -eye]  # row p: cell p +-1
+    for other in range(size):  # row p: cell p +1 and cell `other` -1, and the reverse
+        moved = eye.copy()
+        moved[:, other] -= 1.0
+        moved[other] = 0.0  # no move: row `other` would change nothing
+        steps += [moved, -moved]
+    step = np.stack(steps)  # [moves, cells, hidden]; a non-zero row p changes cell p
+    tables = true[None, None, :] + step
+    sums = tables @ matrix.T  # [moves, cells, constraints]
+    feasible = (
+        step.any(-1)
+        & (tables >= 1).all(-1)
+        & (tables <= upper).all(-1)
+        & (sums >= low).all(-1)
+        & (sums <= high).all(-1)
+    )
+    return feasible.any(axis=0)
 
 
 def protect_combination_counts(
@@ -217,7 +268,10 @@ def protect_combination_counts(
     negative = {k: v for k, v in counts.items() if v < 0}
     if negative:
         raise ValueError(f"combination counts must be >= 0, got {negative}")
+    margin_matrix(list(counts), modality_names)  # labels name known modalities, else raise
     primary = [label for label, count in counts.items() if 0 < count < threshold]
+    if not primary:  # nothing to hide: no cell is suppressed, none can be exposed
+        return ProtectedCounts(reported=dict(counts), primary=(), complementary=(), exposed=())
     if tla_counts is not None and not _mined_from(counts, tla_counts):
         tla_counts = None  # not the training table's margins: they cannot be modelled here
     check = {
@@ -234,7 +288,7 @@ def protect_combination_counts(
         key=lambda label: (counts[label], list(counts).index(label)),
     )
     complementary: list[str] = []
-    while primary and candidates:
+    while candidates:
         derivable = determined_cells(counts, suppressed, modality_names, **check) - by_margins
         if not derivable:
             break

@@ -1,6 +1,6 @@
 """How model weights travel: float32 weights (the original format) or 16-bit deltas.
 
-Plain numpy (no Flower): the ClientApp and the server wrap these bytes in Flower ``Array``s.
+numpy and torch (no Flower): the ClientApp and the server wrap these bytes in Flower ``Array``s.
 
 ``float32`` (the original wire): the server sends the float32 global weights, the site sends
 its float32 weights back (Flower's ``numpy.ndarray`` serialisation). Central DP needs it:
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from omnifuse_model.config import StrictModel
@@ -70,9 +71,11 @@ def encode16(value: np.ndarray, dtype: str) -> bytes:
     if dtype == "float16":
         return flat.astype("<f2").tobytes()
     if dtype == "bfloat16":
-        bits = flat.view(np.uint32)
-        rounded = (bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16
-        return rounded.astype("<u2").tobytes()
+        # torch's float32 -> bfloat16 is the rounding (bits + 0x7FFF + lsb) >> 16 for every
+        # value but NaN (NaN stays NaN; the server refuses both), in one pass, not four
+        source = torch.from_numpy(flat if flat.flags.writeable else flat.copy())
+        rounded = source.to(torch.bfloat16).view(torch.int16).numpy()
+        return rounded.astype("<i2", copy=False).tobytes()
     raise ValueError(f"16-bit dtype {dtype!r}: expected float16 or bfloat16")
 
 

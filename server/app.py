@@ -72,8 +72,9 @@ def _server_evaluator(run: FederationRunConfig, scenario: Scenario, preprocessin
     # 200 bootstrap resamples: the audit report shows the test AUROC with its 95% interval
     config = TrainConfig(batch_size=256, progress=False, bootstrap_samples=200, seed=run.seed)
 
+    model = OmniFuse(model_config)  # one model for every round: each loads the whole state
+
     def evaluate_weights(weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        model = OmniFuse(model_config)
         model.load_state_dict(weights)
         metrics = evaluate(model, test, config, imputation_error=False).metrics
         return {f"test-{k}": v for k, v in metrics.items() if finite_or_none(v) is not None}

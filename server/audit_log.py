@@ -39,7 +39,11 @@ PREFIXES = {
 
 def flatten(row: AuditRow) -> dict[str, object]:
     """One audit row as a flat dict of columns."""
-    data = row.model_dump(mode="json")
+    return flatten_dumped(row.model_dump(mode="json"))
+
+
+def flatten_dumped(data: dict) -> dict[str, object]:
+    """``flatten`` of a row's ``model_dump(mode="json")``."""
     flat = {column: data[column] for column in BASE_COLUMNS}
     if flat["observed_modalities"] is not None:
         flat["observed_modalities"] = "+".join(flat["observed_modalities"])
@@ -49,10 +53,20 @@ def flatten(row: AuditRow) -> dict[str, object]:
     return flat
 
 
-def write_audit(run_dir: Path, rows: list[AuditRow]) -> tuple[Path, Path]:
-    """Rewrite audit.csv and audit.json in ``run_dir`` from all rows so far."""
+def write_audit(
+    run_dir: Path, rows: list[AuditRow], dumped: list[dict] | None = None
+) -> tuple[Path, Path]:
+    """Rewrite audit.csv and audit.json in ``run_dir`` from all rows so far; ``dumped``: the
+    rows' ``model_dump(mode="json")`` when the caller has them (the server keeps them in its
+    round state), so that they are not dumped again. audit.json is written on one line
+    (json's C encoder; the table for people is audit.csv)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    flat = [flatten(r) for r in sorted(rows, key=lambda r: (r.round, r.site))]
+    if dumped is None:
+        dumped = [r.model_dump(mode="json") for r in rows]
+    elif len(dumped) != len(rows):
+        raise ValueError(f"write_audit: {len(rows)} rows but {len(dumped)} dumped rows")
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].round, rows[i].site))
+    flat = [flatten_dumped(dumped[i]) for i in order]
     columns = list(BASE_COLUMNS)
     for record in flat:
         columns.extend(c for c in record if c not in columns)
@@ -62,7 +76,7 @@ def write_audit(run_dir: Path, rows: list[AuditRow]) -> tuple[Path, Path]:
         writer.writeheader()
         for record in flat:
             writer.writerow({k: "" if v is None else v for k, v in record.items()})
-    json_path.write_text(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+    json_path.write_text(json.dumps(dumped))
     return csv_path, json_path
 
 

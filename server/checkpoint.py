@@ -4,6 +4,7 @@ readable one.
 Layout of ``run_dir``::
 
     checkpoints/round_0003/{model.safetensors, config.json}   written atomically per round
+                                                               (config.json on one line)
     checkpoints/latest                                         name of the newest round folder
     metrics.json, audit.csv, audit.json                        rewritten every round
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,14 @@ class LoadedCheckpoint:
     note: str = ""  # set when newer checkpoints were skipped as unreadable
 
 
+def as_tensor(value: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``value``'s memory (a copy only when it is read-only or not
+    contiguous): the weights are only read from it."""
+    if not value.flags.writeable:
+        value = value.copy()
+    return torch.from_numpy(np.ascontiguousarray(value))
+
+
 def save_round(run_dir: Path, weights: dict[str, np.ndarray], state: ServerState) -> Path:
     """Write round ``state.round`` atomically (temp folder, then rename), update 'latest'."""
     root = Path(run_dir) / CHECKPOINTS
@@ -63,9 +72,11 @@ def save_round(run_dir: Path, weights: dict[str, np.ndarray], state: ServerState
     final = root / f"round_{state.round:04d}"
     temp = root / f".tmp_round_{state.round:04d}"
     shutil.rmtree(temp, ignore_errors=True)
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
+    tensors = {k: as_tensor(v) for k, v in weights.items()}
     config = OmniFuseConfig.model_validate(state.model_config)
-    write_checkpoint(temp, tensors, config, extra={SERVER_STATE: asdict(state)})
+    # the state's fields are plain JSON data already: no deep copy (asdict) before dumping
+    server_state = {f.name: getattr(state, f.name) for f in fields(state)}
+    write_checkpoint(temp, tensors, config, extra={SERVER_STATE: server_state}, indent=None)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temp, final)
     latest_tmp = root / ".latest.tmp"

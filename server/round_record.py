@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from omnifuse_model import federation_schema as wire
 from server.audit_log import write_audit
-from server.checkpoint import ServerState, save_round
+from server.checkpoint import ServerState, as_tensor, save_round
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class RoundRecorder:
     tracker: Callable[[int, dict, list[wire.AuditRow]], None] | None = None  # e.g. TensorBoard
     rounds_run: list[RoundRecord] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
+    audit: list[wire.AuditRow] | None = None  # state.audit_rows as rows, kept across rounds
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -86,9 +87,7 @@ class RoundRecorder:
         record = self.records(self.global_round(server_round))
         weights = {k: v.numpy() for k, v in arrays.items()}
         if self.server_evaluate is not None:
-            record.server = self.server_evaluate(
-                {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-            )
+            record.server = self.server_evaluate({k: as_tensor(v) for k, v in weights.items()})
         now = time.perf_counter()
         record.wall_seconds, self.clock = now - self.clock, now
         if self.note and not self.rounds_run:
@@ -106,10 +105,14 @@ class RoundRecorder:
         state.site_laziness, state.global_laziness = dict(site_laziness), global_laziness
         state.sites = registry
         state.history[str(record.round)] = record.history_entry()
-        state.audit_rows.extend(r.model_dump(mode="json") for r in record.audit)
+        dumped = [r.model_dump(mode="json") for r in record.audit]
+        state.audit_rows.extend(dumped)
         save_round(self.run_dir, weights, state)
-        rows = [wire.AuditRow.model_validate(r) for r in state.audit_rows]
-        write_audit(self.run_dir, rows)
+        if self.audit is None:  # a resumed run's earlier rows: validated once
+            self.audit = [wire.AuditRow.model_validate(r) for r in state.audit_rows]
+        else:
+            self.audit.extend(record.audit)
+        write_audit(self.run_dir, self.audit, dumped=state.audit_rows)
         (self.run_dir / "metrics.json").write_text(json.dumps(state.history, indent=2))
 
     def never_accepted(self) -> dict[str, str]:

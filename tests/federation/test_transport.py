@@ -49,6 +49,29 @@ def test_16bit_encoding_rounds_like_torch(dtype):
     assert len(encode16(values, dtype)) == 2 * values.size
 
 
+def test_bfloat16_bytes_are_the_round_to_nearest_even_bits():
+    """encode16's bfloat16 bytes are (bits + 0x7FFF + lsb) >> 16, little-endian, for random
+    values, exact ties (both parities), subnormals, signed zeros, the largest floats and
+    infinities."""
+    rng = np.random.default_rng(1)
+    ties = (rng.integers(0, 1 << 16, 200, dtype=np.uint32) << 16) | np.uint32(0x8000)
+    values = np.concatenate(
+        [
+            (rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000)).astype(np.float32),
+            ties.view(np.float32),
+            np.array([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38], np.float32),
+            np.array([np.inf, -np.inf], np.float32),
+        ]
+    )
+    values = values[~np.isnan(values)]
+    bits = values.view(np.uint32)
+    expected = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype("<u2")
+    assert encode16(values, "bfloat16") == expected.tobytes()
+    readonly = values.copy()
+    readonly.flags.writeable = False
+    assert encode16(readonly, "bfloat16") == expected.tobytes()
+
+
 def test_16bit_bytes_of_another_length_or_dtype_are_refused():
     data = encode16(np.ones(6, np.float32), "float16")
     with pytest.raises(ValueError, match="byte_count:12!=14"):
