@@ -20,7 +20,9 @@ benchmark's fixed cost counts everything outside ``train-seconds``: a train mess
 ``train() - train-seconds`` plus the whole evaluate message.
 
 Server rows (ms per round, for each ``--sites`` N, in round 3 so the files hold 3 rounds of
-audit rows): ``configure_train`` (incl. the downlink encoding, timed alone too),
+audit rows): ``configure_train`` (its arrays are the record it saw before, as in every round
+after the first, where the aggregation's downlink is reused; the first round's downlink
+encoding is timed alone),
 ``configure_evaluate``, ``aggregate_evaluate`` of N replies, the server-side test evaluation,
 the checkpoint, the audit and metrics files; and per client (the round's total / N).
 ``aggregate_train`` is the strategy-cost benchmark's (``simulation.benchmarks.strategy_cost``).
@@ -341,7 +343,8 @@ def _server_round(
         "configure_train", lambda: strategy.configure_train(1, arrays, ConfigRecord(), grid)
     )
     timings.measure(
-        "  downlink encoding (in configure_train)", lambda: _downlink(strategy, master, arrays)
+        "  downlink encoding (round 1 only; later rounds reuse the aggregation's)",
+        lambda: _downlink(strategy, master, arrays),
     )
     timings.measure(
         "configure_evaluate", lambda: strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)
@@ -364,7 +367,7 @@ def _server_round(
 
 
 def _downlink(strategy: OmniFuseStrategy, master: dict, arrays: ArrayRecord) -> ArrayRecord:
-    from server.strategy import downlink_arrays
+    from server.master_weights import downlink_arrays
 
     return downlink_arrays(master, strategy.wire, arrays)
 
