@@ -130,10 +130,12 @@ def _mapped_token_states(
 
 
 def _normalised(ehr: torch.Tensor, present: torch.Tensor, scaler: EHRNormalizer) -> torch.Tensor:
-    """``ehr`` with the ``present`` rows scaled by ``scaler`` (absent rows stay zero); the
-    same numbers as scaling the present rows alone (the scaling is elementwise)."""
+    """``ehr`` (float32, freshly read) with the ``present`` rows scaled by ``scaler``, absent
+    rows left zero: the numbers of ``scaler.transform`` of the present rows (the scaling is
+    elementwise, so scaling all rows in place when all are present gives the same)."""
     if bool(present.all()):
-        return torch.from_numpy(scaler.transform(ehr.numpy()))
+        scaler.transform_in_place(ehr.numpy())
+        return ehr
     ehr[present] = torch.from_numpy(scaler.transform(ehr[present].numpy()))
     return ehr
 

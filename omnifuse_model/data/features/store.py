@@ -76,7 +76,8 @@ every cache key changes with it."""
 FEATURES_DIR = "features"
 _FORMAT_KEY = FORMAT_KEY
 _FORMAT = "omnifuse-feature-shard-v2"
-_SHARD_CACHE_SIZE = 8
+_SHARD_CACHE_SIZE = 64
+"""Shards a store keeps mapped (a load_cached_splits call: a site's shards, for all its splits)."""
 _CORRUPT_SUFFIX = ".corrupt"
 _FIX = "run `omnifuse prepare` for this site again to recompute it"
 
@@ -334,6 +335,7 @@ class FeatureStore:
         by_shard = self._by_shard(modality, keys)
         shards = self._load_shards(list(by_shard))
         slot = {key: position for position, group in enumerate(by_shard.values()) for key in group}
+        rows_of = [shard.rows for shard in shards]
         slots: list[int] = []
         rows: list[int] = []
         for key in keys:
@@ -342,7 +344,7 @@ class FeatureStore:
                 rows.append(0)
                 continue
             position = slot[key]
-            row = shards[position].rows.get(key, -1)
+            row = rows_of[position].get(key, -1)
             if row is None:
                 raise FailureRecordError(self.folder(modality), key)
             if row < 0:  # the file changed between listing and mapping
