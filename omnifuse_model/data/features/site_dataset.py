@@ -20,6 +20,12 @@ is built, so loading a split reads no token states and a full-MIMIC split of ~15
 not need its ~7 GB as float32 in memory (the pages read are page cache, shared and
 reclaimable). Stays with none of the model's modalities available are left out (logged), as
 the training loop needs at least one per sample.
+
+Cost: a ClientApp loads its train and val splits for every train and evaluate message
+(:func:`load_cached_splits`: one manifest read, one shard index). The first load in a process
+hashes the shards it maps; later ones stat the shards, reuse their parsed headers and copy
+``ehr``/``cxr`` rows with one gather per shard (``simulation/benchmarks/site_loading.py``
+measures both).
 """
 
 from __future__ import annotations
