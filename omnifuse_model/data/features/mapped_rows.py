@@ -30,6 +30,7 @@ import mmap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -193,21 +194,19 @@ class MappedRows:
         """The rows of ``positions`` (all when None) as one ``[k, *row_shape]`` tensor of
         ``dtype`` (values converted as ``Tensor.to`` does); absent rows are zeros. One
         gather per shard view, not one per row."""
-        shard = self.shard if positions is None else self.shard[positions]
-        row = self.row if positions is None else self.row[positions]
+        shard = (self.shard if positions is None else self.shard[positions]).numpy()
+        row = (self.row if positions is None else self.row[positions]).numpy()
         out = torch.empty(len(shard), *self.row_shape, dtype=dtype)
         if len(shard) == 0:
             return out
-        order = torch.argsort(shard, stable=True)
-        values, counts = torch.unique_consecutive(shard[order], return_counts=True)
-        start = 0
-        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-            where = order[start : start + count]
+        order = np.argsort(shard, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for where in np.split(order, bounds):
+            value = int(shard[where[0]])
             if value < 0:
-                out[where] = 0
+                _copy_rows(out, where, None, None)
             else:
                 _copy_rows(out, where, self.views[value], row[where])
-            start += count
         return out
 
     def zero_rows(self, rows: Tensor) -> MappedRows:
@@ -220,17 +219,27 @@ class MappedRows:
         return MappedRows(self.views, self.shard[indices], self.row[indices], self.row_shape)
 
 
-def _copy_rows(out: Tensor, where: Tensor, view: Tensor, rows: Tensor) -> None:
-    """``out[where] = view[rows]`` converted to ``out``'s dtype.
+def _copy_rows(
+    out: Tensor, where: np.ndarray, view: Tensor | None, rows: np.ndarray | None
+) -> None:
+    """``out[where] = view[rows]`` converted to ``out``'s dtype (``view`` None: zeros).
 
-    Without a conversion the copy is one NumPy gather, on this thread: torch's OpenMP
-    parallel copy of a few hundred rows gains nothing and, on cores busy with other work,
-    waits for its threads to be scheduled (measured: 10x slower loading with 2 threads on 2
-    busy cores). A conversion (float16 -> float32) uses torch's vectorised cast."""
-    if view.dtype == out.dtype and view.dtype in _NUMPY_DTYPES and not view.requires_grad:
-        out.numpy()[where.numpy()] = view.numpy()[rows.numpy()]
+    Without a conversion the copy is NumPy's, on this thread: torch's OpenMP parallel
+    indexing of a few hundred rows gains nothing and, on cores busy with other work, waits
+    for its threads to be scheduled (measured: a site's load 4x slower with 2 torch threads
+    on 2 busy cores). A conversion (float16 -> float32) uses torch's vectorised cast."""
+    if out.dtype in _NUMPY_DTYPES and (view is None or _numpy_readable(view, out.dtype)):
+        target = out.numpy()
+        target[where] = 0 if view is None else view.numpy()[rows]
+    elif view is None:
+        out.index_fill_(0, torch.from_numpy(where), 0)
     else:
-        out.index_copy_(0, where, view.index_select(0, rows).to(out.dtype))
+        picked = view.index_select(0, torch.from_numpy(rows)).to(out.dtype)
+        out.index_copy_(0, torch.from_numpy(where), picked)
+
+
+def _numpy_readable(view: Tensor, dtype: torch.dtype) -> bool:
+    return view.dtype == dtype and view.dtype in _NUMPY_DTYPES and not view.requires_grad
 
 
 def concat_columns(columns: Sequence[Tensor | MappedRows]) -> Tensor | MappedRows:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
@@ -115,7 +116,7 @@ def _fill(
     zero rows), read with one gather per shard."""
     column = _columns(store, spec, _FIELDS[spec.name], keys, where)[_FIELDS[spec.name][0]]
     if not column.views:
-        return torch.zeros(len(keys), *spec.input_shape)
+        return _zeros(len(keys), *spec.input_shape)
     return column.read()
 
 
@@ -131,7 +132,7 @@ def _mapped_token_states(
     states = columns[field]
     if not states.views:
         states = MappedRows([], states.shard, states.row, spec.input_shape)
-        return states, torch.zeros(len(keys), spec.input_shape[0], dtype=torch.bool)
+        return states, _zeros(len(keys), spec.input_shape[0], dtype=np.bool_)
     return states, columns["mask"].read(dtype=torch.bool)
 
 
@@ -139,11 +140,19 @@ def _normalised(ehr: torch.Tensor, present: torch.Tensor, scaler: EHRNormalizer)
     """``ehr`` (float32, freshly read) with the ``present`` rows scaled by ``scaler``, absent
     rows left zero: the numbers of ``scaler.transform`` of the present rows (the scaling is
     elementwise, so scaling all rows in place when all are present gives the same)."""
+    values = ehr.numpy()
     if bool(present.all()):
-        scaler.transform_in_place(ehr.numpy())
-        return ehr
-    ehr[present] = torch.from_numpy(scaler.transform(ehr[present].numpy()))
+        scaler.transform_in_place(values)
+    else:
+        rows = present.numpy()
+        values[rows] = scaler.transform(values[rows])
     return ehr
+
+
+def _zeros(*shape: int, dtype: type = np.float32) -> torch.Tensor:
+    """A zero tensor from NumPy (lazily zeroed pages; torch.zeros fills in parallel, which
+    stalls when the cores are busy)."""
+    return torch.from_numpy(np.zeros(shape, dtype=dtype))
 
 
 def _read_site_manifest(site: SiteConfig, splits: Sequence[str]) -> tuple[dict[str, Any], Path]:
@@ -231,7 +240,7 @@ def _split_dataset(
             availability[:, column] = torch.tensor([key is not None for key in keys])
             continue
         if not held or spec.name not in _FIELDS:
-            inputs[spec.name] = torch.zeros(n, *spec.input_shape)
+            inputs[spec.name] = _zeros(n, *spec.input_shape)
             continue
         inputs[spec.name] = _fill(store, spec, keys, where)
         availability[:, column] = torch.tensor([key is not None for key in keys])
