@@ -27,6 +27,7 @@ process (a file changed or replaced since is hashed again).
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -100,8 +101,9 @@ class MappedShard:
     @classmethod
     def map(cls, path: Path) -> MappedShard:
         """Map ``path`` without checking its bytes (:meth:`verify` before using them)."""
-        identity = shard_identity(path)
         with open(path, "rb") as handle:
+            # The identity of the file opened (not of whatever the path names a moment later).
+            identity = shard_identity(path, os.fstat(handle.fileno()))
             # ACCESS_COPY: a writable (copy-on-write) map, so torch.frombuffer takes it without
             # a warning; nothing here writes to it, and the file is never changed.
             buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)

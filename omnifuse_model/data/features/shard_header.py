@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,38 +143,38 @@ def _layout(path: Path, name: str, info: dict, start: int, file_size: int) -> Te
 
 
 class _HeaderCache:
-    """Least-recently used :class:`ShardHeader` per shard identity, bounded in header bytes."""
+    """Least-recently used :class:`ShardHeader` per shard identity, bounded in header bytes
+    (safe to use from several threads)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.held = 0
         self.headers: OrderedDict[ShardIdentity, ShardHeader] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, identity: ShardIdentity) -> ShardHeader | None:
-        header = self.headers.get(identity)
-        if header is not None:
-            self.headers.move_to_end(identity)
-        return header
+        with self._lock:
+            header = self.headers.get(identity)
+            if header is not None:
+                self.headers.move_to_end(identity)
+            return header
 
     def put(self, identity: ShardIdentity, header: ShardHeader) -> None:
-        if identity in self.headers:
-            return
-        self.headers[identity] = header
-        self.held += header.header_bytes
-        while self.held > self.capacity and len(self.headers) > 1:
-            _, dropped = self.headers.popitem(last=False)
-            self.held -= dropped.header_bytes
-
-    def clear(self) -> None:
-        self.headers.clear()
-        self.held = 0
+        with self._lock:
+            if identity in self.headers:
+                return
+            self.headers[identity] = header
+            self.held += header.header_bytes
+            while self.held > self.capacity and len(self.headers) > 1:
+                _, dropped = self.headers.popitem(last=False)
+                self.held -= dropped.header_bytes
 
 
 HEADERS = _HeaderCache(HEADER_CACHE_BYTES)
 """This process's parsed shard headers (see the module docstring)."""
 
 
-def cached_header(identity: ShardIdentity, read_prefix) -> ShardHeader:
+def cached_header(identity: ShardIdentity, read_prefix: Callable[[], bytes]) -> ShardHeader:
     """The header of the shard file of ``identity``: parsed before by this process, or
     parsed now from ``read_prefix()`` (its first bytes) and kept."""
     header = HEADERS.get(identity)
@@ -186,14 +188,14 @@ def cached_header(identity: ShardIdentity, read_prefix) -> ShardHeader:
 def read_shard_header(path: Path) -> tuple[ShardIdentity, ShardHeader]:
     """The identity of the file at ``path`` and its header (parsed once per identity): reads
     the header bytes only, never the tensors."""
-    identity = shard_identity(path)
+    with open(path, "rb") as handle:
+        identity = shard_identity(path, os.fstat(handle.fileno()))
 
-    def prefix() -> bytes:
-        with open(path, "rb") as handle:
+        def prefix() -> bytes:
             head = handle.read(8)
             length = int.from_bytes(head, "little")
             if len(head) < 8 or 8 + length > identity[2]:
                 return head  # parse_header names the problem
             return head + handle.read(length)
 
-    return identity, cached_header(identity, prefix)
+        return identity, cached_header(identity, prefix)
