@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from omnifuse_model.batch import InMemoryMultimodalDataset, zero_absent
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
-from omnifuse_model.data.features.site_dataset import load_cached_split
+from omnifuse_model.data.features.site_dataset import load_cached_split, load_cached_splits
 from omnifuse_model.site_config import MIMIC_TASK_OUTPUTS, SiteConfig
 from omnifuse_model.synthetic import make_synthetic_features
 
@@ -50,7 +50,7 @@ def load_site_datasets(
     """The site's train/val datasets in the federation's modality order.
 
     ``synthetic_features``: generated feature-level data. ``feature_cache``: the train and val
-    splits of the site's prepared feature cache (:func:`load_cached_split`; run
+    splits of the site's prepared feature cache (:func:`load_cached_splits`; run
     :func:`~omnifuse_model.data.features.cache.prepare_site` first), the EHR scaled with
     ``normalizer`` (the federation's, from the statistics phase) when given, else the one
     named in the site config, else the cache's own.
@@ -69,10 +69,10 @@ def load_site_datasets(
         )
     _check_cached_task(site, model_config)
     normalizer = normalizer or _configured_normalizer(site)
-    return SiteDatasets(
-        load_cached_split(site, "train", modalities=model_config.modalities, normalizer=normalizer),
-        load_cached_split(site, "val", modalities=model_config.modalities, normalizer=normalizer),
+    splits = load_cached_splits(
+        site, ["train", "val"], modalities=model_config.modalities, normalizer=normalizer
     )
+    return SiteDatasets(splits["train"], splits["val"])
 
 
 def _configured_normalizer(site: SiteConfig) -> EHRNormalizer | None:

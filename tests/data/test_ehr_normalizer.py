@@ -66,6 +66,32 @@ def test_transform_scales_only_continuous_columns():
     np.testing.assert_array_equal(batch[0], out)
 
 
+def test_transform_in_place_gives_transform_s_numbers_bit_for_bit():
+    """The loader scales a fresh float32 array in place: the same bits as transform, for
+    float32 and float64 arrays; other dtypes are refused (the result could not hold them)."""
+    norm = EHRNormalizer.fit(two_episodes())
+    cols = list(norm.columns)
+
+    def reference(x: np.ndarray) -> np.ndarray:  # transform as first written: from x, a copy
+        out = np.array(x, dtype=np.result_type(x.dtype, np.float32), copy=True)
+        scaled = (x[..., cols].astype(np.float64) - norm.means[cols]) / norm.stds[cols]
+        out[..., cols] = scaled.astype(out.dtype)
+        return out
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, np.int32, np.float32, np.float64):
+        x = (rng.standard_normal((3, 2, 76)) * 40).astype(dtype)
+        expected = reference(x)
+        assert norm.transform(x).tobytes() == expected.tobytes()
+        if dtype in (np.float32, np.float64):
+            assert norm.transform_in_place(x) is x
+            assert x.dtype == dtype and x.tobytes() == expected.tobytes()
+    with pytest.raises(ValueError, match="float32/float64"):
+        norm.transform_in_place(np.zeros((2, 76), dtype=np.int64))
+    with pytest.raises(ValueError, match="76"):
+        norm.transform_in_place(np.zeros((2, 75), dtype=np.float32))
+
+
 def test_split_aggregates_equal_the_pooled_fit():
     rng = np.random.default_rng(0)
     arrays = [rng.normal(80, 15, size=(int(rng.integers(1, 30)), 76)) for _ in range(20)]

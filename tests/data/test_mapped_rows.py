@@ -128,3 +128,88 @@ def test_zero_absent_hides_rows_of_mapped_and_plain_columns_alike():
     assert torch.equal(mapped[0], view[2].float())  # the original column is untouched
     plain = mapped[:]
     assert torch.equal(zero_absent(plain, keep), hidden[:])
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Count the shards hashed and the headers parsed from now on (by file name)."""
+    from omnifuse_model.data.features import shard_checks, shard_header
+
+    seen: dict[str, list[str]] = {"hashed": [], "parsed": []}
+    hash_shard, parse = shard_checks.shard_problem, shard_header.parse_header
+
+    def counted_hash(shard, data):
+        seen["hashed"].append(shard.name)
+        return hash_shard(shard, data)
+
+    def counted_parse(path, prefix, size):
+        seen["parsed"].append(path.name)
+        return parse(path, prefix, size)
+
+    monkeypatch.setattr(shard_checks, "shard_problem", counted_hash)
+    monkeypatch.setattr(shard_header, "parse_header", counted_parse)
+    return seen
+
+
+def test_headers_are_parsed_and_shards_hashed_once_per_file(tmp_path, monkeypatch) -> None:
+    """A new store over the same files (each load makes one) stats the shards and parses
+    nothing again; a shard file replaced by a copy of itself (a new inode) is parsed and
+    hashed again, the other shard is not."""
+    _write_two_shards(tmp_path)
+    seen = _counting(monkeypatch)
+    keys = ["k00", "k01", "k10", "k11"]
+    first = FeatureStore(tmp_path).mapped_rows("rep", "states", keys)
+    names = sorted(path.name for path in (tmp_path / "features" / "rep").glob("*.safetensors"))
+    assert sorted(seen["hashed"]) == names  # (headers: parsed when written, in this process)
+    seen["parsed"].clear(), seen["hashed"].clear()
+    again = FeatureStore(tmp_path).mapped_rows("rep", "states", keys)
+    assert seen == {"hashed": [], "parsed": []}
+    assert torch.equal(first[:], again[:])
+
+    shard = FeatureStore(tmp_path).index("rep")["k10"][0]
+    copy = shard.with_name(".copy.tmp")
+    copy.write_bytes(shard.read_bytes())
+    copy.replace(shard)  # same name and bytes, a new file
+    replaced = FeatureStore(tmp_path).mapped_rows("rep", "states", keys)
+    assert seen == {"hashed": [shard.name], "parsed": [shard.name]}
+    assert torch.equal(replaced[:], first[:])
+
+
+def test_a_replaced_shard_is_indexed_anew_and_refused_when_its_bytes_are_not_its_name(
+    tmp_path: Path,
+) -> None:
+    """The per-process header cache follows the file: a shard replaced by another shard's
+    bytes (its records list other entries) is listed with its new entries at once, and
+    loading from it fails the checksum naming it; nothing stale is served."""
+    _write_two_shards(tmp_path)
+    store = FeatureStore(tmp_path)
+    store.mapped_rows("rep", "states", ["k00", "k10"])
+    first, second = store.index("rep")["k00"][0], store.index("rep")["k10"][0]
+    impostor = first.with_name(".impostor.tmp")
+    impostor.write_bytes(second.read_bytes())
+    impostor.replace(first)  # `first` now holds the records of k1*, under k0*'s hash name
+    second.unlink()
+    index = FeatureStore(tmp_path).index("rep")
+    assert "k00" not in index and index["k10"][0] == first
+    with pytest.raises(KeyError, match="no cached entry k00"):
+        FeatureStore(tmp_path).mapped_rows("rep", "states", ["k00"])
+    with pytest.raises(CorruptShardError, match=rf"{first.name}: feature shard fails its checksum"):
+        FeatureStore(tmp_path).mapped_rows("rep", "states", ["k10"])
+
+
+def test_reading_rows_gathers_per_shard_in_any_dtype() -> None:
+    """``read``: rows in the asked order from several views, absent rows zero, in the asked
+    dtype (float16 -> float32 cast, bool kept, bfloat16 through torch); the same as row by row."""
+    generator = torch.Generator().manual_seed(3)
+    half = [torch.randn(4, 2, 3, generator=generator).to(torch.float16) for _ in range(3)]
+    shard = torch.tensor([2, -1, 0, 2, 1, -1, 0])
+    row = torch.tensor([3, 0, 1, 0, 2, 0, 1])
+    column = MappedRows(half, shard, row, (2, 3))
+    expected = torch.stack([column._one(i) for i in range(len(column))])
+    assert torch.equal(column.read(), expected) and torch.equal(column[:], expected)
+    assert torch.equal(column[torch.tensor([6, 1, 0])], expected[[6, 1, 0]])
+    assert column.read(torch.tensor([], dtype=torch.int64)).shape == (0, 2, 3)
+    masks = MappedRows([h > 0 for h in half], shard, row, (2, 3))
+    read = masks.read(dtype=torch.bool)
+    assert read.dtype == torch.bool and torch.equal(read, expected > 0)
+    brain = MappedRows([h.to(torch.bfloat16) for h in half], shard, row, (2, 3))
+    assert torch.equal(brain.read(), torch.stack([brain._one(i) for i in range(len(brain))]))

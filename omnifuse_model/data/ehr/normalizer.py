@@ -193,16 +193,26 @@ class EHRNormalizer:
         return cls.from_aggregates(agg.count, agg.sums, agg.sumsq, columns)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` on the normalised columns of ``x`` ``[..., F]``; a new array."""
+        """``(x - mean) / std`` on the normalised columns of ``x`` ``[..., F]``; a new array
+        (float32, or float64 for float64 and integer input)."""
         x = np.asarray(x)
         if x.shape[-1:] != self.means.shape:
             raise ValueError(f"expected [..., {self.means.shape[0]}] features, got {x.shape}")
-        dtype = np.result_type(x.dtype, np.float32)
-        out = np.array(x, dtype=dtype, copy=True)
+        return self.transform_in_place(np.array(x, dtype=np.result_type(x.dtype, np.float32)))
+
+    def transform_in_place(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`transform` written into ``x`` (a float32 or float64 array ``[..., F]``),
+        which is returned: the same numbers (computed in float64, rounded to ``x``'s dtype),
+        without copying the columns that are not scaled."""
+        if x.dtype not in (np.float32, np.float64) or x.shape[-1:] != self.means.shape:
+            raise ValueError(
+                f"expected a float32/float64 array [..., {self.means.shape[0]}], got "
+                f"{x.dtype} {x.shape}"
+            )
         cols = list(self.columns)
         scaled = (x[..., cols].astype(np.float64) - self.means[cols]) / self.stds[cols]
-        out[..., cols] = scaled.astype(dtype)
-        return out
+        x[..., cols] = scaled.astype(x.dtype)
+        return x
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, self-describing state."""

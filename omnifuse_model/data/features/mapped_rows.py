@@ -11,40 +11,50 @@ for the round. Instead:
   process reading the same shard), not the process's own heap;
 * :class:`MappedRows` is one modality's column of a split: for each sample, which shard view
   and row holds it (or none: an absent modality reads as zeros). Indexing it with a batch's
-  rows gathers just those rows and converts them to float32.
+  rows gathers just those rows (one gather per shard) and converts them to float32.
 
-Checksums: a shard's bytes are hashed against its name (``store.shard_problem``) the first
-time this process maps it; shard files are content-addressed and never rewritten in place, so
-a verified ``(path, inode, size, mtime, ctime)`` is not hashed again by the same process (a
-file changed or replaced since is hashed again).
+A shard's header is parsed once per process per file identity
+(:mod:`~omnifuse_model.data.features.shard_header`); the map itself is made anew each time
+a store maps the shard and lives as long as the tensors that view it, so a site's pages are
+mapped only while its dataset is alive.
+
+Checksums: a shard's bytes are hashed against its name (``shard_checks.shard_problem``) the
+first time this process maps it; shard files are content-addressed and never rewritten in
+place, so a verified ``(path, inode, size, mtime, ctime)`` is not hashed again by the same
+process (a file changed or replaced since is hashed again).
 """
 
 from __future__ import annotations
 
-import json
 import mmap
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-}
+from omnifuse_model.data.features.shard_header import (
+    ShardHeader,
+    ShardIdentity,
+    TensorLayout,
+    cached_header,
+    shard_identity,
+)
 
-_VERIFIED: set[tuple[str, int, int, int, int]] = set()
+_VERIFIED: set[ShardIdentity] = set()
 """(path, inode, size, mtime_ns, ctime_ns) of the shards this process hashed against their
 names."""
+
+_NUMPY_DTYPES = frozenset(
+    {torch.float16, torch.float32, torch.float64, torch.bool, torch.uint8, torch.int8}
+    | {torch.int16, torch.int32, torch.int64}
+)
+"""Dtypes NumPy holds as torch does (not bfloat16)."""
+
+ShardCheck = Callable[[Path, mmap.mmap], str]
+"""``check(path, buffer)``: the problem with a shard's bytes in words, "" when none."""
 
 
 class ShardCheckFailed(ValueError):
@@ -52,56 +62,83 @@ class ShardCheckFailed(ValueError):
 
 
 class MappedShard:
-    """One safetensors shard mapped read-only into memory; ``tensors`` are views on the map."""
+    """One safetensors shard mapped read-only into memory; ``tensors`` are views on the map.
 
-    def __init__(self, path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]):
+    ``header`` is parsed once per process per file identity
+    (:mod:`~omnifuse_model.data.features.shard_header`); ``rows`` maps an entry key to its row
+    (None: a failure record).
+    """
+
+    def __init__(
+        self, path: Path, identity: ShardIdentity, buffer: mmap.mmap, header: ShardHeader
+    ) -> None:
         self.path = path
-        self.tensors = tensors
-        self.metadata = metadata
+        self.identity = identity
+        self.buffer = buffer
+        self.header = header
+        self.tensors = {name: _view(buffer, layout) for name, layout in header.tensors.items()}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The raw ``__metadata__``: entry key -> JSON record, and the format key."""
+        return self.header.metadata
+
+    @property
+    def rows(self) -> dict[str, int | None]:
+        """Entry key -> row in every tensor (None: a failure record)."""
+        return self.header.rows
 
     @classmethod
-    def open(cls, path: Path, check=None) -> MappedShard:
+    def open(cls, path: Path, check: ShardCheck | None = None) -> MappedShard:
         """Map ``path``. ``check(path, buffer)`` returns a problem in words ("" if none); it
         runs the first time this process maps the file (see the module docstring), and a
-        problem raises ``ValueError`` naming the shard."""
-        stat = path.stat()
+        problem raises :class:`ShardCheckFailed`."""
+        shard = cls.map(path)
+        if check is not None:
+            shard.verify(check)
+        return shard
+
+    @classmethod
+    def map(cls, path: Path) -> MappedShard:
+        """Map ``path`` without checking its bytes (:meth:`verify` before using them)."""
         with open(path, "rb") as handle:
+            # The identity of the file opened (not of whatever the path names a moment later).
+            identity = shard_identity(path, os.fstat(handle.fileno()))
             # ACCESS_COPY: a writable (copy-on-write) map, so torch.frombuffer takes it without
             # a warning; nothing here writes to it, and the file is never changed.
             buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        identity = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-        if check is not None and identity not in _VERIFIED:
-            problem = check(path, buffer)
-            if problem:
-                raise ShardCheckFailed(problem)
-            _VERIFIED.add(identity)
-        return cls(path, *_parse(path, buffer))
+        header = cached_header(identity, lambda: buffer[: min(len(buffer), _prefix(buffer))])
+        return cls(path, identity, buffer, header)
+
+    @property
+    def verified(self) -> bool:
+        """Whether this process has hashed this file identity against its name."""
+        return self.identity in _VERIFIED
+
+    def verify(self, check: ShardCheck) -> None:
+        """Run ``check`` on the mapped bytes unless this identity passed it before in this
+        process; raises :class:`ShardCheckFailed` with the problem."""
+        if self.verified:
+            return
+        problem = check(self.path, self.buffer)
+        if problem:
+            raise ShardCheckFailed(problem)
+        _VERIFIED.add(self.identity)
 
 
-def _parse(path: Path, buffer: mmap.mmap) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors (views on ``buffer``) and ``__metadata__`` of a safetensors file."""
-    if len(buffer) < 8:
-        raise ValueError(f"{path}: {len(buffer)} bytes, too short for a safetensors header")
-    length = int.from_bytes(buffer[:8], "little")
-    if 8 + length > len(buffer):
-        raise ValueError(f"{path}: header of {length} bytes runs past the file's end")
-    header = json.loads(bytes(buffer[8 : 8 + length]))
-    metadata = dict(header.pop("__metadata__", None) or {})
-    start = 8 + length
-    tensors: dict[str, Tensor] = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor '{name}' has dtype {info['dtype']}, not supported")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin)
-        tensors[name] = flat.view(shape)
-    return tensors, metadata
+def _prefix(buffer: mmap.mmap) -> int:
+    """Bytes of the length field and the header (the rest of the file is tensors)."""
+    return 8 + int.from_bytes(buffer[:8], "little") if len(buffer) >= 8 else len(buffer)
+
+
+def _view(buffer: mmap.mmap, layout: TensorLayout) -> Tensor:
+    """A zero-copy view of one tensor of the mapped shard."""
+    count = layout.end - layout.begin
+    if count == 0:
+        return torch.empty(layout.shape, dtype=layout.dtype)
+    size = torch.empty((), dtype=layout.dtype).element_size()
+    flat = torch.frombuffer(buffer, dtype=layout.dtype, count=count // size, offset=layout.begin)
+    return flat.view(layout.shape)
 
 
 class MappedRows:
@@ -153,10 +190,26 @@ class MappedRows:
     def __getitem__(self, index: int | slice | Tensor) -> Tensor:
         if isinstance(index, int):
             return self._one(index)
-        positions = torch.arange(len(self))[index]
-        if len(positions) == 0:
-            return torch.zeros(0, *self.row_shape)
-        return torch.stack([self._one(i) for i in positions.tolist()])
+        return self.read(torch.arange(len(self))[index])
+
+    def read(self, positions: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The rows of ``positions`` (all when None) as one ``[k, *row_shape]`` tensor of
+        ``dtype`` (values converted as ``Tensor.to`` does); absent rows are zeros. One
+        gather per shard view, not one per row."""
+        shard = (self.shard if positions is None else self.shard[positions]).numpy()
+        row = (self.row if positions is None else self.row[positions]).numpy()
+        out = torch.empty(len(shard), *self.row_shape, dtype=dtype)
+        if len(shard) == 0:
+            return out
+        order = np.argsort(shard, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for where in np.split(order, bounds):
+            value = int(shard[where[0]])
+            if value < 0:
+                _copy_rows(out, where, None, None)
+            else:
+                _copy_rows(out, where, self.views[value], row[where])
+        return out
 
     def zero_rows(self, rows: Tensor) -> MappedRows:
         """The column with the samples where ``rows`` (bool ``[n]``) is True absent (zeros)."""
@@ -166,6 +219,29 @@ class MappedRows:
     def take_rows(self, indices: Tensor) -> MappedRows:
         """The column of the samples ``indices`` (same maps; nothing read)."""
         return MappedRows(self.views, self.shard[indices], self.row[indices], self.row_shape)
+
+
+def _copy_rows(
+    out: Tensor, where: np.ndarray, view: Tensor | None, rows: np.ndarray | None
+) -> None:
+    """``out[where] = view[rows]`` converted to ``out``'s dtype (``view`` None: zeros).
+
+    Without a conversion the copy is NumPy's, on this thread: torch's OpenMP parallel
+    indexing of a few hundred rows gains nothing and, on cores busy with other work, waits
+    for its threads to be scheduled (measured: a site's load 4x slower with 2 torch threads
+    on 2 busy cores). A conversion (float16 -> float32) uses torch's vectorised cast."""
+    if out.dtype in _NUMPY_DTYPES and (view is None or _numpy_readable(view, out.dtype)):
+        target = out.numpy()
+        target[where] = 0 if view is None else view.numpy()[rows]
+    elif view is None:
+        out.index_fill_(0, torch.from_numpy(where), 0)
+    else:
+        picked = view.index_select(0, torch.from_numpy(rows)).to(out.dtype)
+        out.index_copy_(0, torch.from_numpy(where), picked)
+
+
+def _numpy_readable(view: Tensor, dtype: torch.dtype) -> bool:
+    return view.dtype == dtype and view.dtype in _NUMPY_DTYPES and not view.requires_grad
 
 
 def concat_columns(columns: Sequence[Tensor | MappedRows]) -> Tensor | MappedRows:

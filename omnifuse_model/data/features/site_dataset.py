@@ -20,15 +20,22 @@ is built, so loading a split reads no token states and a full-MIMIC split of ~15
 not need its ~7 GB as float32 in memory (the pages read are page cache, shared and
 reclaimable). Stays with none of the model's modalities available are left out (logged), as
 the training loop needs at least one per sample.
+
+Cost: a ClientApp loads its train and val splits for every train and evaluate message
+(:func:`load_cached_splits`: one manifest read, one shard index). The first load in a process
+hashes the shards it maps; later ones stat the shards, reuse their parsed headers and copy
+``ehr``/``cxr`` rows with one gather per shard (``simulation/benchmarks/site_loading.py``
+measures both).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from omnifuse_model.batch import InMemoryMultimodalDataset
@@ -37,7 +44,7 @@ from omnifuse_model.data.ehr.discretizer import NUM_FEATURES
 from omnifuse_model.data.ehr.normalizer import EHRNormalizer
 from omnifuse_model.data.features.manifest import MANIFEST_FILE, NORMALIZER_FILE, read_manifest
 from omnifuse_model.data.features.mapped_rows import MappedRows
-from omnifuse_model.data.features.store import FeatureStore
+from omnifuse_model.data.features.store import FailureRecordError, FeatureStore
 from omnifuse_model.data.ingest_report import SPLITS
 from omnifuse_model.site_config import SiteConfig
 
@@ -73,42 +80,44 @@ def load_normalizer(cache_dir: str | Path) -> EHRNormalizer:
     return EHRNormalizer.load(path)
 
 
-def _fill(
+def _columns(
     store: FeatureStore,
     spec: ModalitySpec,
+    fields: tuple[str, ...],
     keys: list[str | None],
-    target: torch.Tensor,
-    mask: torch.Tensor | None,
     where: Path,
-) -> torch.Tensor:
-    """Copy cached entries into ``target`` rows; returns the bool column of rows filled."""
-    filled = torch.tensor([key is not None for key in keys], dtype=torch.bool)
-    wanted = [key for key in keys if key is not None]
-    if not wanted:
-        return filled
+) -> dict[str, MappedRows]:
+    """``fields`` of the cached entries ``keys`` (None: absent) as mapped columns, the first
+    checked against the model's input shape; errors name ``where`` and the fix."""
     try:
-        entries = store.load(spec.name, wanted)
+        columns = store.mapped_columns(spec.name, fields, keys)
     except KeyError as error:
         raise ValueError(
             f"{where}: {error.args[0]}; the cache is incomplete, run `omnifuse prepare` again"
         ) from None
-    for row, key in enumerate(keys):
-        if key is None:
-            continue
-        entry = entries[key]
-        if entry.failed:
-            raise ValueError(f"{where}: {spec.name} entry {key} is a failure record")
-        value = entry.tensors[_FIELDS[spec.name][0]]
-        if tuple(value.shape) != spec.input_shape:
-            raise ValueError(
-                f"{where}: cached {spec.name} inputs have shape {tuple(value.shape)}, the model's "
-                f"modality '{spec.name}' expects {spec.input_shape}; prepare the cache with "
-                "matching settings or change the model config"
-            )
-        target[row] = value.to(torch.float32)
-        if mask is not None:
-            mask[row] = entry.tensors["mask"]
-    return filled
+    except FailureRecordError as error:
+        raise ValueError(f"{where}: {spec.name} entry {error.key} is a failure record") from None
+    except ValueError as error:
+        raise ValueError(f"{where}: {spec.name}: {error}") from None
+    values = columns[fields[0]]
+    if values.views and values.row_shape != spec.input_shape:
+        raise ValueError(
+            f"{where}: cached {spec.name} inputs have shape {values.row_shape}, the model's "
+            f"modality '{spec.name}' expects {spec.input_shape}; prepare the cache with "
+            "matching settings or change the model config"
+        )
+    return columns
+
+
+def _fill(
+    store: FeatureStore, spec: ModalitySpec, keys: list[str | None], where: Path
+) -> torch.Tensor:
+    """The cached entries ``keys`` as one float32 ``[n, *input_shape]`` tensor (None keys:
+    zero rows), read with one gather per shard."""
+    column = _columns(store, spec, _FIELDS[spec.name], keys, where)[_FIELDS[spec.name][0]]
+    if not column.views:
+        return _zeros(len(keys), *spec.input_shape)
+    return column.read()
 
 
 def _mapped_token_states(
@@ -118,31 +127,39 @@ def _mapped_token_states(
     per batch) and the token masks in memory (bool ``[n, T]``); None keys are absent."""
     if spec.name not in _FIELDS:
         keys = [None] * len(keys)
-    try:
-        states = store.mapped_rows(spec.name, _FIELDS.get(spec.name, ("states",))[0], keys)
-        masks = store.mapped_rows(spec.name, "mask", keys)
-    except KeyError as error:
-        raise ValueError(
-            f"{where}: {error.args[0]}; the cache is incomplete, run `omnifuse prepare` again"
-        ) from None
-    except ValueError as error:
-        raise ValueError(f"{where}: {spec.name}: {error}") from None
+    field = _FIELDS.get(spec.name, ("states",))[0]
+    columns = _columns(store, spec, (field, "mask"), keys, where)
+    states = columns[field]
     if not states.views:
         states = MappedRows([], states.shard, states.row, spec.input_shape)
-        return states, torch.zeros(len(keys), spec.input_shape[0], dtype=torch.bool)
-    if states.row_shape != spec.input_shape:
-        raise ValueError(
-            f"{where}: cached {spec.name} inputs have shape {states.row_shape}, the model's "
-            f"modality '{spec.name}' expects {spec.input_shape}; prepare the cache with "
-            "matching settings or change the model config"
-        )
-    return states, masks[:].to(torch.bool)
+        return states, _zeros(len(keys), spec.input_shape[0], dtype=np.bool_)
+    return states, columns["mask"].read(dtype=torch.bool)
 
 
-def _read_site_manifest(site: SiteConfig, split: str) -> tuple[dict[str, Any], Path]:
+def _normalised(ehr: torch.Tensor, present: torch.Tensor, scaler: EHRNormalizer) -> torch.Tensor:
+    """``ehr`` (float32, freshly read) with the ``present`` rows scaled by ``scaler``, absent
+    rows left zero: the numbers of ``scaler.transform`` of the present rows (the scaling is
+    elementwise, so scaling all rows in place when all are present gives the same)."""
+    values = ehr.numpy()
+    if bool(present.all()):
+        scaler.transform_in_place(values)
+    else:
+        rows = present.numpy()
+        values[rows] = scaler.transform(values[rows])
+    return ehr
+
+
+def _zeros(*shape: int, dtype: type = np.float32) -> torch.Tensor:
+    """A zero tensor from NumPy (lazily zeroed pages; torch.zeros fills in parallel, which
+    stalls when the cores are busy)."""
+    return torch.from_numpy(np.zeros(shape, dtype=dtype))
+
+
+def _read_site_manifest(site: SiteConfig, splits: Sequence[str]) -> tuple[dict[str, Any], Path]:
     """The cache's manifest, checked against the site's task; and its path for errors."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
     cache_dir = Path(site.cache_dir)
     manifest = read_manifest(cache_dir)
     where = cache_dir / MANIFEST_FILE
@@ -170,13 +187,48 @@ def load_cached_split(
     :class:`~omnifuse_model.data.features.store.CorruptShardError` naming a shard that fails
     its checksum.
     """
-    manifest, where = _read_site_manifest(site, split)
+    return load_cached_splits(site, [split], modalities=modalities, normalizer=normalizer)[split]
+
+
+def load_cached_splits(
+    site: SiteConfig,
+    splits: Sequence[str],
+    *,
+    modalities: Sequence[ModalitySpec] | None = None,
+    normalizer: EHRNormalizer | None = None,
+) -> dict[str, InMemoryMultimodalDataset]:
+    """Several splits of ``site``'s feature cache, as :func:`load_cached_split` returns each;
+    the manifest is read and each modality's shard index built once for all of them."""
+    manifest, where = _read_site_manifest(site, splits)
     if modalities is None:
         text_hidden = manifest.get("shapes", {}).get("rep", [REPORT_TOKENS, 768])[1]
         modalities = mimic_model_modalities(text_hidden)
+    store = FeatureStore(site.cache_dir)
+    scalers: list[EHRNormalizer] = [normalizer] if normalizer is not None else []
+
+    def scaler() -> EHRNormalizer:
+        if not scalers:
+            scalers.append(load_normalizer(site.cache_dir))
+        return scalers[0]
+
+    return {
+        split: _split_dataset(site, manifest, split, store, modalities, scaler, where)
+        for split in splits
+    }
+
+
+def _split_dataset(
+    site: SiteConfig,
+    manifest: dict[str, Any],
+    split: str,
+    store: FeatureStore,
+    modalities: Sequence[ModalitySpec],
+    scaler: Callable[[], EHRNormalizer],
+    where: Path,
+) -> InMemoryMultimodalDataset:
+    """One split of the cache (see :func:`load_cached_split`)."""
     stays: list[dict[str, Any]] = manifest["splits"][split]
     n = len(stays)
-    store = FeatureStore(site.cache_dir)
     inputs: dict[str, torch.Tensor | MappedRows] = {}
     masks: dict[str, torch.Tensor] = {}
     availability = torch.zeros(n, len(modalities), dtype=torch.bool)
@@ -187,15 +239,13 @@ def load_cached_split(
             inputs[spec.name], masks[spec.name] = _mapped_token_states(store, spec, keys, where)
             availability[:, column] = torch.tensor([key is not None for key in keys])
             continue
-        inputs[spec.name] = torch.zeros(n, *spec.input_shape)
         if not held or spec.name not in _FIELDS:
+            inputs[spec.name] = _zeros(n, *spec.input_shape)
             continue
-        availability[:, column] = _fill(store, spec, keys, inputs[spec.name], None, where)
+        inputs[spec.name] = _fill(store, spec, keys, where)
+        availability[:, column] = torch.tensor([key is not None for key in keys])
         if spec.name == "ehr" and availability[:, column].any():
-            scaler = normalizer or load_normalizer(site.cache_dir)
-            present = availability[:, column]
-            ehr = scaler.transform(inputs["ehr"][present].numpy())
-            inputs["ehr"][present] = torch.from_numpy(ehr)
+            inputs["ehr"] = _normalised(inputs["ehr"], availability[:, column], scaler())
     labels = torch.tensor([stay["labels"] for stay in stays], dtype=torch.float32)
     labels = labels.reshape(n, len(manifest["label_names"]))
     dataset = InMemoryMultimodalDataset(

@@ -28,9 +28,15 @@ so bytes are checked against the name:
   up) hashes every shard; one whose bytes do not match its name (random bytes, truncation,
   a shard of an older format without a checksum) is moved aside to ``<name>.corrupt``,
   reported, and its entries are computed again: never read, never a cache hit;
-* :meth:`FeatureStore.load` hashes each shard it maps (the first time this process maps it) and
-  raises :class:`CorruptShardError`, naming the shard and saying to re-run ``omnifuse
-  prepare``, on a mismatch.
+* :meth:`FeatureStore.load` and :meth:`FeatureStore.mapped_columns` hash each shard they map
+  (the first time this process maps that file identity; several on threads,
+  :mod:`~omnifuse_model.data.features.shard_checks`) and raise :class:`CorruptShardError`,
+  naming the shard and saying to re-run ``omnifuse prepare``, on a mismatch.
+
+Reading is cheap after the first time in a process: each shard's header (the entries' records)
+is parsed once per file identity (:mod:`~omnifuse_model.data.features.shard_header`), so
+listing a store is a directory scan and a ``stat`` per shard; :meth:`mapped_columns` gathers a
+split's rows with one index per shard, not one Python step per entry.
 
 One process at a time may write a store (:meth:`lock`).
 """
@@ -41,7 +47,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,11 +56,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from omnifuse_model.data.features.mapped_rows import MappedRows, MappedShard, ShardCheckFailed
+from omnifuse_model.data.features.mapped_rows import MappedRows, MappedShard
+from omnifuse_model.data.features.shard_checks import (
+    CorruptShardError,
+    shard_problem,
+    verify_shards,
+)
+from omnifuse_model.data.features.shard_header import FORMAT_KEY, read_shard_header
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +74,12 @@ PREPROCESSING_VERSION = "omnifuse-prep-1"
 every cache key changes with it."""
 
 FEATURES_DIR = "features"
-_FORMAT_KEY = "__format__"
+_FORMAT_KEY = FORMAT_KEY
 _FORMAT = "omnifuse-feature-shard-v2"
-_SHARD_CACHE_SIZE = 8
+_SHARD_CACHE_SIZE = 64
+"""Shards a store keeps mapped (a load_cached_splits call: a site's shards, for all its splits)."""
 _CORRUPT_SUFFIX = ".corrupt"
+_FIX = "run `omnifuse prepare` for this site again to recompute it"
 
 
 def entry_key(modality: str, identity: str, content_digest: str) -> str:
@@ -97,18 +109,12 @@ class CacheLockedError(RuntimeError):
     """Another process holds the feature store's write lock."""
 
 
-class CorruptShardError(OSError):
-    """A feature shard whose bytes do not match its SHA-256 name, or that cannot be parsed."""
+class FailureRecordError(ValueError):
+    """An entry asked for as data is a remembered failure (it has no tensors)."""
 
-
-def shard_problem(shard: Path, data: bytes | memoryview | mmap.mmap) -> str:
-    """Why ``data`` (the bytes of ``shard``) is not a valid shard, in words ("" when it is)."""
-    digest = hashlib.sha256(data).hexdigest()
-    if shard.stem != digest:
-        if len(shard.stem) != 64:
-            return "its name is not a SHA-256 (written before shards carried checksums)"
-        return f"its bytes hash to sha256 {digest[:16]}..., not to its name (corrupted)"
-    return ""
+    def __init__(self, folder: Path, key: str) -> None:
+        super().__init__(f"{folder}: entry {key} is a failure record")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -158,28 +164,39 @@ class FeatureStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def index(self, modality: str) -> dict[str, tuple[Path, str]]:
-        """Entry key -> (shard path, JSON record) of every readable shard of ``modality``."""
+        """Entry key -> (shard path, JSON record) of every readable shard of ``modality``.
+
+        A shard's header is parsed once per process per file identity
+        (:mod:`~omnifuse_model.data.features.shard_header`); here each shard file is only
+        listed and stat-ed."""
         if modality not in self._index:
             found: dict[str, tuple[Path, str]] = {}
             skipped: dict[Path, str] = {}
-            for shard in sorted(self.folder(modality).glob("*.safetensors")):
+            for shard in self._shard_files(modality):
                 try:
-                    with safe_open(str(shard), framework="pt") as handle:
-                        metadata = handle.metadata() or {}
-                except Exception as error:  # safetensors raises several types for a bad file
+                    _, header = read_shard_header(shard)
+                except Exception as error:  # OSError, or a malformed header (ValueError, ...)
                     logger.warning("%s: unreadable feature shard skipped: %s", shard, error)
                     skipped[shard] = f"unreadable: {error}"
                     continue
-                if metadata.get(_FORMAT_KEY) != _FORMAT:
+                if header.metadata.get(_FORMAT_KEY) != _FORMAT:
                     logger.warning("%s: not an %s shard, skipped", shard, _FORMAT)
                     skipped[shard] = f"not an {_FORMAT} shard"
                     continue
-                for key, record in metadata.items():
-                    if key != _FORMAT_KEY:
-                        found[key] = (shard, record)
+                found.update(header.entries)
             self._index[modality] = found
             self._skipped[modality] = skipped
         return self._index[modality]
+
+    def _shard_files(self, modality: str) -> list[Path]:
+        """The ``*.safetensors`` files of ``modality``'s folder, sorted by name."""
+        folder = self.folder(modality)
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries if e.name.endswith(".safetensors"))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [folder / name for name in names]
 
     def verify(self, modality: str) -> dict[str, str]:
         """Hash every shard of ``modality``; move a mismatching one aside (``<name>.corrupt``,
@@ -252,70 +269,49 @@ class FeatureStore:
         self._shards.pop(final, None)
         return final
 
-    def _load_shard(self, shard: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The shard's tensors (zero-copy views on a memory map: rows are read when used) and
-        metadata; its bytes are hashed against its name the first time this process maps it
-        (:mod:`~omnifuse_model.data.features.mapped_rows`)."""
+    def _mapped(self, shard: Path) -> MappedShard:
+        """``shard`` mapped (tensors are zero-copy views: rows are read when used), not yet
+        verified; a few recently used ones are kept by this store."""
         if shard in self._shards:
             self._shards.move_to_end(shard)
             return self._shards[shard]
-        fix = "run `omnifuse prepare` for this site again to recompute it"
         try:
-            mapped = MappedShard.open(shard, check=shard_problem)
-        except ShardCheckFailed as problem:
-            raise CorruptShardError(
-                f"{shard}: feature shard fails its checksum: {problem}; {fix}"
-            ) from None
+            mapped = MappedShard.map(shard)
         except OSError as error:
             raise CorruptShardError(
-                f"{shard}: cannot read feature shard: {error}; {fix}"
+                f"{shard}: cannot read feature shard: {error}; {_FIX}"
             ) from error
         except Exception as error:  # a bad header: JSON, offsets, dtype
-            raise CorruptShardError(f"{shard}: cannot parse feature shard: {error}; {fix}") from (
+            raise CorruptShardError(f"{shard}: cannot parse feature shard: {error}; {_FIX}") from (
                 error
             )
-        loaded = (mapped.tensors, mapped.metadata)
-        self._shards[shard] = loaded
+        self._shards[shard] = mapped
         while len(self._shards) > _SHARD_CACHE_SIZE:
             self._shards.popitem(last=False)
-        return loaded
+        return mapped
 
-    def mapped_rows(self, modality: str, field: str, keys: Sequence[str | None]) -> MappedRows:
-        """``field`` of the entries ``keys`` (None: absent, zeros) as a lazily read column.
+    def _load_shards(self, paths: Sequence[Path]) -> list[MappedShard]:
+        """The shards mapped, each hashed against its name the first time this process maps
+        that file (:mod:`~omnifuse_model.data.features.mapped_rows`); several new ones are
+        hashed on threads. Raises :class:`CorruptShardError` naming the first shard (in
+        ``paths`` order) that cannot be read or fails its checksum."""
+        shards = [self._mapped(path) for path in paths]
+        for shard, problem in zip(shards, verify_shards(shards), strict=True):
+            if problem:
+                self._shards.pop(shard.path, None)
+                raise CorruptShardError(
+                    f"{shard.path}: feature shard fails its checksum: {problem}; {_FIX}"
+                )
+        return shards
 
-        Raises like :meth:`load`, and ``ValueError`` for a key whose entry is a failure record.
-        """
-        wanted = [key for key in keys if key is not None]
-        entries = self.load(modality, wanted) if wanted else {}
-        views: list[Tensor] = []
-        slot: dict[Path, int] = {}
-        shard = torch.full((len(keys),), -1, dtype=torch.int64)
-        row = torch.zeros(len(keys), dtype=torch.int64)
-        index = self.index(modality)
-        row_shape: tuple[int, ...] | None = None
-        for position, key in enumerate(keys):
-            if key is None:
-                continue
-            if entries[key].failed:
-                raise ValueError(f"{self.folder(modality)}: entry {key} is a failure record")
-            path = index[key][0]
-            if path not in slot:
-                slot[path] = len(views)
-                views.append(self._load_shard(path)[0][field])
-                row_shape = tuple(views[-1].shape[1:])
-            shard[position], row[position] = slot[path], entries[key].record["row"]
-        return MappedRows(views, shard, row, row_shape or ())
-
-    def load(self, modality: str, keys: Sequence[str]) -> dict[str, StoredEntry]:
-        """The entries of ``keys`` (each shard read once), checksums verified.
-
-        Raises :class:`CorruptShardError` naming the shard when a shard fails its checksum, or
-        when a key is missing while unreadable shards (which may have held it) are present;
-        ``KeyError`` naming a key that is simply not cached.
-        """
+    def _by_shard(self, modality: str, keys: Sequence[str | None]) -> dict[Path, list[str]]:
+        """The distinct ``keys`` (None skipped) grouped by the shard holding them, shards in
+        order of first use. Raises like :meth:`load` for a key that is not cached."""
         index = self.index(modality)
         by_shard: dict[Path, list[str]] = {}
         for key in dict.fromkeys(keys):
+            if key is None:
+                continue
             if key not in index and self._skipped.get(modality):
                 names = "; ".join(f"{p} ({why})" for p, why in self._skipped[modality].items())
                 raise CorruptShardError(
@@ -326,12 +322,71 @@ class FeatureStore:
             if key not in index:
                 raise KeyError(f"{self.folder(modality)}: no cached entry {key}")
             by_shard.setdefault(index[key][0], []).append(key)
+        return by_shard
+
+    def mapped_columns(
+        self, modality: str, fields: Sequence[str], keys: Sequence[str | None]
+    ) -> dict[str, MappedRows]:
+        """``fields`` of the entries ``keys`` (None: absent, zeros) as lazily read columns.
+
+        Raises like :meth:`load`, :class:`FailureRecordError` (a ``ValueError``) for a key
+        whose entry is a failure record, and ``ValueError`` when the shards hold rows of
+        different shapes."""
+        by_shard = self._by_shard(modality, keys)
+        shards = self._load_shards(list(by_shard))
+        slot = {key: position for position, group in enumerate(by_shard.values()) for key in group}
+        rows_of = [shard.rows for shard in shards]
+        slots: list[int] = []
+        rows: list[int] = []
+        for key in keys:
+            if key is None:
+                slots.append(-1)
+                rows.append(0)
+                continue
+            position = slot[key]
+            row = rows_of[position].get(key, -1)
+            if row is None:
+                raise FailureRecordError(self.folder(modality), key)
+            if row < 0:  # the file changed between listing and mapping
+                raise KeyError(f"{shards[position].path}: no cached entry {key}")
+            slots.append(position)
+            rows.append(row)
+        shard_of = torch.tensor(slots, dtype=torch.int64)
+        row_of = torch.tensor(rows, dtype=torch.int64)
+        return {field: self._column(modality, field, shards, shard_of, row_of) for field in fields}
+
+    def _column(
+        self, modality: str, field: str, shards: list[MappedShard], shard: Tensor, row: Tensor
+    ) -> MappedRows:
+        views = [mapped.tensors[field] for mapped in shards]
+        shapes = {tuple(view.shape[1:]) for view in views}
+        if len(shapes) > 1:
+            found = {m.path.name: tuple(v.shape[1:]) for m, v in zip(shards, views, strict=True)}
+            raise ValueError(
+                f"{self.folder(modality)}: shards hold {field} rows of different shapes {found}"
+            )
+        return MappedRows(views, shard, row, shapes.pop() if shapes else ())
+
+    def mapped_rows(self, modality: str, field: str, keys: Sequence[str | None]) -> MappedRows:
+        """``field`` of the entries ``keys`` (None: absent, zeros) as a lazily read column
+        (see :meth:`mapped_columns`)."""
+        return self.mapped_columns(modality, [field], keys)[field]
+
+    def load(self, modality: str, keys: Sequence[str]) -> dict[str, StoredEntry]:
+        """The entries of ``keys`` (each shard read once), checksums verified.
+
+        Raises :class:`CorruptShardError` naming the shard when a shard fails its checksum, or
+        when a key is missing while unreadable shards (which may have held it) are present;
+        ``KeyError`` naming a key that is simply not cached.
+        """
+        by_shard = self._by_shard(modality, keys)
+        shards = self._load_shards(list(by_shard))
         entries: dict[str, StoredEntry] = {}
-        for shard, wanted in by_shard.items():
-            tensors, metadata = self._load_shard(shard)
+        for shard, wanted in zip(shards, by_shard.values(), strict=True):
             for key in wanted:
-                record = json.loads(metadata[key])
+                record = json.loads(shard.metadata[key])
                 row = record.get("row")
+                tensors = shard.tensors
                 fields = {} if row is None else {name: t[row] for name, t in tensors.items()}
                 entries[key] = StoredEntry(fields, record)
         return entries
