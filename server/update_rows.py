@@ -114,10 +114,11 @@ class UpdateLayout:
 
     def flat_master(self) -> np.ndarray:
         """The master weights as one row (built once)."""
-        if self._flat is None:
-            self._flat = np.empty(self.size, np.float32)
+        if self._flat is None:  # filled before it is published (threads may ask at once)
+            flat = np.empty(self.size, np.float32)
             for key, (start, stop) in self.spans.items():
-                self._flat[start:stop] = np.asarray(self.master[key]).reshape(-1)
+                flat[start:stop] = np.asarray(self.master[key]).reshape(-1)
+            self._flat = flat
         return self._flat
 
     def views(self, row: np.ndarray) -> dict[str, np.ndarray]:

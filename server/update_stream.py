@@ -53,6 +53,7 @@ class _Pass:
 
     updates: Sequence[SiteUpdate]
     layout: UpdateLayout
+    master: np.ndarray  # the layout's flat master, built before the workers start
     weights: Mapping[str, np.ndarray | None] | None
     deltas: bool
     norms: bool
@@ -104,7 +105,10 @@ def stream_updates(
             raise ValueError(f"encode {encode!r}: expected float16 or bfloat16")
         encoded = np.empty(layout.size, np.uint16 if encode == "bfloat16" else np.float16)
     result = StreamResult(aggregate, np.zeros(len(updates)))
-    work = _Pass(updates, layout, weights, deltas, norms, aggregate, encoded, result, serialise)
+    master = layout.flat_master()
+    work = _Pass(
+        updates, layout, master, weights, deltas, norms, aggregate, encoded, result, serialise
+    )
     workers = max(1, min(threads, len(layout.chunks)))
     shares = [layout.chunks[index::workers] for index in range(workers)]
     if workers == 1:
@@ -124,7 +128,7 @@ def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
     difference = np.empty(largest, np.float32)
     bits = np.empty(largest, np.uint32)
     squared = np.zeros(len(work.updates), np.float64)
-    master = work.layout.flat_master()
+    master = work.master
     for chunk in chunks:
         values, old = scratch[: chunk.size], master[chunk.start : chunk.stop]
         group = None if work.weights is None else work.weights[chunk.group]

@@ -216,3 +216,20 @@ def test_bytes_serialised_in_the_pass_are_those_of_the_records_of_the_row():
     raw = raw16_record(got.encoded, "bfloat16", layout.spans, shapes)
     assert got.float32_bytes == {k: floats[k].data for k in floats}
     assert got.encoded_bytes == {k: raw[k].data for k in raw}
+
+
+def test_a_fresh_layout_streamed_on_threads_gives_the_single_thread_aggregate():
+    """The flat master is built once, before the workers start (it used to be built lazily
+    by whichever worker asked first, and another could read it half filled)."""
+    master = master_weights(8)
+    rng = np.random.default_rng(9)
+    updates = [make_update(rng, master, set(NAMES), "bfloat16", omit=False) for _ in range(3)]
+    counts = [site_counts(set(NAMES), 10 * (i + 1)) for i in range(3)]
+    expected = None
+    for _ in range(20):
+        layout = UpdateLayout(master, NAMES, chunk_coordinates=2)
+        weights = fedavg_weights(counts, groups_of(layout))
+        got = stream_updates(updates, layout, weights, deltas=True, threads=4).aggregate
+        if expected is None:
+            expected = stream_updates(updates, layout, weights, deltas=True).aggregate
+        assert np.array_equal(got, expected)
