@@ -83,7 +83,8 @@ class FederationRunConfig(StrictModel):
         le=64,
         description=(
             "Threads the server reads and averages a round's updates with "
-            "(server.update_stream); 0: the machine's cores, at most 4."
+            "(server.update_stream); 0: the measured default (1: on 2 cores two threads "
+            "were slower)."
         ),
     )
     # -- wire format (issue #14 point 3; server.strategy, omnifuse_model.wire_format) --

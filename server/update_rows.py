@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,6 +152,22 @@ class SiteUpdate:
             out[...] = part.astype(np.float32)  # astype then copy: 4x np.copyto's cast loop
         else:
             out[...] = part
+
+    def decode_chunk(self, parts: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
+        """The keys ``parts`` ((key, offset, size) in ``out``) as float32 into ``out``: the
+        streamed pass's inner loop, one numpy call per key."""
+        get = self.parts.get
+        if self.parts and next(iter(self.parts.values())).dtype == np.uint16:
+            bits = out.view(np.uint32)  # bfloat16: the high half of a float32
+            for key, offset, size in parts:
+                part = get(key)
+                if part is None:
+                    out[offset : offset + size] = 0.0
+                else:
+                    np.left_shift(part, 16, out=bits[offset : offset + size], dtype=np.uint32)
+            return
+        for key, offset, size in parts:
+            self.decode_into(key, out[offset : offset + size])
 
     def row(self, layout: UpdateLayout) -> np.ndarray:
         """The whole update (or weights) as one float32 row in ``layout``."""

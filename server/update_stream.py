@@ -22,7 +22,6 @@ for any thread count.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,8 +63,11 @@ class _Pass:
 
 
 def default_threads() -> int:
-    """Worker threads for the pass: the machine's cores, at most 4 (memory-bound beyond)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Worker threads for the pass: 1. Measured on the 2-core machine (paper-size model, 10
+    sites, idle): 18 ms on one thread, 26 ms on two with 64K chunks (numpy's many short calls
+    contend for the GIL); threads only paid off with 1M-coordinate chunks (17.7 ms), which
+    no longer fit the cache. ``server-threads`` overrides it."""
+    return 1
 
 
 def stream_updates(
@@ -128,23 +130,20 @@ def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
     difference = np.empty(largest, np.float32)
     bits = np.empty(largest, np.uint32)
     squared = np.zeros(len(work.updates), np.float64)
-    master = work.master
+    master, deltas, norms = work.master, work.deltas, work.norms
     for chunk in chunks:
         values, old = scratch[: chunk.size], master[chunk.start : chunk.stop]
         group = None if work.weights is None else work.weights[chunk.group]
         out = None if work.aggregate is None else work.aggregate[chunk.start : chunk.stop]
+        first = chunk.parts[0][0]  # a site sends a group whole or not at all (uplink_keys)
         started = False
         for site, update in enumerate(work.updates):
             weight = 0.0 if group is None else float(group[site])
-            sent = any(key in update.parts for key, _, _ in chunk.parts)
-            if not (weight > 0 or (work.norms and (sent or not work.deltas))):
+            if not (weight > 0 or (norms and (first in update.parts or not deltas))):
                 continue  # nothing sent here and no part in the sum: zeros, no work
-            for key, offset, size in chunk.parts:
-                update.decode_into(key, values[offset : offset + size])
-            if work.norms:
-                delta = values
-                if not work.deltas:
-                    delta = np.subtract(values, old, out=difference[: chunk.size])
+            update.decode_chunk(chunk.parts, values)
+            if norms:
+                delta = values if deltas else np.subtract(values, old, out=difference[: chunk.size])
                 squared[site] += float(np.dot(delta, delta))
             if weight > 0 and out is not None:
                 if not started:
