@@ -13,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from simulation.federation import DEFAULT_CLIENT_CPUS
+
 DESCRIPTION = "`flwr run` a scenario in the local simulation, with progress"
 FLWR_WORK_DIR = "flwr"
 
@@ -50,7 +52,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     federate.add_argument(
         "--port", type=int, help="the SuperLink's port on 127.0.0.1; default: a free one"
     )
+    federate.add_argument(
+        "--client-cpus",
+        type=_positive_int,
+        default=DEFAULT_CLIENT_CPUS,
+        help=(
+            "CPUs Ray reserves per simulated site (clients at once = cores // this); default "
+            f"{DEFAULT_CLIENT_CPUS}, measured fastest on 2 cores (docs/SCALING.md)"
+        ),
+    )
     federate.set_defaults(handler=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a whole number >= 1")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                 work_dir=work,
                 http_port=args.port,
                 on_poll=progress,
+                client_cpus=args.client_cpus,
             )
     finally:  # also after a failure: the rounds that did finish
         if rounds := read_rounds(run_dir):

@@ -198,6 +198,11 @@ def federation_config(num_supernodes: int, client_cpus: int | None = None) -> st
 
 
 PATH_KEYS = ("scenario-dir", "run-dir")
+# CPUs Ray reserves per simulated ClientApp. Measured on 2 cores (docs/SCALING.md, "Clients at
+# once"): 1 (two clients at once, one torch thread each) finishes a 10-site round 1.3-1.7x
+# sooner than Flower's default of 2 (one client at a time with two threads), for ~1.2 GiB
+# more RSS (a second Ray actor).
+DEFAULT_CLIENT_CPUS = 1
 
 
 def complete_run_config(run_config: dict[str, object], app_dir: Path) -> dict[str, object]:
@@ -219,12 +224,13 @@ def run_federation(
     http_port: int | None = None,
     timeout: float = 3600.0,
     on_poll: Callable[[], None] | None = None,
-    client_cpus: int | None = None,
+    client_cpus: int | None = DEFAULT_CLIENT_CPUS,
 ) -> int:
     """Start a SuperLink, `flwr run` the app with ``num_supernodes`` simulated sites, stop.
 
-    ``client_cpus``: CPUs Ray reserves per simulated ClientApp (None: Flower's default, 2);
-    with the run-config key ``client-torch-threads`` it sets how many clients train at once.
+    ``client_cpus``: CPUs Ray reserves per simulated ClientApp (default
+    ``DEFAULT_CLIENT_CPUS``, chosen by measurement; None: Flower's default, 2); with the
+    run-config key ``client-torch-threads`` it sets how many clients train at once.
 
     Returns `flwr run`'s exit code. Logs go to ``work_dir`` (superlink.log, flwr_run.log),
     which is also the run's FLWR_HOME; ``http_port`` None picks a free port, so runs with

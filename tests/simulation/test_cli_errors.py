@@ -131,8 +131,8 @@ def _fake_federation(calls: list, sites: list[str], fail_after: int | None = Non
     """What `run_federation` does, seen from the run directory: metrics.json and audit.json
     grow by one round per poll."""
 
-    def fake(values, num_supernodes, work_dir, http_port=None, on_poll=None, **_):
-        calls.append({"values": values, "nodes": num_supernodes, "work_dir": work_dir})
+    def fake(values, num_supernodes, work_dir, http_port=None, on_poll=None, **options):
+        calls.append({"values": values, "nodes": num_supernodes, "work_dir": work_dir, **options})
         run_dir = Path(values["run-dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         history, rows = {}, []
@@ -173,12 +173,25 @@ def test_federate_passes_one_node_per_site_and_the_merged_run_config(tmp_path, c
     assert code == 0, out
     (call,) = calls
     assert call["nodes"] == 3 and call["work_dir"] == run_dir.resolve() / "flwr"
+    assert call["client_cpus"] == federation.DEFAULT_CLIENT_CPUS == 1  # the measured default
     values = call["values"]
     assert values["strategy"] == "fedprox" and values["num-server-rounds"] == 2
     assert values["min-available-nodes"] == 3 and values["run-dir"] == str(run_dir.resolve())
     assert "round 1 of 2  AUROC 0.600  replied: site_0, site_1  rejected: site_2" in out
     assert "round 2 of 2  AUROC 0.700" in out
     assert "Federation summary" in out
+
+
+def test_federate_passes_client_cpus_and_refuses_zero(tmp_path, capsys, monkeypatch):
+    scenario = _scenario(tmp_path / "scenario")
+    calls: list = []
+    monkeypatch.setattr(federation, "run_federation", _fake_federation(calls, ["a", "b", "c"]))
+    base = ["federate", "--scenario", str(scenario), "--run-dir", str(tmp_path / "run")]
+    assert main([*base, "--client-cpus", "2"]) == 0
+    assert calls[0]["client_cpus"] == 2
+    with pytest.raises(SystemExit):
+        main([*base, "--client-cpus", "0"])
+    assert "--client-cpus: 0: expected a whole number >= 1" in capsys.readouterr().err
 
 
 def test_federate_summary_fits_80_columns_with_a_legend_for_long_names(
