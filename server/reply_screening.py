@@ -84,17 +84,21 @@ class TrainContext:
     max_norm: float | None
     wire: WireFormat = field(default_factory=WireFormat)
     layout: UpdateLayout | None = None
+    _expected: dict[tuple[str, ...] | None, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout is None:
             self.layout = UpdateLayout(self.reference)
 
     def expected_keys(self, site: str) -> list[str]:
-        """The parameter keys ``site`` was asked to send back (``wire_format.uplink_keys``)."""
+        """The parameter keys ``site`` was asked to send back (``wire_format.uplink_keys``;
+        one list per set of held modalities in a round)."""
         held = None
         if self.wire.omit_unheld:
-            held = held_modalities(self.registry.declarations[site].num_present)
-        return uplink_keys(self.reference, self.modality_names, held)
+            held = tuple(held_modalities(self.registry.declarations[site].num_present))
+        if held not in self._expected:
+            self._expected[held] = uplink_keys(self.reference, self.modality_names, held)
+        return self._expected[held]
 
 
 def _records(message: Message, required: dict[str, type], optional: dict[str, type]) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.array_records import npy_header
+from server.stream_kernels import bfloat16_step
 from server.update_rows import Chunk, SiteUpdate, UpdateLayout
 
 
@@ -131,6 +132,7 @@ def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
     bits = np.empty(largest, np.uint32)
     squared = np.zeros(len(work.updates), np.float64)
     master, deltas, norms = work.master, work.deltas, work.norms
+    compiled = [deltas and update.is_bfloat16() for update in work.updates]
     for chunk in chunks:
         values, old = scratch[: chunk.size], master[chunk.start : chunk.stop]
         group = None if work.weights is None else work.weights[chunk.group]
@@ -138,14 +140,20 @@ def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
         first = chunk.parts[0][0]  # a site sends a group whole or not at all (uplink_keys)
         started = False
         for site, update in enumerate(work.updates):
-            weight = 0.0 if group is None else float(group[site])
+            weight = 0.0 if group is None or out is None else float(group[site])
             if not (weight > 0 or (norms and (first in update.parts or not deltas))):
                 continue  # nothing sent here and no part in the sum: zeros, no work
+            if compiled[site]:
+                squared[site] += _bfloat16_chunk(
+                    update, chunk, out, scratch, weight, not started, norms
+                )
+                started = started or weight > 0
+                continue
             update.decode_chunk(chunk.parts, values)
             if norms:
                 delta = values if deltas else np.subtract(values, old, out=difference[: chunk.size])
                 squared[site] += float(np.dot(delta, delta))
-            if weight > 0 and out is not None:
+            if weight > 0:
                 if not started:
                     np.multiply(values, group[site], out=out)
                     started = True
@@ -155,6 +163,30 @@ def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
         if out is not None:
             _finish_chunk(chunk, work, out, old, started, bits[: chunk.size])
     return squared
+
+
+def _bfloat16_chunk(
+    update: SiteUpdate,
+    chunk: Chunk,
+    out: np.ndarray | None,
+    scratch: np.ndarray,
+    weight: float,
+    first: bool,
+    norms: bool,
+) -> float:
+    """One bfloat16 site's part of a chunk through the compiled step, key by key (a key not
+    sent is zeros: it starts the sum at 0, adds nothing and has no squares)."""
+    squares = 0.0
+    bits = scratch.view(np.uint32)
+    for key, offset, size in chunk.parts:
+        part = update.parts.get(key)
+        target = out[offset : offset + size] if out is not None else scratch[:0]
+        if part is None:
+            if weight > 0 and first:
+                target[...] = 0.0
+            continue
+        squares += bfloat16_step(part, target, bits[:size], scratch[:size], weight, first, norms)
+    return squares
 
 
 def _finish_chunk(

@@ -233,3 +233,23 @@ def test_a_fresh_layout_streamed_on_threads_gives_the_single_thread_aggregate():
         if expected is None:
             expected = stream_updates(updates, layout, weights, deltas=True).aggregate
         assert np.array_equal(got, expected)
+
+
+def test_the_compiled_bfloat16_step_keeps_nan_and_infinity_and_rounds_like_numpy():
+    from server.stream_kernels import bfloat16_step
+
+    values = np.array([1.5, -2.0, 3.25, 0.5, 7.0], np.float32)
+    part = np.frombuffer(encode16(values, "bfloat16"), "<u2")
+    scratch = np.empty(5, np.float32)
+    out = np.zeros(5, np.float32)
+    squares = bfloat16_step(part, out, scratch.view(np.uint32), scratch, 0.3, True, True)
+    assert squares == pytest.approx(float(np.sum(values.astype(np.float64) ** 2)))
+    np.testing.assert_array_equal(out, values * np.float32(0.3))
+    again = out.copy()
+    bfloat16_step(part, out, scratch.view(np.uint32), scratch, 0.7, False, False)
+    np.testing.assert_array_equal(out, again + values * np.float32(0.7))
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = np.frombuffer(encode16(np.array([1.0, bad, 2.0], np.float32), "bfloat16"), "<u2")
+        squares = bfloat16_step(broken, out[:3], scratch[:3].view(np.uint32), scratch[:3], 0.0,
+                                False, True)  # fmt: skip
+        assert not np.isfinite(squares), bad
