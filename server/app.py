@@ -46,6 +46,7 @@ from server.statistics_phase import (
     write_normalizer,
 )
 from server.strategy import OmniFuseStrategy
+from server.stream_kernels import compile_now
 from server.tracking import TensorBoardTracker
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ def main(grid: Grid, context: Context) -> None:
         write_outcome(run.run_dir, "completed", "nothing to do")
         return
     registry = SiteRegistry.from_json(state.sites)
+    if run.wire_format().dtype == "bfloat16":
+        compile_now()  # numba's one-time start, not in round 1 (server.stream_kernels)
     register(grid, run, model_config, registry)
     preprocessing = statistics_phase(grid, run, model_config, registry, state)
     strategy = OmniFuseStrategy(
