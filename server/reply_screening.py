@@ -1,8 +1,8 @@
 """Screening of site replies before anything in them is used: accept, or reject by name.
 
 One function per phase turns a Flower reply into an ``Accepted*`` object (typed metrics,
-the update as one float32 row, the audit row, TLA sums) or a ``Rejection`` (node, bound
-site, reason).
+the update as sent (``SiteUpdate``: views on the reply's bytes), the audit row, TLA sums)
+or a ``Rejection`` (node, bound site, reason).
 Screening never raises: a reply that cannot be read is a rejection like any other. The site
 is the one the registry bound to the sending node; a reply's own claims (audit row site and
 round) must agree with it. The update must hold exactly the keys the site was asked for, in

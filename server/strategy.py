@@ -53,6 +53,7 @@ from server.statistics_phase import Preprocessing, check_late_sites
 from server.update_rows import UpdateLayout
 
 log = logging.getLogger(__name__)
+AGGREGATE = "(aggregate)"  # the participant named when the round's aggregate is refused
 
 
 def merge_tla(
@@ -283,13 +284,26 @@ class OmniFuseStrategy(FedAvg):
 
     def average(
         self, global_round: int, accepted: list[AcceptedTrain]
-    ) -> tuple[ArrayRecord, MetricRecord]:
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate accepted updates with the run's rule (``server.aggregation``: modality-
-        aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics."""
+        aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics.
+
+        Every update is finite and bounded, but finite values can still sum past float32's
+        range (with ``max-update-norm = 0``, or a master already near it): a new master that
+        is not finite is refused, named in the round's problems, and the global model kept."""
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
         self.layout()
-        arrays = self.weights.adopt(self.weights.new_master(accepted, metrics))
+        new = self.weights.new_master(accepted, metrics)
+        if not np.isfinite(new.aggregate).all():
+            log.warning(
+                "round %d: the aggregate is not finite; the global model is kept", global_round
+            )
+            record.problems.append(
+                {"site": AGGREGATE, "status": "rejected", "reason": "non_finite_aggregate"}
+            )
+            return None, None
+        arrays = self.weights.adopt(new)
         for item in accepted:
             self.registry.last_counts[item.site] = item.metrics.counts()
             if item.row.lazy_combination:

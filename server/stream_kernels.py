@@ -67,6 +67,6 @@ def bfloat16_step(
 def compile_now() -> None:
     """Compile (or load from the cache) and run the step once on a few values, so a process
     pays numba's one-time start (about 0.3-0.6 s, cache or not) before its first round."""
-    part = np.zeros(2, np.uint16)
+    part = np.frombuffer(bytes(4), "<u2")  # read-only, as a reply's views: numba's variant
     scratch = np.zeros(2, np.float32)
     bfloat16_step(part, np.zeros(2, np.float32), scratch.view(np.uint32), scratch, 1.0, True, True)

@@ -125,7 +125,14 @@ def stream_updates(
 
 
 def _stream_chunks(chunks: list[Chunk], work: _Pass) -> np.ndarray:
-    """One worker's chunks; returns its part of the squared norms."""
+    """One worker's chunks; returns its part of the squared norms. Overflow is not warned
+    about: a non-finite norm is traced to its key (``reply_screening.screen_norms``) and a
+    non-finite aggregate refused (``OmniFuseStrategy.average``)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # per thread
+        return _stream_chunks_quietly(chunks, work)
+
+
+def _stream_chunks_quietly(chunks: list[Chunk], work: _Pass) -> np.ndarray:
     largest = max((chunk.size for chunk in chunks), default=0)
     scratch = np.empty(largest, np.float32)
     difference = np.empty(largest, np.float32)
@@ -195,7 +202,11 @@ def _finish_chunk(
     """The chunk's aggregate complete (master kept or added), rounded and serialised while
     it is in cache."""
     if not started:  # no site takes part in the group: the master's values
-        out[...] = old
+        if work.deltas:  # update 0 + master, as server.aggregation (-0.0 becomes +0.0)
+            out[...] = 0.0
+            np.add(out, old, out=out)
+        else:
+            out[...] = old
     elif work.deltas:
         np.add(out, old, out=out)
     encoded = None

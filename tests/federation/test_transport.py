@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import train
 from client.transport import decode_global, encode_update
@@ -287,3 +287,30 @@ def test_apply_updates_on_other_replies_than_screened_averages_those(
     expected = alone.apply_updates(first, [first[0].metrics.as_metrics()])
     assert all(np.array_equal(one[k], expected[k]) for k in expected)
     assert any(not np.array_equal(one[k], both[k]) for k in both)
+
+
+def test_a_non_finite_aggregate_is_refused_and_the_global_model_kept(
+    site_round, site_registry, model_config, reply_from, tmp_path
+):
+    """Finite updates whose sum leaves float32's range (norm bound off, master near the
+    top of the range): the round's aggregate is refused by name, nothing is returned."""
+    global_state = site_round[0]
+    run = FederationRunConfig(
+        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, transport="bfloat16",
+        max_update_norm=0.0,
+    )  # fmt: skip
+    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
+    key = "forward_cra.blocks.0.encoder.0.weight"
+    huge = np.full(global_state[key].shape, 3e38, np.float32)
+    for reply in replies:
+        arrays = reply.content[wire.ARRAYS]
+        arrays[key] = Array("bfloat16", tuple(huge.shape), RAW_STYPE, encode16(huge, "bfloat16"))
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    strategy.previous[key] = huge.copy()
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    record = strategy.records[1]
+    assert sorted(record.accepted_sites) == ["a_full", "b_no_cxr"]  # each update was finite
+    assert record.problems == [
+        {"site": "(aggregate)", "status": "rejected", "reason": "non_finite_aggregate"}
+    ]

@@ -40,8 +40,12 @@ SHAPES = {
 
 
 def master_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights with a -0.0 in every key (bit-level comparisons see its sign)."""
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    weights = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    for value in weights.values():
+        value.reshape(-1)[:1] = -0.0
+    return weights
 
 
 def site_counts(held: set[str], n: int) -> dict[str, float]:
@@ -110,7 +114,7 @@ def test_streamed_fedavg_is_bit_equal_to_aggregate_states(dtype, chunk):
         expected = reference(updates, layout, counts, deltas)
         for threads in (1, 3):
             got = stream_updates(updates, layout, weights, deltas=deltas, threads=threads)
-            assert np.array_equal(got.aggregate, expected), (held, threads)
+            assert got.aggregate.tobytes() == expected.tobytes(), (held, threads)  # bits
         patterns += 1
     assert patterns == len(HELD_PATTERNS) ** 2 == 64
 
@@ -253,3 +257,19 @@ def test_the_compiled_bfloat16_step_keeps_nan_and_infinity_and_rounds_like_numpy
         squares = bfloat16_step(broken, out[:3], scratch[:3].view(np.uint32), scratch[:3], 0.0,
                                 False, True)  # fmt: skip
         assert not np.isfinite(squares), bad
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_groups_nobody_held_match_aggregate_states_to_the_bit(dtype):
+    """-0.0 in the master of a group nobody took part in: 16-bit transport adds update 0 to
+    it (+0.0, as aggregate_states does), float32 transport keeps it (-0.0)."""
+    master = master_weights(10)
+    layout = UpdateLayout(master, NAMES, chunk_coordinates=3)
+    rng = np.random.default_rng(11)
+    deltas = dtype != "float32"
+    updates = [make_update(rng, master, {"ehr"}, dtype, omit=deltas) for _ in range(2)]
+    counts = [site_counts({"ehr"}, 10), site_counts({"ehr"}, 30)]
+    weights = fedavg_weights(counts, groups_of(layout))
+    assert weights["encoders.encoders.cxr.w"] is None
+    got = stream_updates(updates, layout, weights, deltas=deltas)
+    assert got.aggregate.tobytes() == reference(updates, layout, counts, deltas).tobytes()
