@@ -20,11 +20,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
 from flwr.superlink.grid import InMemoryGrid
 
 from omnifuse_model.config import OmniFuseConfig, TrainConfig
@@ -34,6 +29,7 @@ from omnifuse_model.scenario import Scenario
 from omnifuse_model.site_config import load_site_config
 from omnifuse_model.site_data import load_site_test_dataset
 from omnifuse_model.training import evaluate
+from server.central_dp import with_central_dp
 from server.checkpoint import ServerState, load_latest
 from server.round_record import RoundRecorder
 from server.run_config import FederationRunConfig
@@ -81,24 +77,6 @@ def _server_evaluator(run: FederationRunConfig, scenario: Scenario, preprocessin
         return {f"test-{k}": v for k, v in metrics.items() if finite_or_none(v) is not None}
 
     return evaluate_weights
-
-
-def with_central_dp(strategy: OmniFuseStrategy, run: FederationRunConfig, sites: int) -> Strategy:
-    """Wrap the strategy in Flower's fixed-clipping DP wrapper when ``central-dp`` is on.
-
-    The wrapper clips each update (server side, or at the sites via fixedclipping_mod),
-    calls our aggregate_train (which then averages uniformly) and adds Gaussian noise of
-    std noise_multiplier * clipping_norm / sampled sites to the aggregate.
-    """
-    if run.central_dp == "off":
-        return strategy
-    sampled = max(int(sites * run.fraction_train), run.min_train_nodes)
-    wrapper = (
-        DifferentialPrivacyServerSideFixedClipping
-        if run.central_dp == "server"
-        else DifferentialPrivacyClientSideFixedClipping
-    )
-    return wrapper(strategy, run.dp_noise_multiplier, run.dp_clipping_norm, sampled)
 
 
 def initial_state(

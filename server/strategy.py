@@ -99,6 +99,8 @@ class OmniFuseStrategy(FedAvg):
         self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
         self.previous: dict[str, np.ndarray] | None = None  # the float32 master weights
         self.records: dict[int, RoundRecord] = {}
+        # rejections a central-DP wrapper found before it clipped (``server.central_dp``)
+        self.prescreened: dict[int, list[Rejection]] = {}
         self.wire = run.wire_format()
         self.weights = MasterWeights(run, model_config.modality_names)
 
@@ -229,15 +231,16 @@ class OmniFuseStrategy(FedAvg):
             return None, None
         return self.average(global_round, accepted)
 
-    def screen_train(self, global_round: int, replies: list[Message]) -> list[AcceptedTrain]:
-        """Accepted replies in site order; rejections go to the round's record.
+    def screen(
+        self, global_round: int, replies: list[Message]
+    ) -> tuple[list[AcceptedTrain], list[Rejection]]:
+        """(accepted in site order, rejected); nothing is recorded yet.
 
         Each reply is screened on its own (records, metrics, audit row, the update's keys,
         dtypes, shapes and byte counts); then every update is read once, in one streamed pass
         (``server.update_stream``) that gives each one's norm and, with FedAvg, the aggregate
         of all of them; a non-finite or too large update is rejected and, only then, the
         aggregate is taken again without it."""
-        record = self.record(global_round)
         context = TrainContext(
             self.registry,
             global_round,
@@ -252,7 +255,15 @@ class OmniFuseStrategy(FedAvg):
             (s for s in screened if isinstance(s, AcceptedTrain)), key=lambda a: a.site
         )
         rejected = [s for s in screened if isinstance(s, Rejection)]
-        accepted = self.weights.screen_norms(candidates, context, rejected)
+        return self.weights.screen_norms(candidates, context, rejected), rejected
+
+    def screen_train(self, global_round: int, replies: list[Message]) -> list[AcceptedTrain]:
+        """Accepted replies in site order (:meth:`screen`); the rejections, with those a
+        central-DP wrapper found before it clipped (``prescreened``), go to the round's
+        record and audit."""
+        record = self.record(global_round)
+        accepted, rejected = self.screen(global_round, replies)
+        rejected = self.prescreened.pop(global_round, []) + rejected
         rows = [a.row for a in accepted]
         for rejection in rejected:
             log.warning(

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
+import torch
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
+from omnifuse_model import federation_schema as wire
 from server.app import with_central_dp
+from server.central_dp import NOISE_STD, NOISE_UPDATES
 from server.run_config import FederationRunConfig
 from server.strategy import OmniFuseStrategy
+from tests.federation.conftest import ROUND_SITES, request_to
 
 
 def _clipped_uniform_mean(global_state, results, clip):
@@ -62,3 +68,170 @@ def test_central_dp_off_returns_the_strategy_itself(model_config, tmp_path):
     run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path)
     strategy = OmniFuseStrategy(run, model_config)
     assert with_central_dp(strategy, run, sites=3) is strategy
+
+
+# -- a hostile or broken site under central DP -------------------------------------------
+# Flower's wrappers read replies before the strategy does; ours screen them first.
+
+
+def _dp_run(tmp_path, mode: str, noise: float = 0.0, clip: float = 0.05, min_train: int = 1):
+    return FederationRunConfig(
+        scenario_dir=tmp_path,
+        run_dir=tmp_path,
+        central_dp=mode,
+        dp_noise_multiplier=noise,
+        dp_clipping_norm=clip,
+        min_train_nodes=min_train,
+    )
+
+
+def _wrapped(run, model_config, site_registry, global_state):
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    wrapper = with_central_dp(strategy, run, sites=2)
+    wrapper.current_arrays = ArrayRecord({k: v.clone() for k, v in global_state.items()})
+    return strategy, wrapper
+
+
+def _result_of(arrays):
+    return {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+
+
+def _site_of(results, replies, name):
+    index = list(reversed(ROUND_SITES)).index(name)  # site_round's replies: reverse order
+    return results[index], replies[index]
+
+
+def _without_key(reply: Message, key: str) -> Message:
+    content = RecordDict(dict(reply.content.items()))
+    arrays = dict(content[wire.ARRAYS].items())
+    del arrays[key]
+    content[wire.ARRAYS] = ArrayRecord(arrays)
+    return Message(content=content, reply_to=_request_of(reply))
+
+
+def _request_of(reply: Message) -> Message:
+    return request_to(int(reply.metadata.src_node_id))
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_a_reply_missing_a_key_is_rejected_not_a_crash(
+    site_round, site_registry, model_config, tmp_path, mode
+):
+    global_state, results, replies = site_round
+    run = _dp_run(tmp_path, mode, clip=1e6)  # no clipping: the average is plain
+    strategy, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    key = next(iter(global_state))
+    good, good_reply = _site_of(results, replies, "a_full")
+    _, bad_reply = _site_of(results, replies, "b_no_cxr")
+    arrays, metrics = wrapper.aggregate_train(1, [_without_key(bad_reply, key), good_reply])
+    result = _result_of(arrays)
+    for k in global_state:
+        np.testing.assert_allclose(result[k], good.state[k].numpy(), atol=1e-6)
+    (problem,) = strategy.records[1].problems
+    assert problem["site"] == "b_no_cxr" and problem["status"] == "rejected"
+    assert key in problem["reason"]
+    assert strategy.records[1].accepted_sites == ["a_full"]
+    assert metrics[NOISE_UPDATES] == 1.0
+
+
+def test_reordered_keys_are_clipped_against_the_right_tensors(
+    site_round, site_registry, model_config, tmp_path
+):
+    global_state, results, replies = site_round
+    clip = 0.05
+    run = _dp_run(tmp_path, "server", clip=clip, min_train=2)
+    _, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    shuffled = []
+    for reply in replies:
+        content = RecordDict(dict(reply.content.items()))
+        items = list(content[wire.ARRAYS].items())
+        content[wire.ARRAYS] = ArrayRecord(dict(reversed(items)))
+        shuffled.append(Message(content=content, reply_to=_request_of(reply)))
+    arrays, _ = wrapper.aggregate_train(1, shuffled)
+    result = _result_of(arrays)
+    expected = _clipped_uniform_mean(global_state, results, clip)
+    for k in expected:
+        np.testing.assert_allclose(result[k], expected[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_an_error_reply_does_not_skip_the_round_and_noise_follows_the_accepted_count(
+    site_round, site_registry, model_config, tmp_path, mode
+):
+    """Flower alone skips aggregation when any reply is an error; here the failing site is
+    recorded and the other averaged, with noise calibrated to one update, not two."""
+    global_state, results, replies = site_round
+    noise, clip = 2.0, 0.05
+    run = _dp_run(tmp_path, mode, noise=noise, clip=clip)
+    strategy, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    good, good_reply = _site_of(results, replies, "a_full")
+    _, bad_reply = _site_of(results, replies, "b_no_cxr")
+    failed = Message(error=Error(code=0, reason="site crashed"), reply_to=_request_of(bad_reply))
+    if mode == "client":  # the site clipped its own update (fixedclipping_mod)
+        good = _clipped(global_state, good, clip)
+        good_reply = _with_state(good_reply, good)
+    arrays, metrics = wrapper.aggregate_train(1, [failed, good_reply])
+    assert arrays is not None
+    result = _result_of(arrays)
+    expected = _clipped_uniform_mean(global_state, [good], clip)
+    residual = np.concatenate([(result[k] - expected[k]).ravel() for k in expected])
+    assert residual.std() == pytest.approx(noise * clip / 1, rel=0.05)
+    assert metrics[NOISE_STD] == pytest.approx(noise * clip)
+    assert wrapper.num_sampled_clients == 2  # restored after the round
+    (problem,) = strategy.records[1].problems
+    assert problem["status"] == "failed" and problem["site"] == "b_no_cxr"
+
+
+def _clipped(global_state, result, clip):
+    """``result`` with its update clipped to ``clip`` (what fixedclipping_mod sends)."""
+    delta = {
+        k: result.state[k].numpy().astype(np.float64) - global_state[k].numpy()
+        for k in global_state
+    }
+    norm = np.sqrt(sum(float((d**2).sum()) for d in delta.values()))
+    scale = min(1.0, clip / norm)
+    state = {
+        k: torch.from_numpy((global_state[k].numpy() + delta[k] * scale).astype(np.float32))
+        for k in global_state
+    }
+    return dataclasses.replace(result, state=state)
+
+
+def _with_state(reply: Message, result) -> Message:
+    content = RecordDict(dict(reply.content.items()))
+    content[wire.ARRAYS] = ArrayRecord(result.state)
+    return Message(content=content, reply_to=_request_of(reply))
+
+
+def test_client_side_clipping_rejects_an_unclipped_update(
+    site_round, site_registry, model_config, tmp_path
+):
+    global_state, results, replies = site_round
+    clip = 0.05
+    run = _dp_run(tmp_path, "client", clip=clip)
+    strategy, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    honest = _clipped(global_state, _site_of(results, replies, "a_full")[0], clip)
+    honest_reply = _with_state(_site_of(results, replies, "a_full")[1], honest)
+    _, unclipped_reply = _site_of(results, replies, "b_no_cxr")  # the raw update, norm >> clip
+    arrays, _ = wrapper.aggregate_train(1, [unclipped_reply, honest_reply])
+    result = _result_of(arrays)
+    for k in global_state:
+        np.testing.assert_allclose(result[k], honest.state[k].numpy(), atol=1e-6)
+    (problem,) = strategy.records[1].problems
+    assert problem["site"] == "b_no_cxr"
+    assert problem["reason"].startswith("not_clipped:")
+    rows = {row.site: row.update_status for row in strategy.records[1].audit}
+    assert rows["b_no_cxr"].startswith("rejected:not_clipped:")
+
+
+def test_every_reply_rejected_keeps_the_model_and_records_why(
+    site_round, site_registry, model_config, tmp_path
+):
+    global_state, _, replies = site_round
+    run = _dp_run(tmp_path, "server", noise=1.0)
+    strategy, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    key = next(iter(global_state))
+    arrays, metrics = wrapper.aggregate_train(1, [_without_key(r, key) for r in replies])
+    assert arrays is None and metrics is None
+    assert sorted(p["site"] for p in strategy.records[1].problems) == ["a_full", "b_no_cxr"]

@@ -115,6 +115,33 @@ def test_a_site_failing_every_round_does_not_stop_the_rounds_but_fails_the_run(t
     assert outcome["status"] == "failed" and "site_1" in outcome["reason"]
 
 
+def test_central_dp_at_the_sites_with_a_failing_site_still_aggregates(tmp_path):
+    """Central DP with clipping at the sites (Flower's fixedclipping_mod): the honest sites'
+    clipped updates pass the server's clipping check, and a failing site no longer makes
+    Flower's wrapper skip the round; the noise is calibrated to the two accepted updates."""
+    _scenario(tmp_path / "scenario")
+    (tmp_path / "scenario" / "site_1.toml").write_text(
+        'name = "site_1"\nmodalities = ["ehr"]\n[data]\nbenchmark_dir = "missing_folder"\n'
+    )
+    run_dir = tmp_path / "run"
+    config = {
+        "scenario-dir": str(tmp_path / "scenario"),
+        "run-dir": str(run_dir),
+        "num-server-rounds": 1,
+        "seed": 3,
+        "central-dp": "client",
+        "dp-clipping-norm": 0.1,
+        "dp-noise-multiplier": 0.5,
+    }
+    with pytest.raises(FederationError, match="site_1"):
+        run_federation(config, num_supernodes=3, work_dir=tmp_path / "flwr", timeout=600)
+    round_1 = json.loads((run_dir / "metrics.json").read_text())["1"]
+    assert [p["status"] for p in round_1["failed_or_rejected"]] == ["failed"]
+    assert round_1["train"]["central-dp-updates"] == 2
+    assert round_1["train"]["central-dp-noise-std"] == pytest.approx(0.5 * 0.1 / 2)
+    assert (run_dir / "checkpoints" / "round_0001").is_dir()
+
+
 def test_an_interrupted_server_resumes_from_its_last_checkpoint(tmp_path):
     """Kill the process running the ServerApp (SIGKILL to flwr-simulation) once round 1 is
     checkpointed, then resume: the run finishes with every round exactly once."""
