@@ -25,6 +25,7 @@ each aggregation group is one contiguous span of a row, and cut into chunks of a
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,21 @@ def _read_float32(array, key: str, reference: np.ndarray) -> np.ndarray:
         raise ReplyError(f"dtype_mismatch:{key}:{value.dtype}!={reference.dtype}")
     if value.shape != reference.shape:
         raise ReplyError(f"shape_mismatch:{key}")
+    expected = _npy_data_offset(array.data) + value.nbytes
+    if len(array.data) != expected:  # np.load ignores what follows the array
+        raise ReplyError(f"undecodable_array:{key}:byte_count:{len(array.data)}!={expected}")
     return np.ascontiguousarray(value).reshape(-1)
+
+
+def _npy_data_offset(data: bytes) -> int:
+    """Where the values start in ``data``, a .npy file that np.load has already read."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(stream)
+    else:
+        np.lib.format.read_array_header_2_0(stream)
+    return stream.tell()
 
 
 def exact_norm(update: SiteUpdate, layout: UpdateLayout, deltas: bool) -> float:

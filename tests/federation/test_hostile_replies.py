@@ -116,7 +116,18 @@ def mutate_arrays(data, records: dict, declared) -> str:
     value = arrays[key].numpy()
     how = data.draw(
         st.sampled_from(
-            ["dtype", "string", "shape", "non_finite", "huge", "missing", "extra", "lie", "bytes"]
+            [
+                "dtype",
+                "string",
+                "shape",
+                "non_finite",
+                "huge",
+                "missing",
+                "extra",
+                "lie",
+                "bytes",
+                "trailing",
+            ]
         )
     )
     if how == "dtype":
@@ -146,6 +157,9 @@ def mutate_arrays(data, records: dict, declared) -> str:
         arrays[data.draw(odd_name(arrays))] = Array(np.zeros(2, np.float32))
     elif how == "lie":  # the header says float32, the bytes hold float64
         arrays[key] = Array("float32", value.shape, "numpy.ndarray", _npy(value.astype("float64")))
+    elif how == "trailing":  # a valid .npy with bytes after it (np.load ignores them)
+        tail = data.draw(st.binary(min_size=1, max_size=64))
+        arrays[key] = Array("float32", value.shape, "numpy.ndarray", _npy(value) + tail)
     else:
         junk = data.draw(st.binary(max_size=64))
         arrays[key] = Array("float32", value.shape, "numpy.ndarray", junk)

@@ -273,3 +273,30 @@ def test_groups_nobody_held_match_aggregate_states_to_the_bit(dtype):
     assert weights["encoders.encoders.cxr.w"] is None
     got = stream_updates(updates, layout, weights, deltas=deltas)
     assert got.aggregate.tobytes() == reference(updates, layout, counts, deltas).tobytes()
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_float32_replies_are_read_to_the_exact_byte_in_every_npy_version(version):
+    """A float32 reply is a .npy file (any version np.load reads); bytes after its values
+    (which np.load ignores, and which would be counted as received) are a rejection."""
+    import io
+
+    from omnifuse_model.wire_format import WireFormat
+    from server.reply_screening import ReplyError
+    from server.update_rows import read_update
+
+    reference = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    layout = UpdateLayout(reference)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, reference["w"] + 1, version=version)
+    exact = buffer.getvalue()
+    wire32 = WireFormat(dtype="float32", omit_unheld=False)
+
+    def record(data: bytes) -> ArrayRecord:
+        return ArrayRecord({"w": Array("float32", (2, 3), "numpy.ndarray", data)})
+
+    update = read_update(record(exact), layout, ["w"], wire32)
+    np.testing.assert_array_equal(update.row(layout), (reference["w"] + 1).ravel())
+    for tail in (b"\x00", b"x" * 1000):
+        with pytest.raises(ReplyError, match=r"undecodable_array:w:byte_count"):
+            read_update(record(exact + tail), layout, ["w"], wire32)
