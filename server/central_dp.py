@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from omnifuse_model import federation_schema as wire
-from server.reply_screening import AcceptedTrain, Rejection
+from server.reply_screening import AcceptedTrain, Rejection, node_of
 from server.run_config import FederationRunConfig
 from server.strategy import OmniFuseStrategy
 from server.update_rows import exact_norm
@@ -88,7 +88,7 @@ class _ScreenFirst:
         order = self.key_order()
         by_node: dict[int, Message] = {}
         for message in replies:
-            by_node.setdefault(int(message.metadata.src_node_id), message)
+            by_node.setdefault(node_of(message), message)
         kept = []
         for item in accepted:
             message = by_node[item.node]

@@ -119,7 +119,7 @@ def _records(message: Message, required: dict[str, type], optional: dict[str, ty
 
 def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain | Rejection:
     """Accept a train reply or say why not; never raises."""
-    node = _node(message)
+    node = node_of(message)
     site = context.registry.site_of(node)
     if message.has_error():
         return Rejection(node, site, "failed", error_reason(message.error.reason))
@@ -193,7 +193,7 @@ def _norm(update: SiteUpdate, squared: float, context: TrainContext) -> float:
 
 def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedEvaluate | Rejection:
     """Accept an evaluate reply (exactly a MetricRecord of the evaluate keys) or say why not."""
-    node = _node(message)
+    node = node_of(message)
     site = registry.site_of(node)
     if message.has_error():
         return Rejection(node, site, "failed", error_reason(message.error.reason))
@@ -209,7 +209,7 @@ def screen_evaluate_reply(message: Message, registry: SiteRegistry) -> AcceptedE
     return AcceptedEvaluate(node, site, metrics)
 
 
-def _node(message: Message) -> int:
+def node_of(message: Message) -> int:
     try:
         return int(message.metadata.src_node_id)
     except Exception:
