@@ -1,37 +1,44 @@
-"""Central DP: Flower's fixed-clipping wrappers, with our screening before they read a reply.
+"""Central DP: Flower's fixed-clipping wrappers, with our screening before a reply is read.
 
 Flower's ``DifferentialPrivacy{Server,Client}SideFixedClipping`` wrap a strategy and read
 the replies before it does. Left alone, one site could stop or stall a DP federation:
 - server-side clipping zips each reply's arrays with the global ones by position, so a reply
   missing a key or with a wrong shape raises in ``compute_clip_model_update`` and stops the
-  server, and one with its keys reordered is silently subtracted from the wrong tensors;
+  server (reordered keys are subtracted from the wrong tensors), and an update of norm 0
+  (a site echoing the weights it was sent) divides by zero there;
 - one error reply makes ``validate_replies`` skip aggregation: a failing site would keep
   the global model in every round;
 - client-side clipping trusts the site to clip; an update sent unclipped would carry more
   than the noise is calibrated for and dominate the uniform average.
 
 So here every reply is first screened by the strategy (``OmniFuseStrategy.screen``: wire
-format, bound site, finiteness, ``max-update-norm``; with client-side clipping also the
-clipping norm); only accepted replies, their arrays in the global model's key order, reach
-Flower's clipping, averaging and noise. The rejections are recorded by the strategy like
-any other round's. The Gaussian noise is calibrated to the number of updates actually
-averaged, std = noise_multiplier * clipping_norm / accepted, never to fewer: a dropped reply
-raises the noise, it never weakens the guarantee of the release.
+format, bound site, finiteness, ``max-update-norm``; with clipping at the sites also the
+clipping norm, up to float32 rounding). Each accepted update is then clipped here, in
+float64 (a no-op but for rounding when the site clipped), and only those replies reach our
+uniform average; Flower's Gaussian noise is added to the aggregate, calibrated to the number
+of updates actually averaged, std = noise_multiplier * clipping_norm / averaged, never to
+fewer: a dropped reply raises the noise, it never weakens the guarantee of the release. The
+wrappers' own ``configure_*`` hooks are kept (the clipping norm sent to the sites). The
+rejections are recorded by the strategy like any other round's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from omnifuse_model import federation_schema as wire
+from server.array_records import float32_record
 from server.reply_screening import AcceptedTrain, Rejection, node_of
 from server.run_config import FederationRunConfig
 from server.strategy import OmniFuseStrategy
@@ -39,20 +46,18 @@ from server.update_rows import exact_norm
 
 log = logging.getLogger(__name__)
 
-# A site clips in float32 on weights near the global ones, the server measures the norm in
-# float64 from the float32 weights it receives: rounding alone may exceed the clipping norm
-# by a hair, never by a thousandth.
+# A site clips in float32 and sends back weights rounded to float32: beyond the norm, the
+# server allows a thousandth of it and the rounding of every returned weight (half an ulp).
 CLIP_TOLERANCE = 1e-3
 NOISE_STD = "central-dp-noise-std"
 NOISE_UPDATES = "central-dp-updates"
 
 
 class _ScreenFirst:
-    """Mixin for Flower's fixed-clipping wrappers: screen, then let the wrapper clip, average
-    (through our strategy) and add noise calibrated to the accepted updates."""
+    """Mixin for Flower's fixed-clipping wrappers: screen, clip, average through our
+    strategy, add noise calibrated to the updates averaged."""
 
     strategy: OmniFuseStrategy
-    num_sampled_clients: int
     clipping_norm: float
     noise_multiplier: float
     clip_at_sites: bool = False
@@ -63,56 +68,68 @@ class _ScreenFirst:
         strategy = self.strategy
         global_round = strategy.global_round(server_round)
         kept = self.screened(global_round, list(replies))
-        if len(kept) < max(1, strategy.min_train_nodes):
-            return strategy.aggregate_train(server_round, [])  # records why, keeps the model
-        sampled, self.num_sampled_clients = self.num_sampled_clients, len(kept)
-        try:
-            arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        finally:
-            self.num_sampled_clients = sampled
-        if arrays is not None:
-            train = strategy.record(global_round).train
-            train[NOISE_STD] = self.noise_multiplier * self.clipping_norm / len(kept)
-            train[NOISE_UPDATES] = float(len(kept))
-            metrics = MetricRecord(train)
-        return arrays, metrics
+        arrays, _ = strategy.aggregate_train(server_round, kept)  # records the rejections
+        if arrays is None:
+            return None, None
+        record = strategy.record(global_round)
+        averaged = len(record.accepted_sites)  # what the strategy averaged, whatever we kept
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, averaged)
+        values = [np.array(array.numpy(), dtype=np.float32) for array in arrays.values()]
+        add_gaussian_noise_inplace(values, std)
+        log.info(
+            "round %d: central DP noise of std %.4g on %d updates", global_round, std, averaged
+        )
+        record.train[NOISE_STD] = std
+        record.train[NOISE_UPDATES] = float(averaged)
+        noisy = ArrayRecord()
+        for key, value in zip(arrays.keys(), values, strict=True):
+            noisy[key] = Array(value)
+        return noisy, MetricRecord(record.train)
 
     def screened(self, global_round: int, replies: list[Message]) -> list[Message]:
-        """The accepted replies, one per node in site order, arrays in the global order; the
-        rejections are left with the strategy (``prescreened``) for the round's record."""
+        """The accepted replies, one per node in site order, each update clipped to the
+        clipping norm; the rejections are left with the strategy (``prescreened``)."""
         strategy = self.strategy
         accepted, rejected = strategy.screen(global_round, replies)
         if self.clip_at_sites:
             accepted = self.clipped_only(accepted, rejected)
         strategy.prescreened[global_round] = rejected
-        order = self.key_order()
         by_node: dict[int, Message] = {}
         for message in replies:
             by_node.setdefault(node_of(message), message)
         kept = []
         for item in accepted:
             message = by_node[item.node]
-            arrays = message.content[wire.ARRAYS]
-            message.content[wire.ARRAYS] = ArrayRecord({key: arrays[key] for key in order})
+            message.content[wire.ARRAYS] = self.clipped(item)
             kept.append(message)
         return kept
 
-    def key_order(self) -> list[str]:
-        """The order the wrapper reads the arrays in: the global model's."""
-        return list(self.strategy.previous or {})
+    def clipped(self, item: AcceptedTrain) -> ArrayRecord:
+        """The site's weights with its update (weights - global) scaled to L2 norm at most
+        ``clipping_norm`` (float64, then float32), in the global model's key order. Central
+        DP runs on the float32 wire: replies hold weights, not 16-bit updates."""
+        layout = self.strategy.layout()
+        master = layout.flat_master().astype(np.float64)
+        update = item.update.row(layout).astype(np.float64) - master
+        norm = math.sqrt(float(np.dot(update, update)))
+        scale = 1.0 if norm <= self.clipping_norm else self.clipping_norm / norm
+        row = np.ascontiguousarray((master + scale * update).astype(np.float32))
+        shapes = {key: value.shape for key, value in layout.master.items()}
+        return float32_record(row, layout.spans, shapes)
 
     def clipped_only(
         self, accepted: list[AcceptedTrain], rejected: list[Rejection]
     ) -> list[AcceptedTrain]:
-        """With clipping at the sites: the updates within the clipping norm; each other one
-        is rejected as ``not_clipped`` (a site that skipped fixedclipping_mod)."""
-        strategy = self.strategy
-        layout = strategy.layout()
-        bound = self.clipping_norm * (1 + CLIP_TOLERANCE)
+        """With clipping at the sites: the updates within the clipping norm (up to rounding);
+        each other one is rejected as ``not_clipped`` (a site that skipped
+        fixedclipping_mod)."""
+        layout = self.strategy.layout()
         kept = []
         for item in accepted:
-            norm = exact_norm(item.update, layout, strategy.wire.deltas)
-            if norm > bound:
+            weights = item.update.row(layout)
+            norm = exact_norm(item.update, layout, deltas=False)
+            rounding = 0.5 * float(np.linalg.norm(np.spacing(weights).astype(np.float64)))
+            if norm > self.clipping_norm * (1 + CLIP_TOLERANCE) + rounding:
                 reason = f"not_clipped:{norm:.3g}>{self.clipping_norm:g}"
                 rejected.append(Rejection(item.node, item.site, "rejected", reason, item.row))
                 continue
@@ -121,16 +138,12 @@ class _ScreenFirst:
 
 
 class ScreenedServerSideClipping(_ScreenFirst, DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping, behind our screening."""
-
-    def key_order(self) -> list[str]:
-        """The order of the global arrays Flower's clipping zips each reply with."""
-        return list(self.current_arrays.keys())
+    """Flower's server-side fixed clipping, screened, clipped here in float64."""
 
 
 class ScreenedClientSideClipping(_ScreenFirst, DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed clipping (sites run fixedclipping_mod), behind our
-    screening, which also rejects an update larger than the clipping norm."""
+    """Flower's client-side fixed clipping (sites run fixedclipping_mod), screened; an
+    update larger than the clipping norm is rejected, and rounding clipped away."""
 
     clip_at_sites = True
 
@@ -138,9 +151,9 @@ class ScreenedClientSideClipping(_ScreenFirst, DifferentialPrivacyClientSideFixe
 def with_central_dp(strategy: OmniFuseStrategy, run: FederationRunConfig, sites: int) -> Strategy:
     """The strategy behind the screened fixed-clipping wrapper when ``central-dp`` is on.
 
-    The wrapper screens, clips each update (server side, or checks the sites' clipping),
-    calls our aggregate_train (which then averages uniformly) and adds Gaussian noise of
-    std noise_multiplier * clipping_norm / accepted updates to the aggregate.
+    The wrapper screens every reply (with clipping at the sites, also its norm), clips each
+    accepted update, calls our aggregate_train (which averages uniformly) and adds Gaussian
+    noise of std noise_multiplier * clipping_norm / updates averaged to the aggregate.
     """
     if run.central_dp == "off":
         return strategy

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.scenario import Scenario
@@ -125,6 +125,17 @@ class FederationRunConfig(StrictModel):
             "excluded. Empty: the fingerprint held by a strict majority of the reporting sites."
         ),
     )
+
+    @model_validator(mode="after")
+    def _central_dp_needs_a_mean(self) -> FederationRunConfig:
+        if self.central_dp != "off" and self.aggregation != "fedavg":
+            raise ValueError(
+                f"central-dp = '{self.central_dp}' needs aggregation = 'fedavg' (got "
+                f"'{self.aggregation}'): the noise is calibrated to a uniform mean, which one "
+                "site moves by at most clipping-norm / sites; a coordinate-wise median or "
+                "trimmed mean can move by the whole clipping norm"
+            )
+        return self
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> FederationRunConfig:

@@ -178,7 +178,6 @@ def test_an_error_reply_does_not_skip_the_round_and_noise_follows_the_accepted_c
     residual = np.concatenate([(result[k] - expected[k]).ravel() for k in expected])
     assert residual.std() == pytest.approx(noise * clip / 1, rel=0.05)
     assert metrics[NOISE_STD] == pytest.approx(noise * clip)
-    assert wrapper.num_sampled_clients == 2  # restored after the round
     (problem,) = strategy.records[1].problems
     assert problem["status"] == "failed" and problem["site"] == "b_no_cxr"
 
@@ -235,3 +234,49 @@ def test_every_reply_rejected_keeps_the_model_and_records_why(
     arrays, metrics = wrapper.aggregate_train(1, [_without_key(r, key) for r in replies])
     assert arrays is None and metrics is None
     assert sorted(p["site"] for p in strategy.records[1].problems) == ["a_full", "b_no_cxr"]
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+@pytest.mark.parametrize("tiny", [0.0, 1e-23])
+def test_an_update_of_norm_zero_or_below_float32_squares_is_averaged(
+    site_round, site_registry, model_config, tmp_path, mode, tiny
+):
+    """A site echoing the weights it was sent (norm 0, or a norm whose float32 squares
+    underflow) made Flower's server-side clipping divide by zero; it is a valid update."""
+    global_state, results, replies = site_round
+    global_state = {k: v.clone() for k, v in global_state.items()}
+    first = next(iter(global_state))
+    global_state[first].view(-1)[0] = 0.0  # a weight at 0: the site can move it by 1e-23
+    clip = 0.05
+    run = _dp_run(tmp_path, mode, clip=clip, min_train=2)
+    strategy, wrapper = _wrapped(run, model_config, site_registry, global_state)
+    honest = _clipped(global_state, _site_of(results, replies, "a_full")[0], clip)
+    honest_reply = _with_state(_site_of(results, replies, "a_full")[1], honest)
+    echo = {k: v.clone() for k, v in global_state.items()}
+    echo[first].view(-1)[0] = tiny
+    _, echo_reply = _site_of(results, replies, "b_no_cxr")
+    echo_reply = _with_state(echo_reply, dataclasses.replace(honest, state=echo))
+    arrays, metrics = wrapper.aggregate_train(1, [echo_reply, honest_reply])
+    result = _result_of(arrays)
+    for k in global_state:
+        expected = (honest.state[k].numpy().astype(np.float64) + echo[k].numpy()) / 2
+        np.testing.assert_allclose(result[k], expected, atol=1e-6)
+    assert strategy.records[1].problems == []
+    assert metrics[NOISE_UPDATES] == 2.0
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_central_dp_with_a_robust_rule_is_refused_by_name(tmp_path, aggregation, mode):
+    """Noise of std sigma * C / n covers a uniform mean only: with 3 sites u, -u, 0 the median
+    moves by the whole u when the third becomes u."""
+    config = {
+        "scenario-dir": str(tmp_path),
+        "run-dir": str(tmp_path),
+        "central-dp": mode,
+        "aggregation": aggregation,
+    }
+    with pytest.raises(ValueError, match=f"central-dp = '{mode}' needs aggregation = 'fedavg'"):
+        FederationRunConfig.from_flower(config)
+    config["central-dp"] = "off"
+    assert FederationRunConfig.from_flower(config).aggregation == aggregation
