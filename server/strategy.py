@@ -30,7 +30,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.laziness import LazinessMiner
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.wire_format import (
     UPLINK_MODALITIES,
@@ -46,6 +45,7 @@ from server.reply_screening import (
     screen_evaluate_reply,
     screen_train_reply,
 )
+from server.round_metrics import merge_tla, status_row, tla_record, weighted_metrics
 from server.round_record import RoundRecord
 from server.run_config import FederationRunConfig
 from server.site_registry import SiteRegistry, register_newcomers
@@ -54,17 +54,6 @@ from server.update_rows import UpdateLayout
 
 log = logging.getLogger(__name__)
 AGGREGATE = "(aggregate)"  # the participant named when the round's aggregate is refused
-
-
-def merge_tla(
-    replies: list[dict[str, object]], modality_names: list[str], reduction: str
-) -> tuple[str, ...] | None:
-    """Global TLA: merge per-site sums/counts and take the argmax combination (Eq. 15)."""
-    miner = LazinessMiner(modality_names, reduction)
-    for record in replies:
-        sums, counts = wire.decode_tla_sums(record)
-        miner.merge(sums, counts)
-    return miner.report().lazy_combination
 
 
 class OmniFuseStrategy(FedAvg):
@@ -321,7 +310,7 @@ class OmniFuseStrategy(FedAvg):
                 self.site_laziness[item.site] = item.row.lazy_combination
         if self.run.tla_scope == "global":
             merged = merge_tla(
-                [_tla_record(a.tla) for a in accepted if a.tla is not None],
+                [tla_record(a.tla) for a in accepted if a.tla is not None],
                 self.model_config.modality_names,
                 self.model_config.tla_reduction,
             )
@@ -375,50 +364,3 @@ class OmniFuseStrategy(FedAvg):
         accepted.sort(key=lambda a: a.site)
         record.evaluate_clients = weighted_metrics([a.metrics.as_metrics() for a in accepted])
         return MetricRecord(record.evaluate_clients)
-
-
-def status_row(site: str, global_round: int, status: str, reason: str) -> wire.AuditRow:
-    """An audit row for a site that sent no usable statistics this round: only its status."""
-    return wire.AuditRow(
-        site=site,
-        round=global_round,
-        num_examples=None,
-        availability_counts={},
-        tla_scores={},
-        lazy_combination=None,
-        mean_dwfuse_weight={},
-        imputation_error={},
-        val_auroc=None,
-        update_status=f"{status}:{reason}",
-    )
-
-
-def _tla_record(tla: tuple[dict[str, float], dict[str, int]]) -> dict[str, float | int]:
-    sums, counts = tla
-    return {
-        **{f"sum.{k}": v for k, v in sums.items()},
-        **{f"count.{k}": v for k, v in counts.items()},
-    }
-
-
-def weighted_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over sites; undefined values (-1) are skipped.
-
-    Counts are summed; DP epsilon (reported by DP-SGD sites only) is the largest any site
-    has spent.
-    """
-    result: dict[str, float] = {
-        wire.NUM_EXAMPLES: float(sum(m[wire.NUM_EXAMPLES] for m in metrics))
-    }
-    keys = {k for m in metrics for k in m} - {wire.NUM_EXAMPLES}
-    for key in sorted(keys):
-        if key.startswith("num-present."):
-            result[key] = float(sum(m.get(key, 0) for m in metrics))
-            continue
-        if key == wire.EPSILON:
-            result[key] = float(max(m[key] for m in metrics if key in m))
-            continue
-        pairs = [(m[key], m[wire.NUM_EXAMPLES]) for m in metrics if key in m and m[key] != -1.0]
-        total = sum(w for _, w in pairs)
-        result[key] = float(sum(v * w for v, w in pairs) / total) if total else -1.0
-    return result

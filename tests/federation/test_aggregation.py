@@ -14,8 +14,9 @@ from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
 from server.aggregation import aggregate_states as modality_aware_average
+from server.round_metrics import merge_tla, weighted_metrics
 from server.run_config import FederationRunConfig
-from server.strategy import OmniFuseStrategy, merge_tla, weighted_metrics
+from server.strategy import OmniFuseStrategy
 
 NAMES = ["ehr", "cxr"]
 

@@ -31,8 +31,9 @@ from omnifuse_model.model import OmniFuse
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.site_config import PrivacyConfig, SiteConfig, load_site_config
 from omnifuse_model.site_data import load_site_datasets
+from server.round_metrics import weighted_metrics
 from server.run_config import FederationRunConfig
-from server.strategy import OmniFuseStrategy, weighted_metrics
+from server.strategy import OmniFuseStrategy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
