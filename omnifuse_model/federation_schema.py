@@ -106,7 +106,11 @@ class AuditRow(StrictModel):
     epsilon: float | None = Field(default=None, description="DP epsilon spent so far.")
     update_status: str = Field(
         default="accepted",
-        description="Set by the server: 'accepted' or 'rejected:<reason>' (update validation).",
+        description=(
+            "Set by the server: 'accepted', or why the site's update was not used: "
+            "'rejected:<reason>' (update validation), 'failed:<reason>', 'excluded:<reason>' "
+            "or 'not_aggregated:<reason>' (the round's model was kept)."
+        ),
     )
 
 

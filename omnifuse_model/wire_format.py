@@ -65,6 +65,25 @@ class WireFormat(StrictModel):
         return self.dtype != "float32"
 
 
+# The smallest float32 magnitude each wire dtype rounds to infinity (round to nearest
+# even): float16's largest finite value is 65504, and 65520 is the tie that rounds up;
+# bfloat16 keeps float32's exponent, and 0x7F7F8000 is the tie above its largest finite.
+OVERFLOW_AT = {
+    "float16": 65520.0,
+    "bfloat16": float(np.array(0x7F7F8000, np.uint32).view(np.float32)),
+    "float32": math.inf,
+}
+
+
+def fits_wire(row: np.ndarray, dtype: str) -> bool:
+    """Whether every value of the float32 ``row`` is finite and stays finite in ``dtype``
+    (two reductions, as cheap as ``np.isfinite(row).all()``; NaN fails)."""
+    if row.size == 0:
+        return True
+    limit = OVERFLOW_AT[dtype]
+    return -limit < float(row.min()) and float(row.max()) < limit  # NaN: both False
+
+
 def encode16(value: np.ndarray, dtype: str) -> bytes:
     """Raw little-endian 16-bit bytes of a float32 array (round to nearest even)."""
     flat = np.ascontiguousarray(value, dtype=np.float32).reshape(-1)

@@ -26,6 +26,9 @@ from server.checkpoint import ServerState, as_tensor, save_round
 log = logging.getLogger(__name__)
 
 
+AGGREGATE = "(aggregate)"  # the participant named when a round's aggregate is refused
+
+
 @dataclass
 class RoundRecord:
     """Everything the server learnt in one (global) round."""
@@ -42,6 +45,22 @@ class RoundRecord:
     server: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     note: str = ""
+
+    def not_aggregated(self, status: str, reason: str) -> None:
+        """The round's model was kept: named as the aggregate's problem; no site counts as
+        accepted this round and their audit rows say why their update was not used."""
+        self.problems.append({"site": AGGREGATE, "status": status, "reason": reason})
+        self.accepted_sites = []
+        self.audit = [
+            row.model_copy(update={"update_status": f"not_aggregated:{reason}"})
+            if row.update_status == "accepted"
+            else row
+            for row in self.audit
+        ]
+
+    def aggregated(self) -> bool:
+        """Whether the round's aggregate was adopted (no problem names the aggregate)."""
+        return all(problem.get("site") != AGGREGATE for problem in self.problems)
 
     def history_entry(self) -> dict:
         """This round's entry in metrics.json."""
@@ -119,6 +138,8 @@ class RoundRecorder:
         """Sites (or unbound nodes) that failed or were rejected in every round this run
         asked them in, with the last reason."""
         accepted = {site for record in self.rounds_run for site in record.accepted_sites}
+        if any(record.aggregated() for record in self.rounds_run):
+            accepted.add(AGGREGATE)  # fails the run only when no round was aggregated
         failing: dict[str, str] = {}
         for record in self.rounds_run:
             for problem in record.problems:

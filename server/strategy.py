@@ -31,10 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import OmniFuseConfig
 from omnifuse_model.round_plan import RoundPlan
-from omnifuse_model.wire_format import (
-    UPLINK_MODALITIES,
-    held_modalities,
-)
+from omnifuse_model.wire_format import UPLINK_MODALITIES, fits_wire, held_modalities
 from server.master_weights import MasterWeights
 from server.reply_screening import (
     AcceptedEvaluate,
@@ -53,7 +50,6 @@ from server.statistics_phase import Preprocessing, check_late_sites
 from server.update_rows import UpdateLayout
 
 log = logging.getLogger(__name__)
-AGGREGATE = "(aggregate)"  # the participant named when the round's aggregate is refused
 
 
 class OmniFuseStrategy(FedAvg):
@@ -209,7 +205,8 @@ class OmniFuseStrategy(FedAvg):
         """Screen every reply (rejections named, logged, audited), then average the rest."""
         global_round = self.global_round(server_round)
         accepted = self.screen_train(global_round, list(replies))
-        if len(accepted) < max(1, self.min_train_nodes):
+        needed = max(1, self.min_train_nodes)
+        if len(accepted) < needed:
             log.warning(
                 "round %d: %d accepted updates, fewer than min-train-nodes %d; the "
                 "global model is kept",
@@ -217,6 +214,8 @@ class OmniFuseStrategy(FedAvg):
                 len(accepted),
                 self.min_train_nodes,
             )
+            reason = f"too_few_accepted:{len(accepted)}<{needed}"
+            self.record(global_round).not_aggregated("skipped", reason)
             return None, None
         return self.average(global_round, accepted)
 
@@ -289,19 +288,19 @@ class OmniFuseStrategy(FedAvg):
         aware FedAvg, coordinate-wise median or trimmed mean; float32), laziness and metrics.
 
         Every update is finite and bounded, but finite values can still sum past float32's
-        range (with ``max-update-norm = 0``, or a master already near it): a new master that
-        is not finite is refused, named in the round's problems, and the global model kept."""
+        range (with ``max-update-norm = 0``, or a master already near it), or past what the
+        16-bit downlink holds (float16: 65504): such a master is refused, named in the
+        round's problems (``non_finite_aggregate``, ``downlink_overflow:<dtype>``), and the
+        global model kept."""
         record = self.record(global_round)
         metrics = [a.metrics.as_metrics() for a in accepted]
         self.layout()
         new = self.weights.new_master(accepted, metrics)
-        if not np.isfinite(new.aggregate).all():
-            log.warning(
-                "round %d: the aggregate is not finite; the global model is kept", global_round
-            )
-            record.problems.append(
-                {"site": AGGREGATE, "status": "rejected", "reason": "non_finite_aggregate"}
-            )
+        if not fits_wire(new.aggregate, self.wire.dtype):
+            finite = bool(np.isfinite(new.aggregate).all())
+            reason = f"downlink_overflow:{self.wire.dtype}" if finite else "non_finite_aggregate"
+            log.warning("round %d: %s; the global model is kept", global_round, reason)
+            record.not_aggregated("rejected", reason)
             return None, None
         arrays = self.weights.adopt(new)
         for item in accepted:

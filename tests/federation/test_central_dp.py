@@ -233,7 +233,9 @@ def test_every_reply_rejected_keeps_the_model_and_records_why(
     key = next(iter(global_state))
     arrays, metrics = wrapper.aggregate_train(1, [_without_key(r, key) for r in replies])
     assert arrays is None and metrics is None
-    assert sorted(p["site"] for p in strategy.records[1].problems) == ["a_full", "b_no_cxr"]
+    problems = strategy.records[1].problems
+    assert sorted(p["site"] for p in problems[:-1]) == ["a_full", "b_no_cxr"]
+    assert problems[-1]["reason"] == "too_few_accepted:0<1"
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])

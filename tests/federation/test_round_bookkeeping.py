@@ -123,6 +123,31 @@ def test_the_recorder_writes_one_record_per_round_and_names_sites_never_accepted
     }
 
 
+def _skipped(round_: int, reason: str) -> RoundRecord:
+    record = RoundRecord(round=round_, accepted_sites=["a", "c"])
+    record.not_aggregated("skipped", reason)
+    return record
+
+
+@pytest.mark.parametrize("rounds_aggregated", [0, 1])
+def test_a_kept_model_is_the_aggregates_failure_and_fails_the_run_only_if_never_aggregated(
+    model_config, tmp_path, rounds_aggregated
+):
+    records = {3: _skipped(3, "too_few_accepted:2<3")}
+    records[4] = (
+        RoundRecord(round=4, accepted_sites=["a", "c"])
+        if rounds_aggregated
+        else _skipped(4, "too_few_accepted:1<3")
+    )
+    assert records[3].accepted_sites == [] and not records[3].aggregated()
+    recorder = _recorder(model_config, tmp_path, records)
+    weights = ArrayRecord({k: Array(v) for k, v in _weights(model_config, 0).items()})
+    recorder(1, weights)
+    recorder(2, weights)
+    expected = {} if rounds_aggregated else {"(aggregate)": "skipped: too_few_accepted:1<3"}
+    assert recorder.never_accepted() == expected
+
+
 def test_finish_raises_naming_the_failing_site_and_writes_the_outcome(model_config, tmp_path):
     records = {3: RoundRecord(round=3, problems=[{"node": 4, "status": "failed", "reason": "x"}])}
     recorder = _recorder(model_config, tmp_path, records)

@@ -21,11 +21,13 @@ from omnifuse_model import federation_schema as wire
 from omnifuse_model.config import TrainConfig
 from omnifuse_model.round_plan import RoundPlan
 from omnifuse_model.wire_format import (
+    OVERFLOW_AT,
     RAW_STYPE,
     UPLINK_MODALITIES,
     WireFormat,
     decode16,
     encode16,
+    fits_wire,
     held_modalities,
     round16,
     uplink_keys,
@@ -310,7 +312,72 @@ def test_a_non_finite_aggregate_is_refused_and_the_global_model_kept(
     strategy.previous[key] = huge.copy()
     assert strategy.aggregate_train(1, replies) == (None, None)
     record = strategy.records[1]
-    assert sorted(record.accepted_sites) == ["a_full", "b_no_cxr"]  # each update was finite
-    assert record.problems == [
+    assert record.problems == [  # each update was finite: only the aggregate is refused
         {"site": "(aggregate)", "status": "rejected", "reason": "non_finite_aggregate"}
     ]
+    assert record.accepted_sites == []  # no site's update was used this round
+    assert {row.site: row.update_status for row in record.audit} == {
+        "a_full": "not_aggregated:non_finite_aggregate",
+        "b_no_cxr": "not_aggregated:non_finite_aggregate",
+    }
+
+
+def test_a_master_the_float16_downlink_cannot_hold_is_refused(
+    site_round, site_registry, model_config, reply_from, tmp_path
+):
+    """float16 holds at most 65504: a master of 90000 is finite in float32 but would be sent
+    to every site as inf; it is refused by name and the global model kept."""
+    global_state = site_round[0]
+    run = FederationRunConfig(
+        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, transport="float16",
+        max_update_norm=0.0,
+    )  # fmt: skip
+    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
+    key = "forward_cra.blocks.0.encoder.0.weight"
+    step = np.full(global_state[key].shape, 60000.0, np.float32)  # finite in float16
+    for reply in replies:
+        arrays = reply.content[wire.ARRAYS]
+        arrays[key] = Array("float16", tuple(step.shape), RAW_STYPE, encode16(step, "float16"))
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    strategy.previous[key] = np.full_like(step, 30000.0)
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.records[1].problems == [
+        {"site": "(aggregate)", "status": "rejected", "reason": "downlink_overflow:float16"}
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fits_wire_is_exactly_where_the_16bit_rounding_overflows(dtype):
+    threshold = np.float32(OVERFLOW_AT[dtype])
+    below = np.nextafter(threshold, np.float32(0))
+    for value, fits in ((below, True), (threshold, False), (-below, True), (-threshold, False)):
+        row = np.array([0.5, value], np.float32)
+        with np.errstate(over="ignore"):  # the cast to float16 warns where it overflows
+            sent = decode16(encode16(row, dtype), dtype, row.shape)
+        assert bool(np.isfinite(sent).all()) is fits  # what the site would receive
+        assert fits_wire(row, dtype) is fits
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not fits_wire(np.array([1.0, bad], np.float32), dtype)
+    assert fits_wire(np.array([3e38], np.float32), "float32")
+    assert not fits_wire(np.array([np.nan], np.float32), "float32")
+
+
+def test_too_few_accepted_updates_are_named_and_no_site_counts_as_accepted(
+    site_round, site_registry, model_config, tmp_path
+):
+    """min-train-nodes 3 with two valid replies: the model is kept, and the record says so
+    (the sites' audit rows too) instead of listing both as accepted."""
+    global_state, _, replies = site_round
+    run = FederationRunConfig(
+        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=3, transport="float32"
+    )
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    record = strategy.records[1]
+    assert record.problems == [
+        {"site": "(aggregate)", "status": "skipped", "reason": "too_few_accepted:2<3"}
+    ]
+    assert record.accepted_sites == []
+    assert {row.update_status for row in record.audit} == {"not_aggregated:too_few_accepted:2<3"}
