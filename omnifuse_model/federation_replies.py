@@ -258,6 +258,7 @@ def parse_audit(
     metrics: TrainMetrics,
     modality_names: list[str],
     declared_train: int | None = None,
+    min_count: int | None = None,
 ) -> wire.AuditRow:
     """The reply's audit row; it must be about ``site`` and ``global_round`` and agree with
     the reply's metrics. Statistics must be finite and in range.
@@ -266,7 +267,9 @@ def parse_audit(
     ``num_examples`` must equal the MetricRecord's, and each exact availability cell is at
     most the published training size, or the declared one (``declared_train``) when the
     site trained nothing this round (a DP-SGD site at its budget sends num-examples 0 but
-    still describes its training data)."""
+    still describes its training data). With ``min_count`` (the run's audit threshold, sent
+    in every round plan) the row must say it applied exactly that one: the report suppresses
+    every site's counts below the largest threshold a row names."""
     _exact_keys("bad_audit", record, {"row"})
     text = record["row"]
     if not isinstance(text, str) or len(text) > MAX_AUDIT_CHARS:
@@ -281,6 +284,8 @@ def parse_audit(
         raise ReplyError(f"bad_audit:round_mismatch:{row.round}!={global_round}")
     if row.update_status != "accepted":
         raise ReplyError("bad_audit:update_status_set_by_site")
+    if min_count is not None and row.min_count != min_count:
+        raise ReplyError(f"bad_audit:min_count:{str(row.min_count)[:20]}!={min_count}")
     if row.num_examples is not None and row.num_examples != metrics.num_examples:
         raise ReplyError("bad_audit:num_examples_disagrees")
     labels = {combination_label(c) for c in modality_combinations(modality_names)}
@@ -319,10 +324,16 @@ def _check_stats(
 
 
 def parse_tla_sums(
-    record: Mapping[str, object], modality_names: list[str], num_examples: int
+    record: Mapping[str, object],
+    modality_names: list[str],
+    num_examples: int,
+    num_present: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Per-combination (sums, counts) for global TLA: known labels, paired keys, finite
-    non-negative sums, counts in [1, num-examples]."""
+    non-negative sums, counts in [1, num-examples] and, with ``num_present`` (the reply's
+    published samples per modality), at most the fewest samples holding one of the
+    combination's modalities: a site cannot vote for a combination it does not hold (both
+    are published rounded up to the same threshold, so the bound holds as sent)."""
     labels = {combination_label(c) for c in modality_combinations(modality_names)}
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -333,7 +344,10 @@ def parse_tla_sums(
         if prefix == "sum":
             sums[label] = _real(f"tla-sums:{key}", value, 0.0, 1e15)
         else:
-            counts[label] = _count(f"tla-sums:{key}", value, num_examples)
+            bound = num_examples
+            if num_present is not None:
+                bound = min(bound, *(num_present.get(m, 0) for m in label.split("+")))
+            counts[label] = _count(f"tla-sums:{key}", value, bound)
             if counts[label] == 0:
                 raise ReplyError(f"tla-sums:{key}:zero")
     if set(sums) != set(counts):
@@ -350,6 +364,10 @@ EHR_SUMS = "ehr-sums"  # per column S1 (list of floats)
 EHR_SUMSQ = "ehr-sumsq"  # per column S2 (list of floats)
 FINGERPRINT_PREFIX = "fingerprint."  # + backbone (modality) name -> SHA-256 hex digest
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# The most EHR bins one stay can give: a year at 15-minute steps. Binds the bins a site
+# pools to the stays it declares, so a few stays cannot claim 1e11 bins and set everyone's
+# normaliser (a site can still declare itself large: pooled statistics weigh by size).
+MAX_BINS_PER_STAY = 366 * 24 * 4
 
 
 class SiteStatistics(StrictModel):
@@ -402,7 +420,8 @@ def decode_statistics(
     """A statistics answer; ``ReplyError`` naming the field otherwise.
 
     Fingerprints only for model modalities, as 64 lowercase hex digits; EHR sums exactly
-    ``num_features`` finite floats each, S2 >= 0, and at most the declared training stays.
+    ``num_features`` finite floats each, S2 >= 0, at most the declared training stays and
+    at most ``MAX_BINS_PER_STAY`` bins per stay.
     """
     fingerprint_keys = {FINGERPRINT_PREFIX + m for m in modality_names}
     _exact_keys(
@@ -413,6 +432,8 @@ def decode_statistics(
     )
     stays = _count(EHR_STAYS, record[EHR_STAYS], declaration.num_train)
     count = _count(EHR_COUNT, record[EHR_COUNT], MAX_COUNT * 1000)
+    if count > stays * MAX_BINS_PER_STAY:
+        raise ReplyError(f"{EHR_COUNT}:above_{MAX_BINS_PER_STAY}_bins_per_stay:{count}>{stays}")
     sums: list[float] = []
     sumsq: list[float] = []
     if count > 0:

@@ -84,6 +84,7 @@ class TrainContext:
     max_norm: float | None
     wire: WireFormat = field(default_factory=WireFormat)
     layout: UpdateLayout | None = None
+    audit_min_count: int | None = None  # the run's: every audit row must name it
     _expected: dict[tuple[str, ...] | None, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -143,10 +144,14 @@ def screen_train_reply(message: Message, context: TrainContext) -> AcceptedTrain
             metrics,
             context.modality_names,
             declaration.num_train,
+            context.audit_min_count,
         )
         tla = (
             parse_tla_sums(
-                dict(records[wire.TLA_SUMS]), context.modality_names, metrics.num_examples
+                dict(records[wire.TLA_SUMS]),
+                context.modality_names,
+                metrics.num_examples,
+                metrics.num_present,
             )
             if wire.TLA_SUMS in records
             else None

@@ -116,8 +116,13 @@ class SiteRegistry:
         """Bind each answering node, in node-id order (the first of two claims wins);
         ``connected``: the node ids connected now (a bound site's node that is not may be
         replaced by a new node declaring the same sizes)."""
+        answered: set[int] = set()
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
+            if node in answered:  # one query, one answer: a second cannot undo the first
+                log.warning("registration: node %d answered twice; the first answer stands", node)
+                continue
+            answered.add(node)
             reason = self._registration_refusal(reply, modality_names, connected)
             if reason is None:
                 log.info("registration: node %d is site %s", node, self.nodes[node])
@@ -135,7 +140,9 @@ class SiteRegistry:
             if set(content.keys()) != {REGISTRATION} or not isinstance(
                 content[REGISTRATION], ConfigRecord
             ):
-                return f"registration:bad_records:{sorted(map(str, content.keys()))[:3]}"
+                return short_reason(
+                    f"registration:bad_records:{sorted(map(str, content.keys()))[:3]}"
+                )
             declaration = decode_declaration(dict(content[REGISTRATION]), modality_names)
         except ReplyError as error:
             return error.reason

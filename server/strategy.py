@@ -237,6 +237,7 @@ class OmniFuseStrategy(FedAvg):
             self.run.max_update_norm or None,
             self.wire,
             self.layout(),
+            self.run.audit_min_count,
         )
         screened = one_reply_per_node([screen_train_reply(m, context) for m in replies])
         candidates = sorted(

@@ -344,12 +344,19 @@ def test_a_reply_from_an_unregistered_node_is_rejected(node, hostile_round, repl
 
 @pytest.mark.parametrize(
     ("claim", "reason"),
-    [({"site": "a_full"}, "bad_audit:site_mismatch"), ({"round": 2}, "bad_audit:round_mismatch")],
+    [
+        ({"site": "a_full"}, "bad_audit:site_mismatch"),
+        ({"round": 2}, "bad_audit:round_mismatch"),
+        # the report suppresses every site's counts below the largest threshold a row names
+        ({"min_count": 10**12}, "bad_audit:min_count:1000000000000!=5"),
+        ({"min_count": None}, "bad_audit:min_count:None!=5"),
+    ],
 )
 def test_a_reply_claiming_another_site_or_round_is_rejected(
     claim, reason, hostile_round, reply_from
 ):
-    """Node 12 is bound to b_no_cxr: its audit row may not speak for a_full, or round 2."""
+    """Node 12 is bound to b_no_cxr: its audit row may not speak for a_full, or round 2, or
+    name another suppression threshold than the run's."""
     fresh, good, bad, _ = hostile_round
     row = json.loads(str(bad.content[wire.AUDIT]["row"]))
     records = {key: bad.content[key] for key in bad.content}
@@ -585,3 +592,18 @@ def test_a_valid_evaluate_reply_is_averaged(evaluate_round):
     assert merged[wire.NUM_EXAMPLES] == 90
     assert merged[wire.VAL_AUROC] == pytest.approx((0.7 * 50 + 0.6 * 40) / 90)
     assert merged[wire.VAL_AUPRC] == pytest.approx(0.6)  # -1 (undefined) is skipped
+
+
+def test_global_tla_counts_for_a_modality_the_site_does_not_hold_are_rejected(
+    hostile_round, reply_from
+):
+    """b_no_cxr trained no cxr sample (num-present.cxr 0): its vote for "cxr" as the
+    federation's lazy combination, however large its distance sum, is refused by name."""
+    fresh, good, bad, baseline = hostile_round
+    records = {key: bad.content[key] for key in bad.content}
+    assert dict(records[wire.METRICS])["num-present.cxr"] == 0
+    records[wire.TLA_SUMS] = ConfigRecord({"sum.cxr": 1e15, "count.cxr": 5})
+    strategy = fresh()
+    result = strategy.aggregate_train(1, [reply_from(RecordDict(records), BAD_NODE), good])
+    _assert_same_as_without(strategy, result, baseline, BAD_NODE, BAD_SITE)
+    assert strategy.records[1].problems[0]["reason"] == "tla-sums:count.cxr:out_of_range:5>0"

@@ -16,7 +16,12 @@ from omnifuse_model.federation_replies import (
     SiteDeclaration,
     encode_declaration,
 )
-from server.site_registry import SiteRegistry, register_newcomers, registration_messages
+from server.site_registry import (
+    REASON_CHARS,
+    SiteRegistry,
+    register_newcomers,
+    registration_messages,
+)
 
 NAMES = ["ehr", "cxr"]
 SITE_TOML = """name = "hospital_x"
@@ -66,6 +71,29 @@ def test_a_second_node_claiming_a_bound_site_is_refused(reply_from):
     )
     assert registry.nodes == {4: "s1"}  # node-id order: the first claim wins
     assert registry.refused[9] == "site_already_bound:s1:node 4"
+
+
+def test_a_nodes_second_answer_cannot_undo_its_first(reply_from):
+    registry = SiteRegistry()
+    other = DECLARED.model_copy(update={"num_train": 200})
+    registry.register(
+        [
+            _answer(reply_from, 5, encode_declaration(DECLARED)),
+            _answer(reply_from, 5, encode_declaration(other)),
+        ],
+        NAMES,
+        connected={5},
+    )
+    assert registry.nodes == {5: "s1"} and registry.refused == {}
+    assert registry.declarations["s1"] == DECLARED
+
+
+def test_a_refusal_names_a_giant_record_in_a_short_reason(reply_from):
+    registry = SiteRegistry()
+    content = RecordDict({"k" * 200_000: ConfigRecord({"x": 1})})
+    registry.register([_answer(reply_from, 5, content=content)], NAMES, {5})
+    assert registry.refused[5].startswith("registration:bad_records:")
+    assert len(registry.refused[5]) <= REASON_CHARS
 
 
 def test_resume_keeps_the_binding_and_a_new_node_takes_over_a_gone_one(reply_from):

@@ -14,13 +14,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client.app import query
 from client.statistics import fingerprint, site_statistics
 from omnifuse_model.config import OmniFuseConfig
-from omnifuse_model.data.ehr.discretizer import NUM_FEATURES
+from omnifuse_model.data.ehr.discretizer import CHANNEL_OFFSETS, NUM_FEATURES
 from omnifuse_model.data.ehr.normalizer import EHRAggregates, EHRNormalizer, combine_aggregates
 from omnifuse_model.data.features.cache import prepare_site
 from omnifuse_model.data.features.manifest import AGGREGATES_FILE
 from omnifuse_model.data.features.site_dataset import mimic_model_modalities
 from omnifuse_model.data.ingest import ingest_site
 from omnifuse_model.federation_replies import (
+    MAX_BINS_PER_STAY,
     STATISTICS,
     ReplyError,
     SiteDeclaration,
@@ -40,6 +41,7 @@ from server.statistics_phase import (
     decide,
     run_statistics_phase,
     statistics_messages,
+    write_normalizer,
 )
 from server.strategy import OmniFuseStrategy
 from simulation.synthetic_mimic.writer import SyntheticMimicConfig, write_synthetic_mimic
@@ -233,6 +235,39 @@ def test_implausible_statistics_are_excluded_and_left_out_of_the_normaliser(ehr_
     assert decided.contributors == ["good"] and decided.normalizer.count == good.ehr_count
 
 
+def _poisoned(good: SiteStatistics, how: str) -> SiteStatistics:
+    """``good`` with one statistic a hostile site could send that passes the range checks
+    of the 12 normalised channels."""
+    sums, sumsq = list(good.ehr_sums), list(good.ehr_sumsq)
+    heart = CHANNEL_OFFSETS["Heart Rate"]
+    if how == "negative_variance":  # a plausible mean, S2 = 0: the pooled std would be 1e-7
+        sumsq[heart] = 0.0
+    elif how == "huge_one_hot":  # column 0 is a one-hot: never range-checked before
+        sums[0] = sumsq[0] = 1e308
+    else:  # a one-hot sum above its bin count
+        sums[0] = sumsq[0] = good.ehr_count * 2.0
+    return good.model_copy(update={"ehr_sums": sums, "ehr_sumsq": sumsq})
+
+
+@pytest.mark.parametrize("how", ["negative_variance", "huge_one_hot", "one_hot_above_count"])
+def test_statistics_that_no_real_values_give_are_excluded_and_the_normaliser_stays_finite(
+    ehr_sites, tmp_path, how
+):
+    good = site_statistics(ehr_sites[0], ["ehr"], min_count=1)
+    decided = decide({"good": good, "bad": _poisoned(good, how)}, {})
+    assert decided.excluded == {"bad": "implausible_ehr_statistics"}
+    assert decided.contributors == ["good"]
+    write_normalizer(tmp_path, decided)  # JSON without NaN: raised for the huge one-hot sum
+    pooled = EHRNormalizer.from_aggregates(good.ehr_count, good.ehr_sums, good.ehr_sumsq)
+    np.testing.assert_array_equal(decided.normalizer.normalizer().stds, pooled.stds)
+
+
+def test_every_real_sites_statistics_pass_the_checks(ehr_sites):
+    """The checks hold for what prepared sites really send (one-hots and masks are 0/1)."""
+    answers = {s.name: site_statistics(s, ["ehr"], min_count=1) for s in ehr_sites}
+    assert decide(answers, {}).excluded == {}
+
+
 def test_the_decision_survives_a_checkpoint():
     decided = decide({"s1": _answer({"cxr": A}, count=10), "s2": _answer({"cxr": C})}, {"cxr": A})
     again = Preprocessing.from_json(json.loads(json.dumps(decided.to_json())))
@@ -253,6 +288,7 @@ DECLARED = SiteDeclaration(site="s1", num_train=50, num_val=10, num_present={"eh
         ({"fingerprint.other": A}, "statistics:unexpected_key:fingerprint.other"),
         ({"ehr-count": 0}, "statistics:ehr-sums_without_ehr-count"),
         ({"ehr-count": 1.5}, "ehr-count:not_an_int"),
+        ({"ehr-count": 40 * MAX_BINS_PER_STAY + 1}, "ehr-count:above_35136_bins_per_stay"),
     ],
 )
 def test_a_malformed_statistics_answer_is_refused_with_a_reason(change, reason):

@@ -109,6 +109,7 @@ def check_plausible_aggregates(aggregates: EHRAggregates, source: str) -> None:
     n = aggregates.count
     if n == 0 or aggregates.sums.shape[0] != NUM_FEATURES:
         return
+    _check_sums_of_squares(aggregates, source)
     for channel, (low, high, _unit) in PLAUSIBLE_RANGES.items():
         column = CHANNEL_OFFSETS[channel]
         mean = aggregates.sums[column] / n
@@ -124,6 +125,28 @@ def check_plausible_aggregates(aggregates: EHRAggregates, source: str) -> None:
             f"{source}: EHR statistics of {channel!r} cannot come from plausible values: "
             f"{problem}, expected values in {plausible_range_text(channel)}; re-run "
             "`omnifuse prepare` for that site (ingest reads implausible values as not charted)"
+        )
+
+
+def _check_sums_of_squares(aggregates: EHRAggregates, source: str) -> None:
+    """Every column: a variance that is not negative (N * S2 >= S1^2, Cauchy-Schwarz); the
+    one-hot and mask columns (no plausible range): values in [0, 1], so 0 <= S2 <= S1 <= N.
+    A negative variance would floor the pooled std at 1e-7 and scale that column by 1e7 at
+    every site; a huge sum in an unchecked column would make its statistics non-finite."""
+    n = aggregates.count
+    ranged = {CHANNEL_OFFSETS[channel] for channel in PLAUSIBLE_RANGES}
+    for column in range(NUM_FEATURES):
+        s1, s2 = float(aggregates.sums[column]), float(aggregates.sumsq[column])
+        slack = 1e-9 * max(1.0, abs(s2) * n)
+        if not n * s2 >= s1 * s1 - slack:
+            problem = f"a negative variance (N*S2 = {n * s2:g} < S1^2 = {s1 * s1:g})"
+        elif column not in ranged and not -1e-9 <= s2 <= s1 + 1e-9 * n <= n * (1 + 2e-9):
+            problem = f"S1 = {s1:g}, S2 = {s2:g} over {n} bins (0/1 values: 0 <= S2 <= S1 <= N)"
+        else:
+            continue
+        raise ValueError(
+            f"{source}: EHR statistics of column {column} ({FEATURE_HEADER[column]!r}) cannot "
+            f"come from real values: {problem}"
         )
 
 
