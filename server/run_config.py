@@ -54,6 +54,15 @@ class FederationRunConfig(StrictModel):
     server_eval: bool = Field(default=True, description="Evaluate on the scenario's test set.")
     resume: bool = Field(default=False, description="Continue from run_dir's last checkpoint.")
     round_timeout: float = Field(default=3600.0, gt=0)
+    query_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description=(
+            "Seconds to wait, during the rounds, for a late node's registration or statistics "
+            "answer (a node that gives none is asked again with back-off: 1, 2, 4, ... rounds "
+            "later)."
+        ),
+    )
     central_dp: Literal["off", "server", "client"] = Field(
         default="off",
         description=(

@@ -32,6 +32,7 @@ from omnifuse_model.federation_replies import (
 log = logging.getLogger(__name__)
 
 REASON_CHARS = 300
+ALREADY_BOUND = "site_already_bound:"
 
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -61,16 +62,64 @@ def short_reason(text: object) -> str:
 
 
 @dataclass
+class Backoff:
+    """Which nodes to ask a query again, once per round's check: a node that did not answer
+    k times in a row is asked again only 2^k checks later, so a silent node costs the
+    federation a query timeout in rounds 1, 3, 7, 15, ... rather than in every round."""
+
+    checks: int = 0
+    misses: dict[int, int] = field(default_factory=dict)
+    next_check: dict[int, int] = field(default_factory=dict)
+
+    def tick(self) -> None:
+        self.checks += 1
+
+    def due(self, node: int) -> bool:
+        return self.next_check.get(node, 0) <= self.checks
+
+    def missed(self, node: int) -> None:
+        self.misses[node] = self.misses.get(node, 0) + 1
+        self.next_check[node] = self.checks + 2 ** min(self.misses[node], 20)
+        log.warning(
+            "node %d gave no usable answer (%d times in a row); asked again in %d rounds",
+            node,
+            self.misses[node],
+            self.next_check[node] - self.checks,
+        )
+
+    def answered(self, node: int) -> None:
+        self.misses.pop(node, None)
+        self.next_check.pop(node, None)
+
+
+@dataclass
 class SiteRegistry:
     """node id -> site, each site's declaration, and its last accepted counts."""
 
     nodes: dict[int, str] = field(default_factory=dict)
     declarations: dict[str, SiteDeclaration] = field(default_factory=dict)
     last_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # not saved: when to ask an unbound node (registration) or a late site (statistics) again
+    registration_backoff: Backoff = field(default_factory=Backoff, repr=False, compare=False)
+    statistics_backoff: Backoff = field(default_factory=Backoff, repr=False, compare=False)
     refused: dict[int, str] = field(default_factory=dict)  # node -> why it is not bound
 
     def site_of(self, node: int) -> str | None:
         return self.nodes.get(node)
+
+    def may_ask_again(self, node: int, connected: set[int]) -> bool:
+        """Whether an unbound node may be asked to register (again): never asked, or
+        refused for a reason that can pass: an error reply (with back-off), or its site held
+        by a node that is gone now (a restarted SuperNode whose old id was still listed).
+        A malformed or changed declaration stays refused for that node id."""
+        reason = self.refused.get(node)
+        if reason is None or reason.startswith("error_reply:"):
+            return True
+        if reason.startswith(ALREADY_BOUND):
+            site = reason.removeprefix(ALREADY_BOUND).rsplit(":node ", 1)[0]
+            holder = next((n for n, s in self.nodes.items() if s == site), None)
+            return holder is None or holder not in connected
+        return False
 
     def bind(self, node: int, declaration: SiteDeclaration, connected: set[int]) -> str | None:
         """Bind ``node`` to the declared site; the reason when refused, else None."""
@@ -80,7 +129,7 @@ class SiteRegistry:
             return None if self.declarations[site] == declaration else "declaration_changed"
         if holder is not None:
             if holder in connected:
-                return f"site_already_bound:{site}:node {holder}"
+                return f"{ALREADY_BOUND}{site}:node {holder}"
             if self.declarations[site] != declaration:
                 return f"declaration_changed:{site}"
             del self.nodes[holder]  # the site's old node is gone: its new node takes over
@@ -180,17 +229,32 @@ def register_newcomers(
     timeout: float,
     audit_min_count: int,
 ) -> None:
-    """Ask the nodes that connected since the registration (deployment: a late SuperNode),
-    or that did not answer it, to register now."""
+    """Ask the unbound nodes to register now: those that connected since the registration
+    (deployment: a late SuperNode), or did not answer it, or were refused for a reason that
+    can pass (``SiteRegistry.may_ask_again``); a node that does not answer is asked again
+    with back-off (``Backoff``), so a silent node does not cost a timeout every round."""
     connected = set(grid.get_node_ids())
-    new = sorted(connected - set(registry.nodes) - set(registry.refused))
-    if new:
-        replies = list(
-            grid.send_and_receive(
-                registration_messages(new, model_config_json, audit_min_count), timeout=timeout
-            )
+    backoff = registry.registration_backoff
+    backoff.tick()
+    ask = [
+        node
+        for node in sorted(connected - set(registry.nodes))
+        if registry.may_ask_again(node, connected) and backoff.due(node)
+    ]
+    if not ask:
+        return
+    replies = list(
+        grid.send_and_receive(
+            registration_messages(ask, model_config_json, audit_min_count), timeout=timeout
         )
-        registry.register(replies, modality_names, connected)
+    )
+    registry.register(replies, modality_names, connected)
+    replied = {reply.metadata.src_node_id for reply in replies}
+    for node in ask:
+        if node in registry.nodes:
+            backoff.answered(node)
+        elif node not in replied or registry.refused.get(node, "").startswith("error_reply:"):
+            backoff.missed(node)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

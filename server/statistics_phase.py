@@ -220,15 +220,25 @@ def check_late_sites(
 ) -> None:
     """Sites bound after the statistics phase (a late SuperNode) answer the statistics query
     before their first round: excluded when a fingerprint differs from the consortium's
-    (their EHR sums do not change the normaliser the other sites already train with)."""
+    (their EHR sums do not change the normaliser the other sites already train with). A
+    site without a usable answer is asked again with back-off (1, 2, 4, ... rounds later),
+    not every round; like a site whose answer failed in the phase, it is still asked to
+    train."""
     checked = set(preprocessing.checked) | set(preprocessing.excluded)
-    late = sorted(n for n, s in registry.nodes.items() if s not in checked)
+    backoff = registry.statistics_backoff
+    backoff.tick()
+    late = sorted(n for n, s in registry.nodes.items() if s not in checked and backoff.due(n))
     if not late:
         return
     messages = statistics_messages(late, model_config_json, min_count)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answers, problems = read_statistics(replies, registry, modality_names)
     preprocessing.problems.update(problems)
+    for node in late:  # no usable answer: asked again with back-off, not every round
+        if registry.nodes[node] in answers:
+            backoff.answered(node)
+        else:
+            backoff.missed(node)
     for site, answer in sorted(answers.items()):
         expected = preprocessing.expected_fingerprints
         wrong = sorted(b for b, d in answer.fingerprints.items() if expected.get(b, d) != d)

@@ -126,7 +126,7 @@ class OmniFuseStrategy(FedAvg):
             self.registry,
             self.model_config.model_dump_json(),
             self.model_config.modality_names,
-            self.run.round_timeout,
+            self.run.query_timeout,
             self.run.audit_min_count,
         )
         check_late_sites(
@@ -136,7 +136,7 @@ class OmniFuseStrategy(FedAvg):
             self.model_config.model_dump_json(),
             self.model_config.modality_names,
             self.run.audit_min_count,
-            self.run.round_timeout,
+            self.run.query_timeout,
         )
         random.seed(self.run.seed * 100_003 + self.global_round(server_round))
         self.previous, downlink = self.weights.round_arrays(arrays)

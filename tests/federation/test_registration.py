@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import copy
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +20,7 @@ from client.app import query
 from omnifuse_model import federation_schema as wire
 from omnifuse_model.federation_replies import (
     REGISTRATION,
+    SITE,
     SITE_NAME,
     SiteDeclaration,
     encode_declaration,
@@ -257,3 +266,72 @@ def test_a_node_connecting_after_the_registration_is_asked_before_the_next_round
         Grid(), registry, "{}", NAMES, timeout=5, audit_min_count=5
     )  # nobody new: no query
     assert asked == [[8]] and registry.nodes == {4: "s1", 8: "s2"}
+
+
+class _ScriptedGrid:
+    """Connected node ids and, per asked node, an answer builder (None: silent)."""
+
+    def __init__(self, nodes: list[int], answers: dict) -> None:
+        self.nodes, self.answers, self.asked = nodes, answers, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout):
+        asked = [m.metadata.dst_node_id for m in messages]
+        self.asked.append(asked)
+        return [self.answers[n]() for n in asked if self.answers.get(n) is not None]
+
+
+def test_a_silent_node_is_asked_again_with_back_off_not_every_round(reply_from):
+    grid, registry = _ScriptedGrid([5], {5: None}), SiteRegistry()
+    asked_in = []
+    for round_ in range(1, 17):  # configure_train of rounds 1..16
+        before = len(grid.asked)
+        register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+        if len(grid.asked) > before:
+            asked_in.append(round_)
+    assert asked_in == [1, 3, 7, 15]  # 1, 2, 4, 8 rounds apart
+    grid.answers[5] = lambda: _answer(reply_from, 5, encode_declaration(DECLARED))
+    for _ in range(16):  # it answers when next asked, and is then bound
+        register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+    assert registry.nodes == {5: "s1"} and len(grid.asked) == 5
+
+
+def test_a_restarted_sites_new_node_is_bound_once_its_old_node_is_gone(reply_from):
+    """A restarted SuperNode gets a new node id while the old one is still listed: refused
+    as site_already_bound, then bound once the old node's heartbeat has expired."""
+    registry = SiteRegistry()
+    registry.bind(4, DECLARED, set())
+    declared = lambda: _answer(reply_from, 8, encode_declaration(DECLARED))  # noqa: E731
+    grid = _ScriptedGrid([4, 8], {8: declared})
+    register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+    assert registry.refused[8] == "site_already_bound:s1:node 4"
+    register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+    assert grid.asked == [[8]]  # node 4 still connected: 8 is not asked again
+    grid.nodes = [8]
+    register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+    assert registry.nodes == {8: "s1"} and 8 not in registry.refused
+
+
+def test_a_malformed_declaration_stays_refused_and_an_error_reply_is_retried(reply_from):
+    registry = SiteRegistry()
+    bad = dict(encode_declaration(DECLARED))
+    bad[SITE] = "bad name!"
+    failing = lambda: Message(  # noqa: E731
+        Error(code=0, reason="data not ready"), reply_to=_query_to(6)
+    )
+    grid = _ScriptedGrid([5, 6], {5: lambda: _answer(reply_from, 5, bad), 6: failing})
+    for _ in range(4):
+        register_newcomers(grid, registry, "{}", NAMES, timeout=120, audit_min_count=5)
+    assert grid.asked == [[5, 6], [6]]  # rounds 1 and 3: node 6 backs off, 5 never again
+    assert registry.refused[5] == "registration:site:bad_name"
+    assert registry.refused[6].startswith("error_reply:")
+
+
+def _query_to(node: int) -> Message:
+    return Message(
+        content=RecordDict({"config": ConfigRecord()}),
+        message_type=MessageType.QUERY,
+        dst_node_id=node,
+    )

@@ -384,6 +384,30 @@ def test_a_site_bound_after_the_phase_is_checked_before_its_first_round(
     assert preprocessing.excluded == {"b_no_cxr": "fingerprint_mismatch:cxr"}
 
 
+def test_a_late_site_without_an_answer_is_asked_again_with_back_off(
+    flower_task_identity, model_config, site_registry
+):
+    preprocessing = Preprocessing(expected_fingerprints={"cxr": A}, checked=["a_full"])
+    queries: list[list[int]] = []
+
+    class SilentGrid:
+        def send_and_receive(self, messages, timeout):
+            queries.append([m.metadata.dst_node_id for m in messages])
+            return []
+
+    asked_in = []
+    for round_ in range(1, 9):
+        before = len(queries)
+        check_late_sites(
+            SilentGrid(), site_registry, preprocessing, model_config.model_dump_json(),
+            model_config.modality_names, 5, 5,
+        )  # fmt: skip
+        if len(queries) > before:
+            asked_in.append(round_)
+    assert asked_in == [1, 3, 7] and queries == [[12]] * 3
+    assert "b_no_cxr" not in preprocessing.checked
+
+
 def _answering_grid(reply_from, answers: dict[int, SiteStatistics]):
     class Grid:
         def send_and_receive(self, messages, timeout):
