@@ -153,15 +153,33 @@ def consortium_fingerprints(
     return expected
 
 
-def decide(answers: dict[str, SiteStatistics], configured: dict[str, str]) -> Preprocessing:
-    """Exclusions, expected fingerprints and the federated normaliser from the answers."""
+def fingerprint_problem(
+    answer: SiteStatistics, expected: dict[str, str], held: set[str] | None
+) -> str | None:
+    """Why a site's backbones are not the consortium's: one differs, or (with ``held``, the
+    modalities it declared training samples of) one it holds is not named at all, which
+    would otherwise skip the check."""
+    wrong = sorted(b for b, d in answer.fingerprints.items() if expected.get(b, d) != d)
+    if wrong:
+        return f"fingerprint_mismatch:{wrong[0]}"
+    missing = sorted(b for b in expected if b in (held or ()) and b not in answer.fingerprints)
+    return f"fingerprint_missing:{missing[0]}" if missing else None
+
+
+def decide(
+    answers: dict[str, SiteStatistics],
+    configured: dict[str, str],
+    held: dict[str, set[str]] | None = None,
+) -> Preprocessing:
+    """Exclusions, expected fingerprints and the federated normaliser from the answers
+    (``held``: site -> modalities it declared training samples of)."""
     expected = consortium_fingerprints(answers, configured)
     excluded: dict[str, str] = {}
     parts: dict[str, EHRAggregates] = {}
     for site, answer in sorted(answers.items()):
-        wrong = sorted(b for b, d in answer.fingerprints.items() if expected.get(b, d) != d)
-        if wrong:
-            excluded[site] = f"fingerprint_mismatch:{wrong[0]}"
+        problem = fingerprint_problem(answer, expected, (held or {}).get(site))
+        if problem is not None:
+            excluded[site] = problem
             continue
         if not answer.has_ehr():
             continue
@@ -182,6 +200,14 @@ def decide(answers: dict[str, SiteStatistics], configured: dict[str, str]) -> Pr
     return Preprocessing(normalizer, sorted(parts), expected, excluded, checked=sorted(answers))
 
 
+def held_modalities_of(registry: SiteRegistry) -> dict[str, set[str]]:
+    """Site -> the modalities it declared training samples of at registration."""
+    return {
+        site: {m for m, n in declaration.num_present.items() if n > 0}
+        for site, declaration in registry.declarations.items()
+    }
+
+
 def run_statistics_phase(
     grid: Grid,
     registry: SiteRegistry,
@@ -198,7 +224,7 @@ def run_statistics_phase(
     answers, problems = read_statistics(replies, registry, modality_names)
     for name, reason in problems.items():
         log.warning("statistics phase: %s: %s", name, reason)
-    decided = decide(answers, configured)
+    decided = decide(answers, configured, held_modalities_of(registry))
     for site, reason in decided.excluded.items():
         log.warning("statistics phase: site %s excluded: %s", site, reason)
     # A site whose answer failed is not excluded: it is asked to train and, if it fails
@@ -239,11 +265,12 @@ def check_late_sites(
             backoff.answered(node)
         else:
             backoff.missed(node)
+    held = held_modalities_of(registry)
     for site, answer in sorted(answers.items()):
         expected = preprocessing.expected_fingerprints
-        wrong = sorted(b for b, d in answer.fingerprints.items() if expected.get(b, d) != d)
-        if wrong:
-            preprocessing.excluded[site] = f"fingerprint_mismatch:{wrong[0]}"
+        problem = fingerprint_problem(answer, expected, held.get(site))
+        if problem is not None:
+            preprocessing.excluded[site] = problem
             log.warning("statistics: late site %s excluded: %s", site, preprocessing.excluded[site])
         preprocessing.checked.append(site)
 

@@ -216,6 +216,19 @@ def test_a_site_with_another_backbone_is_excluded_by_name():
     }
 
 
+def test_a_site_holding_a_modality_without_naming_its_backbone_is_excluded():
+    """Leaving a fingerprint out would skip the check: a site that declared cxr training
+    samples must name its cxr backbone; one holding no images need not."""
+    answers = {
+        "s1": _answer({"cxr": A, "rep": B}),
+        "s2": _answer({"rep": B}),  # holds cxr, says nothing about its backbone
+        "s3": _answer({"rep": B}),  # holds no images
+    }
+    held = {"s1": {"ehr", "cxr", "rep"}, "s2": {"ehr", "cxr", "rep"}, "s3": {"ehr", "rep"}}
+    assert decide(answers, {}, held).excluded == {"s2": "fingerprint_missing:cxr"}
+    assert decide(answers, {}).excluded == {}  # without declarations nothing is known
+
+
 def test_no_majority_and_none_configured_stops_the_run_naming_the_sites():
     answers = {"s1": _answer({"cxr": A}), "s2": _answer({"cxr": C})}
     with pytest.raises(
