@@ -121,6 +121,7 @@ def site_replies(
             mean_dwfuse_weight={},
             imputation_error={},
             val_auroc=0.75,
+            min_count=run.audit_min_count,
         )
         metrics = {
             **counts,
@@ -165,6 +166,8 @@ def time_rounds(transport: str, sites: int, repeats: int, quick: bool) -> dict:
         started = time.perf_counter()
         result, _ = strategy.aggregate_train(1, replies)
         first_ms = 1000 * (time.perf_counter() - started)
+        if result is None:  # timing the refusal path would be meaningless
+            raise RuntimeError(f"round 1 not aggregated: {strategy.records[1].problems[:2]}")
         strategy.previous, _ = strategy.weights.round_arrays(result)  # round 2's configure_train
         started, started_cpu = time.perf_counter(), time.process_time()
         result, _ = strategy.aggregate_train(2, second)
