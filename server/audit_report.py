@@ -9,7 +9,7 @@ samples hold each modality combination (small cells suppressed), how the global 
 per round, and how much privacy budget each site has spent.
 
 metrics.json is validated first (``audit_metrics``): a value that is not a number or null
-is an error naming the round and field.
+is an error naming the round and field, as is a second audit row for a (site, round).
 Missing values (None in the audit, -1 or non-finite in metrics.json) are shown as '-' in
 tables and are left out of figures (a series with no values is not drawn); suppressed
 counts are shown as '<k', k = the sites' threshold raised (never lowered) by ``min_count``.
@@ -34,7 +34,7 @@ from rich.text import Text
 from omnifuse_model.federation_schema import VAL_AUROC, AuditRow, finite_or_none
 from server import audit_findings as findings
 from server.audit_html import write_documents
-from server.audit_log import AUDIT_JSON, read_audit
+from server.audit_log import AUDIT_JSON, check_unique, read_audit
 from server.audit_metrics import METRICS_JSON, read_metrics
 from server.audit_plots import write_plots
 from server.audit_tables import MISSING, ReportTable, build_tables
@@ -198,8 +198,9 @@ def build_data(
     gets None there. Availability and imputation error come from each site's last round;
     counts below ``threshold.used`` are suppressed (None).
     """
+    check_unique(rows, "audit rows")  # a duplicate (site, round) would replace the first
     by_site: dict[str, dict[int, AuditRow]] = {}
-    for row in rows:  # a later duplicate (site, round) replaces an earlier one
+    for row in rows:
         by_site.setdefault(row.site, {})[row.round] = row
     rounds = sorted({row.round for row in rows})
     modalities = _ordered_union(

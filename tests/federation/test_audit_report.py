@@ -340,3 +340,16 @@ def test_metrics_json_must_map_distinct_round_numbers_to_entries(tmp_path, histo
     with pytest.raises(ValueError, match="metrics.json: "):
         build_report(tmp_path)
 
+
+def test_a_second_audit_row_for_a_site_and_round_is_an_error_naming_them(tmp_path):
+    """The second row silently replaced the first (lazy combination and AUROC changed)."""
+    rows = [make_row("alpha", 1), make_row("beta", 1)]
+    write_audit(tmp_path, rows)
+    path = tmp_path / "audit.json"
+    dumped = json.loads(path.read_text())
+    edited = dict(dumped[0], lazy_combination="rep", val_auroc=0.99)
+    path.write_text(json.dumps([*dumped, edited]))
+    with pytest.raises(
+        ValueError, match="audit.json: row 2: a second row for site 'alpha' round 1"
+    ):
+        build_report(tmp_path)
