@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 SERVER_STATE = "server_state"
+POINTER_MAX_BYTES = 64
 ROUND_NAME = re.compile(r"round_([0-9]{4,})")
 
 
@@ -186,9 +187,13 @@ def _pointed(root: Path) -> tuple[Path | None, str]:
     if not pointer.exists() and not pointer.is_symlink():
         return None, ""
     try:
-        name = pointer.read_bytes().decode("utf-8").strip()
+        with pointer.open("rb") as handle:  # a round name is short: never read a huge file
+            data = handle.read(POINTER_MAX_BYTES + 1)
+        name = data.decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         return None, f"{LATEST}: unreadable ({error})"
+    if len(data) > POINTER_MAX_BYTES:
+        return None, f"{LATEST}: longer than {POINTER_MAX_BYTES} bytes, expected round_NNNN"
     if _round_number(name) is None:
         return None, f"{LATEST}: names {name[:80]!r}, expected a folder name round_NNNN"
     return root / name, ""
