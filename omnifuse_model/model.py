@@ -364,7 +364,13 @@ class OmniFuse(nn.Module):
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> OmniFuse:
         """Rebuild a model written by ``save_checkpoint``."""
         weights, meta = read_checkpoint(path, map_location)
-        model = cls(OmniFuseConfig.model_validate(meta["config"]))
+        directory = Path(path)
+        try:
+            config = OmniFuseConfig.model_validate(meta["config"])
+        except ValueError as error:
+            raise ValueError(f"checkpoint {directory / CONFIG_FILE}: 'config': {error}") from error
+        check_weights(weights, config, f"checkpoint {directory / WEIGHTS_FILE}")
+        model = cls(config)
         model.load_state_dict(weights)
         if meta.get("laziness"):
             model.set_laziness(LazinessReport.from_dict(meta["laziness"]))
@@ -417,3 +423,35 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict[s
             f"checkpoint {directory / WEIGHTS_FILE}: unreadable ({type(error).__name__}: {error})"
         ) from error
     return weights, meta
+
+
+def expected_weights(config: OmniFuseConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor in the state dict of ``OmniFuse(config)``; built on
+    the meta device, so no memory is allocated and no random numbers are drawn."""
+    with torch.device("meta"):
+        model = OmniFuse(config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def check_weights(weights: Mapping[str, Tensor], config: OmniFuseConfig, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` unless ``weights`` has exactly the keys, shapes
+    and dtypes of ``OmniFuse(config)``'s state dict (``load_state_dict`` would cast a wrong
+    dtype silently)."""
+    expected = expected_weights(config)
+    problems = [f"missing {k}" for k in sorted(expected.keys() - weights.keys())]
+    problems += [f"unexpected {k}" for k in sorted(weights.keys() - expected.keys())]
+    for key in sorted(expected.keys() & weights.keys()):
+        shape, dtype = expected[key]
+        actual = (tuple(weights[key].shape), weights[key].dtype)
+        if actual != (shape, dtype):
+            problems.append(
+                f"{key} is {list(actual[0])} {actual[1]}, expected {list(shape)} {dtype}"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise ValueError(
+            f"{source}: weights do not match the model config "
+            f"({len(problems)} of {len(expected)} tensors wrong: {shown})"
+        )

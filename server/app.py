@@ -82,9 +82,14 @@ def _server_evaluator(run: FederationRunConfig, scenario: Scenario, preprocessin
 def initial_state(
     run: FederationRunConfig, model_config: OmniFuseConfig
 ) -> tuple[dict[str, np.ndarray], ServerState, str]:
-    """(weights, server state, resume note): the newest readable checkpoint with ``resume``,
-    else a fresh model seeded by the run's seed."""
-    loaded = load_latest(run.run_dir) if run.resume else None
+    """(weights, server state, resume note): with ``resume`` the newest checkpoint that reads
+    and fits ``model_config`` (``server.checkpoint.load_latest``), else a fresh model seeded
+    by the run's seed. When checkpoints exist but none fits, outcome.json says why."""
+    try:
+        loaded = load_latest(run.run_dir, model_config) if run.resume else None
+    except ValueError as error:
+        write_outcome(run.run_dir, "failed", f"resume: {error}")
+        raise
     if loaded is not None:
         log.info("resuming from round %d in %s", loaded.state.round, run.run_dir)
         if loaded.note:

@@ -86,6 +86,22 @@ def read_audit(run_dir: Path) -> list[AuditRow]:
     if not path.is_file():
         raise FileNotFoundError(f"no audit table in {run_dir} (expected {AUDIT_JSON})")
     try:
-        return [AuditRow.model_validate(item) for item in json.loads(path.read_text())]
+        rows = [AuditRow.model_validate(item) for item in json.loads(path.read_text())]
     except (json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid audit table: {error}") from error
+    check_unique(rows, str(path))
+    return rows
+
+
+def check_unique(rows: list[AuditRow], source: str) -> None:
+    """Raise ``ValueError`` naming ``source``, the site and the round when two rows share a
+    (site, round): the server writes one per site and round, so a second one means the
+    table was edited or corrupted, and either would silently replace the other."""
+    seen: set[tuple[str, int]] = set()
+    for index, row in enumerate(rows):
+        if (row.site, row.round) in seen:
+            raise ValueError(
+                f"{source}: row {index}: a second row for site {row.site!r} round {row.round} "
+                "(expected one row per site and round)"
+            )
+        seen.add((row.site, row.round))

@@ -8,6 +8,8 @@ is lazy at which site and round, how DWFuse weights and imputation quality evolv
 samples hold each modality combination (small cells suppressed), how the global model does
 per round, and how much privacy budget each site has spent.
 
+metrics.json is validated first (``audit_metrics``): a value that is not a number or null
+is an error naming the round and field, as is a second audit row for a (site, round).
 Missing values (None in the audit, -1 or non-finite in metrics.json) are shown as '-' in
 tables and are left out of figures (a series with no values is not drawn); suppressed
 counts are shown as '<k', k = the sites' threshold raised (never lowered) by ``min_count``.
@@ -32,11 +34,11 @@ from rich.text import Text
 from omnifuse_model.federation_schema import VAL_AUROC, AuditRow, finite_or_none
 from server import audit_findings as findings
 from server.audit_html import write_documents
-from server.audit_log import AUDIT_JSON, read_audit
+from server.audit_log import AUDIT_JSON, check_unique, read_audit
+from server.audit_metrics import METRICS_JSON, read_metrics
 from server.audit_plots import write_plots
 from server.audit_tables import MISSING, ReportTable, build_tables
 
-METRICS_JSON = "metrics.json"
 RUN_CONFIG_JSON = "run_config.json"
 REPORT_JSON = "report.json"
 DEFAULT_OUT = "audit_report"
@@ -71,20 +73,6 @@ def _metric(value: object) -> float | None:
     if math.isnan(value) or math.isinf(value) or value == UNDEFINED_METRIC:
         return None
     return float(value)
-
-
-def _read_metrics(run_dir: Path) -> dict[int, dict] | None:
-    """Per-round history from metrics.json, or None when the file is absent."""
-    path = run_dir / METRICS_JSON
-    if not path.is_file():
-        return None
-    try:
-        history = json.loads(path.read_text())
-        return {int(key): value for key, value in history.items() if isinstance(value, dict)}
-    except (json.JSONDecodeError, ValueError, AttributeError) as error:
-        raise ValueError(
-            f"{path}: expected {{'<round>': {{...}}}} per-round metrics: {error}"
-        ) from error
 
 
 def _min_count_of_run(run_dir: Path) -> int:
@@ -210,8 +198,9 @@ def build_data(
     gets None there. Availability and imputation error come from each site's last round;
     counts below ``threshold.used`` are suppressed (None).
     """
+    check_unique(rows, "audit rows")  # a duplicate (site, round) would replace the first
     by_site: dict[str, dict[int, AuditRow]] = {}
-    for row in rows:  # a later duplicate (site, round) replaces an earlier one
+    for row in rows:
         by_site.setdefault(row.site, {})[row.round] = row
     rounds = sorted({row.round for row in rows})
     modalities = _ordered_union(
@@ -281,7 +270,7 @@ def build_report(
         raise ValueError(f"{run_dir / AUDIT_JSON}: the audit table has no rows")
     if min_count is not None and min_count < 1:
         raise ValueError(f"--min-count: expected a positive integer, got {min_count}")
-    history = _read_metrics(run_dir)
+    history = read_metrics(run_dir)
     threshold = findings.Threshold(
         findings.site_threshold(rows, _min_count_of_run(run_dir)), min_count
     )

@@ -306,3 +306,50 @@ def test_the_weight_is_labelled_as_the_test_time_confidence_weight(report):
         text = (report.out_dir / document).read_text()
         assert "not the omega that weighted training" in text
         assert "Mean DWFuse weight" not in text
+
+
+@pytest.mark.parametrize(
+    ("round_", "field", "value", "where"),
+    [
+        ("2", "server", [1], "field 'server'"),
+        ("2", "bytes", [1, 2], "field 'bytes'"),
+        ("2", "server", {"test-auroc": "high"}, "field 'server.test-auroc'"),
+        ("2", "wall_seconds", "x", "field 'wall_seconds'"),
+        ("2", "bytes", {"sent": True}, "field 'bytes.sent'"),
+        ("2", "failed_or_rejected", ["boom"], "field 'failed_or_rejected.0'"),
+    ],
+)
+def test_a_malformed_metrics_entry_is_an_error_naming_file_round_and_field(
+    tmp_path, round_, field, value, where
+):
+    """'server': [1] was a traceback (AttributeError on 'list'); 'test-auroc': 'high' and
+    'wall_seconds': 'x' were shown as '-', as if the value were missing."""
+    write_audit(tmp_path, [make_row("alpha", 1), make_row("alpha", 2)])
+    metrics = json.loads(json.dumps(METRICS))
+    metrics[round_][field] = value
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=f"metrics.json: round {round_}: {where}: .*, got"):
+        build_report(tmp_path)
+
+
+@pytest.mark.parametrize("history", [{"1": [1]}, {"1": {}, "01": {"wall_seconds": 2.0}}])
+def test_metrics_json_must_map_distinct_round_numbers_to_entries(tmp_path, history):
+    """A round entry that was not an object was dropped silently; '01' replaced '1'."""
+    write_audit(tmp_path, [make_row("alpha", 1)])
+    (tmp_path / "metrics.json").write_text(json.dumps(history))
+    with pytest.raises(ValueError, match="metrics.json: "):
+        build_report(tmp_path)
+
+
+def test_a_second_audit_row_for_a_site_and_round_is_an_error_naming_them(tmp_path):
+    """The second row silently replaced the first (lazy combination and AUROC changed)."""
+    rows = [make_row("alpha", 1), make_row("beta", 1)]
+    write_audit(tmp_path, rows)
+    path = tmp_path / "audit.json"
+    dumped = json.loads(path.read_text())
+    edited = dict(dumped[0], lazy_combination="rep", val_auroc=0.99)
+    path.write_text(json.dumps([*dumped, edited]))
+    with pytest.raises(
+        ValueError, match="audit.json: row 2: a second row for site 'alpha' round 1"
+    ):
+        build_report(tmp_path)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from safetensors.torch import save_file
 
 from omnifuse_model.model import OmniFuse
-from server.app import finish
+from server.app import finish, initial_state
 from server.checkpoint import CHECKPOINTS, LATEST, ServerState, load_latest, save_round
 from server.round_record import RoundRecord, RoundRecorder
 from server.run_config import FederationRunConfig
@@ -39,7 +42,7 @@ def test_a_round_checkpoint_is_a_model_checkpoint_and_resumes_exactly(model_conf
     folder = save_round(tmp_path, weights, _state(model_config, 1))
     model = OmniFuse.from_checkpoint(folder)  # the model's own loader reads it
     assert all(torch.equal(model.state_dict()[k], torch.from_numpy(v)) for k, v in weights.items())
-    loaded = load_latest(tmp_path)
+    loaded = load_latest(tmp_path, model_config)
     assert loaded.note == "" and loaded.state == _state(model_config, 1)
     assert all(np.array_equal(loaded.weights[k], v) for k, v in weights.items())
 
@@ -58,7 +61,7 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(model_config, tmp_p
         for path in newest.iterdir():
             path.unlink()
         newest.rmdir()
-    loaded = load_latest(tmp_path)
+    loaded = load_latest(tmp_path, model_config)
     assert loaded.state.round == 1
     assert loaded.note.startswith("resumed from round_0001; skipped unreadable round_0002")
     expected = _weights(model_config, 1)
@@ -68,11 +71,11 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(model_config, tmp_p
 def test_no_readable_checkpoint_is_an_error_and_none_at_all_is_a_fresh_start(
     model_config, tmp_path
 ):
-    assert load_latest(tmp_path) is None
+    assert load_latest(tmp_path, model_config) is None
     save_round(tmp_path, _weights(model_config, 1), _state(model_config, 1))
     (tmp_path / CHECKPOINTS / "round_0001" / "config.json").write_text("not json")
     with pytest.raises(ValueError, match="no readable checkpoint"):
-        load_latest(tmp_path)
+        load_latest(tmp_path, model_config)
     assert (tmp_path / CHECKPOINTS / LATEST).read_text() == "round_0001"
 
 
@@ -115,7 +118,7 @@ def test_the_recorder_writes_one_record_per_round_and_names_sites_never_accepted
     assert set(history) == {"3", "4"}
     assert history["3"]["note"] == "resumed from round_0002" and "note" not in history["4"]
     assert history["4"]["failed_or_rejected"][0]["reason"] == "dtype"
-    loaded = load_latest(tmp_path)
+    loaded = load_latest(tmp_path, model_config)
     assert loaded.state.round == 4 and loaded.state.sites == {"nodes": {"4": "a"}}
     assert recorder.never_accepted() == {
         "b": "rejected: dtype",
@@ -187,3 +190,84 @@ def test_an_error_replys_reason_is_the_sites_own_message_shortened():
     assert len(error_reason("x" * 10_000)) == 300
     assert error_reason("") == "no reason given"
     assert error_reason("line\nbreak\x00\u2603") == "line break \\u2603"
+
+
+@pytest.mark.parametrize("wrong", ["config", "weights"])
+def test_a_checkpoint_of_another_model_is_never_resumed(model_config, tmp_path, wrong):
+    """A d=16 checkpoint loaded against a d=8 run with no error (the probe: 55 of 154
+    tensors with the wrong shape). Now the round is skipped, naming why; none fits: error."""
+    other = model_config.model_copy(update={"d": 16})
+    save_round(tmp_path, _weights(model_config, 1), _state(model_config, 1))
+    if wrong == "config":  # the whole round written by another model
+        save_round(tmp_path, _weights(other, 2), _state(other, 2))
+        why = "'config' is not the run's model config \\(d: 16 != 8\\)"
+    else:  # the run's config.json, another model's weights
+        save_round(tmp_path, _weights(model_config, 2), _state(model_config, 2))
+        newest = tmp_path / CHECKPOINTS / "round_0002" / "model.safetensors"
+        save_file({k: torch.from_numpy(v) for k, v in _weights(other, 2).items()}, str(newest))
+        why = "model.safetensors: weights do not match the model config"
+    loaded = load_latest(tmp_path, model_config)
+    assert loaded.state.round == 1
+    assert re.search(f"skipped unreadable round_0002: .*{why}", loaded.note)
+    shutil.rmtree(tmp_path / CHECKPOINTS / "round_0001")
+    with pytest.raises(ValueError, match=f"no readable checkpoint \\(round_0002: .*{why}"):
+        load_latest(tmp_path, model_config)
+
+
+@pytest.mark.parametrize(
+    "pointer",
+    [b"../../other/checkpoints/round_0001", b"/abs/round_0001", b"round_1", b"\xff\xfe\x00"],
+)
+def test_latest_must_name_a_plain_round_folder_else_it_is_ignored_with_a_note(
+    model_config, tmp_path, pointer
+):
+    """'latest' was followed out of the run folder, and a non-UTF-8 one raised a bare
+    UnicodeDecodeError with no fallback."""
+    save_round(tmp_path / "other", _weights(model_config, 7), _state(model_config, 1))
+    run_dir = tmp_path / "run"
+    save_round(run_dir, _weights(model_config, 1), _state(model_config, 1))
+    (run_dir / CHECKPOINTS / LATEST).write_bytes(pointer)
+    loaded = load_latest(run_dir, model_config)
+    assert loaded.note.startswith("resumed from round_0001; skipped unreadable latest: ")
+    expected = _weights(model_config, 1)
+    assert all(np.array_equal(loaded.weights[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("2", "valid integer"),
+        (None, "valid integer"),
+        (1.5, "valid integer"),
+        (-5, "greater than or equal to 1"),
+        (99999, "round' is 99999, the folder is round_0002"),
+    ],
+)
+def test_the_server_state_is_validated_strictly_and_agrees_with_its_folder(
+    model_config, tmp_path, value, why
+):
+    """'round': "2" or null was a TypeError in main, -5 and 1.5 were accepted and 99999
+    ended the run 'completed: nothing to do'."""
+    save_round(tmp_path, _weights(model_config, 1), _state(model_config, 1))
+    save_round(tmp_path, _weights(model_config, 2), _state(model_config, 2))
+    config = tmp_path / CHECKPOINTS / "round_0002" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["extra"]["server_state"]["round"] = value
+    config.write_text(json.dumps(meta))
+    loaded = load_latest(tmp_path, model_config)
+    assert loaded.state.round == 1
+    assert "round_0002: checkpoint" in loaded.note and why in loaded.note
+    assert "server_state" in loaded.note
+
+
+def test_a_resume_with_no_fitting_checkpoint_fails_and_says_why_in_the_outcome(
+    model_config, tmp_path
+):
+    other = model_config.model_copy(update={"d": 16})
+    save_round(tmp_path, _weights(other, 1), _state(other, 1))
+    run = FederationRunConfig(scenario_dir=tmp_path, run_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="not the run's model config"):
+        initial_state(run, model_config)
+    outcome = read_outcome(tmp_path)
+    assert outcome["status"] == "failed" and "resume: " in outcome["reason"]
+    assert "d: 16 != 8" in outcome["reason"]

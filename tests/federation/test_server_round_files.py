@@ -58,7 +58,7 @@ def test_recorder_audit_files_hold_every_round_as_a_fresh_write_would(model_conf
         assert (tmp_path / "run" / name).read_text() == (tmp_path / "fresh" / name).read_text()
     assert (
         json.loads((tmp_path / "run" / AUDIT_JSON).read_text())
-        == load_latest(tmp_path / "run").state.audit_rows
+        == load_latest(tmp_path / "run", model_config).state.audit_rows
     )
     with pytest.raises(ValueError, match="3 rows but 2 dumped"):
         write_audit(tmp_path / "bad", every[:3], [r.model_dump(mode="json") for r in every[:2]])

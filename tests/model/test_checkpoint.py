@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from omnifuse_model.laziness import LazinessReport
 from omnifuse_model.model import CONFIG_FILE, WEIGHTS_FILE, OmniFuse
@@ -77,3 +78,14 @@ def test_missing_file_raises_and_names_it(make_config, tmp_path, missing):
 def test_missing_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE.replace(".", r"\.")):
         OmniFuse.from_checkpoint(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_match_the_config_are_refused_naming_the_tensor(make_config, tmp_path):
+    """load_state_dict casts a wrong dtype silently: a float64 tensor was accepted."""
+    OmniFuse(make_config(2)).save_checkpoint(tmp_path)
+    weights = load_file(str(tmp_path / WEIGHTS_FILE))
+    key = sorted(weights)[0]
+    weights[key] = weights[key].double()
+    save_file(weights, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE}.*{key} is .* torch.float64, expected"):
+        OmniFuse.from_checkpoint(tmp_path)
