@@ -385,7 +385,7 @@ def _read_listfiles(site: SiteConfig, benchmark_dir: Path, task: Task) -> dict[s
     listfiles = {}
     for split in SPLITS:
         path = benchmark_dir / f"{split}_listfile.csv"
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"site '{site.name}': listfile {path} not found")
         data_dir = benchmark_dir / SPLIT_DIRS[split]
         listfiles[split] = read_listfile(path, task, data_dir, check_files=False)

@@ -156,6 +156,20 @@ def test_faults_reject_the_modality_not_the_stay(clean_root: Path, tmp_path: Pat
     assert tally.rejected_by_reason == {"no_usable_modality": 1}
 
 
+def test_a_fifo_episode_is_a_counted_rejection(clean_root: Path, tmp_path: Path, fifo_at) -> None:
+    """A FIFO in place of an episode CSV used to hang ingest (and `omnifuse prepare`)."""
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    episode = next((root / IHM / "train").glob("*_timeseries.csv"))
+    episode.unlink()
+    fifo_at(episode)
+    result = ingest_site(make_site(root, modalities=("ehr",)))
+    (stay,) = [s for s in result.stays if s.stay == episode.name]
+    outcome = stay.outcomes["ehr"]
+    assert (outcome.status, outcome.reason) == ("rejected", "not_regular_file")
+    assert f"{episode}: not a regular file (a FIFO)" in outcome.detail
+
+
 def test_listfile_rows_that_are_not_stays_are_counted(clean_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(clean_root, root)
