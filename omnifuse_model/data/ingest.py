@@ -23,8 +23,10 @@ modality the site holds:
 The stay id that links a stay to images is the listfile's ``stay_id`` column (MedFuse
 listfiles) when present; otherwise it is looked up in ``stays_csv`` by subject and episode
 number, where episode N is the 1-based position of the stay among the subject's stays sorted
-by INTIME (the mimic3-benchmarks numbering; ties keep file order; rows whose ids or INTIME do
-not parse are left out of the numbering).
+by INTIME (the mimic3-benchmarks numbering; ties keep file order). A subject with a row whose
+INTIME does not parse cannot be numbered: its stays' images and reports are rejected as
+``bad_intime`` (naming the row), never linked to a neighbouring stay; an episode whose row has
+a bad stay id is rejected as ``bad_stay_id``.
 
 Listfiles are read without checking that episode files exist, so that a missing episode file
 is a rejection of the stay's EHR, not of the stay. See
@@ -49,6 +51,7 @@ from omnifuse_model.data.cxr.images import (
     find_metadata_file,
     link_stays_to_images,
     open_cxr_image,
+    parse_stays,
     read_cxr_metadata,
     read_stays,
 )
@@ -71,6 +74,7 @@ from omnifuse_model.data.ingest_report import (
     IngestReport,
     ListfileRejection,
     ModalityOutcome,
+    ModalityStatus,
     build_ingest_report,
 )
 from omnifuse_model.data.reports.sections import ReportRejected, read_report, report_path
@@ -149,18 +153,54 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def episode_stay_ids(stays: pd.DataFrame) -> dict[tuple[int, int], int]:
-    """``(subject_id, episode N) -> stay_id`` from a stays table (see the module docstring)."""
-    subject = pd.to_numeric(stays["subject_id"].astype(str).str.strip(), errors="coerce")
-    stay_id = pd.to_numeric(stays["stay_id"].astype(str).str.strip(), errors="coerce")
-    intime = pd.to_datetime(stays["intime"].astype(str).str.strip(), errors="coerce")
-    frame = pd.DataFrame({"subject": subject, "stay_id": stay_id, "intime": intime})
-    frame = frame.dropna().sort_values(["subject", "intime"], kind="stable")
-    frame["episode"] = frame.groupby("subject").cumcount() + 1
-    return {
-        (int(row.subject), int(row.episode)): int(row.stay_id)
-        for row in frame.itertuples(index=False)
-    }
+@dataclass
+class EpisodeStayIds:
+    """``(subject_id, episode N) -> stay_id`` from a stays table, and why some are unknown.
+
+    ``bad_subjects`` maps a subject with a row whose INTIME does not parse to that row's
+    problem: the row's place among the subject's stays is unknown, so none of the subject's
+    episodes can be numbered (numbering the others would shift them onto the wrong stays).
+    ``bad_episodes`` maps an episode whose row has a bad stay id to that row's problem.
+    """
+
+    ids: dict[tuple[int, int], int] = field(default_factory=dict)
+    bad_subjects: dict[int, str] = field(default_factory=dict)
+    bad_episodes: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def problem(self, subject_id: int, episode: int) -> tuple[str, str] | None:
+        """``(reason, detail)`` when this episode's stay id is known to be unusable."""
+        where = f"subject {subject_id} episode {episode}"
+        if subject_id in self.bad_subjects:
+            detail = self.bad_subjects[subject_id]
+            return "bad_intime", f"{where}: {detail}; the subject's episodes cannot be numbered"
+        if (subject_id, episode) in self.bad_episodes:
+            return "bad_stay_id", f"{where}: {self.bad_episodes[subject_id, episode]}"
+        return None
+
+
+def episode_stay_ids(stays: pd.DataFrame) -> EpisodeStayIds:
+    """Number each subject's stays by INTIME (see the module docstring).
+
+    Times are parsed as the linking parses them
+    (:func:`~omnifuse_model.data.cxr.images.parse_stay_times`). A subject with an unparseable
+    INTIME gets no episode numbers at all; rows whose subject id does not parse cannot be
+    attributed and are counted by the linking (``bad_subject_id``).
+    """
+    parsed = parse_stays(stays)
+    known = parsed[parsed["subject_ok"]]
+    result = EpisodeStayIds()
+    for row in known[known["intime"].isna()].itertuples(index=False):
+        result.bad_subjects.setdefault(int(row.subject_id), str(row.problem))
+    frame = known[~known["subject_id"].isin(list(result.bad_subjects))]
+    frame = frame.sort_values(["subject_id", "intime"], kind="stable")
+    frame = frame.assign(episode=frame.groupby("subject_id").cumcount() + 1)
+    for row in frame.itertuples(index=False):
+        key = (int(row.subject_id), int(row.episode))
+        if row.stay_ok:
+            result.ids[key] = int(row.stay_id)
+        else:
+            result.bad_episodes[key] = str(row.problem)
+    return result
 
 
 def _check_site(site: SiteConfig) -> tuple[Path, set[str]]:
@@ -240,7 +280,7 @@ class _Linker:
     def __init__(self, site: SiteConfig, held: set[str]) -> None:
         self.enabled = bool(held & {"cxr", "rep"})
         self.images: dict[int, CxrStayImage] = {}
-        self.stay_ids: dict[tuple[int, int], int] = {}
+        self.stay_ids = EpisodeStayIds()
         self.info: dict[str, Any] = {}
         if not self.enabled:
             return
@@ -263,21 +303,30 @@ class _Linker:
     def stay_id(self, record: StayRecord) -> int | None:
         if record.stay_id is not None:
             return record.stay_id
-        return self.stay_ids.get((record.subject_id, record.episode))
+        return self.stay_ids.ids.get((record.subject_id, record.episode))
+
+    def problem(self, record: StayRecord) -> tuple[str, str] | None:
+        """Why the stays table cannot give this stay's id, when it is a data error."""
+        if record.stay_id is not None:
+            return None
+        return self.stay_ids.problem(record.subject_id, record.episode)
 
 
 def _link_modalities(
     stay: IngestedStay, record: StayRecord, site: SiteConfig, held: set[str], linker: _Linker
 ) -> None:
     image = linker.images.get(stay.stay_id) if stay.stay_id is not None else None
+    status: ModalityStatus = "missing"
     if stay.stay_id is None:
         why = "stay_id_unknown"
         detail = f"subject {record.subject_id} episode {record.episode} not in data.stays_csv"
+        if (problem := linker.problem(record)) is not None:
+            status, (why, detail) = "rejected", problem
     else:
         why, detail = "no_image_in_window", f"stay_id {stay.stay_id}"
     if "cxr" in held:
         if image is None:
-            stay.outcomes["cxr"] = ModalityOutcome("missing", why, detail)
+            stay.outcomes["cxr"] = ModalityOutcome(status, why, detail)
         else:
             path = Path(site.data.cxr_dir) / image.path
             stay.outcomes["cxr"] = _image_outcome(path)
@@ -286,7 +335,7 @@ def _link_modalities(
         stay.study_id = image.study_id
     if "rep" in held:
         if image is None:
-            stay.outcomes["rep"] = ModalityOutcome("missing", why, detail)
+            stay.outcomes["rep"] = ModalityOutcome(status, why, detail)
             return
         path = Path(site.data.reports_dir) / report_path(image.subject_id, image.study_id)
         if not path.is_file():
@@ -336,7 +385,7 @@ def _read_listfiles(site: SiteConfig, benchmark_dir: Path, task: Task) -> dict[s
     listfiles = {}
     for split in SPLITS:
         path = benchmark_dir / f"{split}_listfile.csv"
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"site '{site.name}': listfile {path} not found")
         data_dir = benchmark_dir / SPLIT_DIRS[split]
         listfiles[split] = read_listfile(path, task, data_dir, check_files=False)

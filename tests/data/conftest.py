@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,29 @@ def jpeg_declaring() -> Callable[[Path, int, int], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def fifo_at() -> Iterator[Callable[[Path], Path]]:
+    """Make a FIFO at a path. A helper thread keeps opening it for writing, so that code which
+    (wrongly) opens it reads an empty file instead of blocking the test run forever."""
+    stop = threading.Event()
+    paths: list[Path] = []
+
+    def release() -> None:
+        while not stop.wait(0.05):
+            for path in paths:
+                with contextlib.suppress(OSError):  # ENXIO: no reader is blocked on it
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+
+    def make(path: Path) -> Path:
+        os.mkfifo(path)
+        paths.append(path)
+        return path
+
+    yield make
+    stop.set()
+    thread.join()

@@ -273,6 +273,44 @@ def test_bad_stay_rows_are_counted(tmp_path: Path) -> None:
     assert {r.stay_id for r in pheno.records} == {30000001}
 
 
+@pytest.mark.parametrize(
+    "intime",
+    [
+        "2180-05-06 10:00:00+05:00",  # pandas raised "Mixed timezones detected"
+        "2180-05-06 10:00:00+00:00",  # a timezone-aware column failed astype with a traceback
+        "2262-04-11 00:00:00",  # intime + 48 h overflowed
+        "9999-01-01 00:00:00",
+        "05/06/2180 10:00",
+    ],
+)
+def test_stay_times_out_of_format_or_range_are_bad_intime(tmp_path: Path, intime: str) -> None:
+    path = tmp_path / "all_stays.csv"
+    path.write_text(
+        "SUBJECT_ID,ICUSTAY_ID,INTIME,OUTTIME\n"
+        f"{SUBJECT},30000001,{intime},2180-05-09 10:00:00\n"
+        f"{SUBJECT},30000002,2180-05-06 10:00:00,2180-05-09 10:00:00\n"
+    )
+    for task in ("in-hospital-mortality", "phenotyping"):
+        table = read_stays(path)
+        result = linked(tmp_path, row(DICOM, "AP", "21800506", "120000"), task=task, table=table)
+        assert dict(result.rejections) == {"bad_intime": 1}, task
+        assert [r.stay_id for r in result.records] == [30000002]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "cannot read the stays table"),
+        (b"SUBJECT_ID,ICUSTAY_ID,INTIME,OUTTIME\n1\xff,2,3,4\n", "cannot read the stays table"),
+    ],
+)
+def test_unreadable_stays_files_are_named(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "all_stays.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"all_stays\.csv: {message}"):
+        read_stays(path)
+
+
 def test_mimic3_and_mimic4_stays_files(tmp_path: Path) -> None:
     mimic3 = tmp_path / "all_stays_iii.csv"
     mimic3.write_text(

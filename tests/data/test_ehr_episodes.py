@@ -89,6 +89,13 @@ def test_missing_and_unreadable_files_are_rejected(tmp_path, write_raw, header_l
     assert unreadable.reject_reason is RejectReason.UNREADABLE_FILE
 
 
+def test_a_fifo_is_rejected_without_being_opened(tmp_path, fifo_at):
+    """A FIFO in place of an episode CSV used to block `omnifuse prepare` forever."""
+    x, _, report = tolerant(fifo_at(tmp_path / "10011_episode1_timeseries.csv"))
+    assert x is None and report.reject_reason is RejectReason.NOT_REGULAR_FILE
+    assert "10011_episode1_timeseries.csv: not a regular file (a FIFO)" in report.detail
+
+
 def test_blank_rows_are_dropped_and_counted(write_raw, header_line, make_line):
     rows = [make_line("0.5", hr="82"), make_line("3.0", hr="90")]
     clean = write_raw("\n".join([header_line, *rows]) + "\n", name="clean.csv")

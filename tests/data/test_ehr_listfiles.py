@@ -143,6 +143,23 @@ def test_bad_listfile_headers_name_file_and_column(tmp_path, task, header, messa
     assert str(path) in str(info.value)
 
 
+def test_a_listfile_with_a_byte_order_mark_is_read(ihm_dir):
+    path = ihm_dir / "train_listfile.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(read_task_split(ihm_dir, "train").records) == 2
+
+
+def test_unreadable_listfiles_name_the_file(ihm_dir, fifo_at):
+    path = ihm_dir / "train_listfile.csv"
+    path.write_bytes(path.read_bytes() + b"10011_episode2_timeseries.csv,\xff\n")
+    with pytest.raises(ValueError, match=r"train_listfile\.csv: not UTF-8 text: .*byte 0xff"):
+        read_task_split(ihm_dir, "train")
+    path.unlink()
+    fifo_at(path)
+    with pytest.raises(ValueError, match=r"train_listfile\.csv: not a regular file \(a FIFO\)"):
+        read_task_split(ihm_dir, "train")
+
+
 def test_missing_episode_files_are_counted_rejections(ihm_dir):
     (ihm_dir / "train" / "41976_episode4_timeseries.csv").unlink()
     listfile = read_task_split(ihm_dir, "train")

@@ -156,6 +156,20 @@ def test_faults_reject_the_modality_not_the_stay(clean_root: Path, tmp_path: Pat
     assert tally.rejected_by_reason == {"no_usable_modality": 1}
 
 
+def test_a_fifo_episode_is_a_counted_rejection(clean_root: Path, tmp_path: Path, fifo_at) -> None:
+    """A FIFO in place of an episode CSV used to hang ingest (and `omnifuse prepare`)."""
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    episode = next((root / IHM / "train").glob("*_timeseries.csv"))
+    episode.unlink()
+    fifo_at(episode)
+    result = ingest_site(make_site(root, modalities=("ehr",)))
+    (stay,) = [s for s in result.stays if s.stay == episode.name]
+    outcome = stay.outcomes["ehr"]
+    assert (outcome.status, outcome.reason) == ("rejected", "not_regular_file")
+    assert f"{episode}: not a regular file (a FIFO)" in outcome.detail
+
+
 def test_listfile_rows_that_are_not_stays_are_counted(clean_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(clean_root, root)
@@ -217,7 +231,60 @@ def test_stay_ids_by_episode_number() -> None:
             "outtime": [""] * 5,
         }
     )  # fmt: skip
-    assert episode_stay_ids(stays) == {(11, 1): 100, (11, 2): 200, (11, 3): 300, (12, 1): 400}
+    numbered = episode_stay_ids(stays)
+    assert numbered.ids == {(11, 1): 100, (11, 2): 200, (11, 3): 300, (12, 1): 400}
+    reason, detail = numbered.problem(12, 2)
+    assert reason == "bad_stay_id" and "line 6 column stay_id: 'bad'" in detail
+
+
+def test_a_bad_intime_never_shifts_a_subjects_episodes() -> None:
+    """One unparseable INTIME made the subject's later stays take their neighbours' ids."""
+    stays = pd.DataFrame(
+        {
+            "SUBJECT_ID": ["11", "11", "11", "12"],
+            "ICUSTAY_ID": ["100", "200", "300", "400"],
+            "INTIME": ["garbage", "2100-02-01 00:00:00", "2100-03-01 00:00:00",
+                       "01/02/2100"],  # not ISO 8601 either (dateutil used to guess it)
+            "OUTTIME": [""] * 4,
+        }
+    )  # fmt: skip
+    stays.attrs["source"] = "all_stays.csv"
+    numbered = episode_stay_ids(stays)
+    assert numbered.ids == {}
+    for subject, line, value in ((11, 2, "garbage"), (12, 5, "01/02/2100")):
+        for episode in (1, 2, 3):
+            reason, detail = numbered.problem(subject, episode)
+            assert reason == "bad_intime"
+            assert f"all_stays.csv line {line} column INTIME: {value!r}" in detail
+
+
+def test_a_bad_intime_rejects_the_subjects_images(clean_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(clean_root, root)
+    reference = {s.stay: s for s in ingest_site(make_site(clean_root)).stays}
+    stays_csv = root / "root" / "all_stays.csv"
+    table = pd.read_csv(stays_csv, dtype=str, keep_default_na=False)
+    counts = table["SUBJECT_ID"].value_counts()
+    subject = counts.index[0]
+    assert counts.iloc[0] >= 2, "the synthetic data should have a subject with two stays"
+    first = table[table["SUBJECT_ID"] == subject]["INTIME"].idxmin()
+    table.loc[first, "INTIME"] = "garbage"
+    table.to_csv(stays_csv, index=False)
+
+    result = ingest_site(make_site(root))
+    for stay in result.stays:
+        if stay.subject_id != int(subject):
+            assert stay.stay_id == reference[stay.stay].stay_id
+            outcomes = {name: (o.status, o.reason) for name, o in stay.outcomes.items()}
+            was = {name: (o.status, o.reason) for name, o in reference[stay.stay].outcomes.items()}
+            assert outcomes == was
+            continue
+        assert stay.stay_id is None and stay.study_id is None
+        for name in ("cxr", "rep"):
+            outcome = stay.outcomes[name]
+            assert (outcome.status, outcome.reason) == ("rejected", "bad_intime")
+            assert f"line {first + 2} column INTIME: 'garbage'" in outcome.detail
+    assert any(stay.subject_id == int(subject) for stay in result.stays)
 
 
 def test_config_errors_name_the_field(clean_root: Path) -> None:

@@ -71,6 +71,14 @@ def test_an_unreadable_file_is_named(site_copy, tmp_path):
     assert "not readable" in failed(run_preflight(site), "backbones.wordpiece_vocab")[0]
 
 
+def test_a_manifest_that_is_not_an_object_is_named(site_copy):
+    """A JSON list as manifest.json was an AttributeError traceback."""
+    path = Path(site_copy.cache_dir) / MANIFEST_FILE
+    path.write_text(json.dumps([json.loads(path.read_text())]))
+    expected = f"{path}: expected a JSON object, found list"
+    assert failed(run_preflight(site_copy), "cache_dir") == [expected]
+
+
 def test_a_listed_modality_without_data(site_copy):
     def no_reports(manifest):
         for stays in manifest["splits"].values():

@@ -311,16 +311,45 @@ class CxrLinkResult:
         return {record.stay_id: record for record in self.records}
 
 
-def _stay_times(values: pd.Series) -> pd.Series:
+_STAY_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?$")
+EARLIEST_STAY_TIME = pd.Timestamp("1700-01-01")
+LATEST_STAY_TIME = pd.Timestamp("2262-01-01")
+"""Stay times must lie in ``[1700-01-01, 2262-01-01)``: MIMIC's shifted dates (2100-2214) fit,
+and ``intime + 48 h`` stays inside what a nanosecond timestamp can hold."""
+STAY_TIME_EXPECTED = (
+    "expected an ISO 8601 date-time without a timezone, e.g. 2180-07-23 14:00:00, "
+    "between 1700-01-01 and 2261-12-31"
+)
+
+
+def parse_stay_times(values: pd.Series) -> pd.Series:
+    """INTIME/OUTTIME values as naive ``datetime64[ns]``, NaT where a value is not usable.
+
+    Usable: ``YYYY-MM-DD[ HH:MM[:SS[.fff]]]`` (``T`` may separate date and time) with no
+    timezone suffix (MIMIC times are naive local times), inside
+    ``[EARLIEST_STAY_TIME, LATEST_STAY_TIME)``. Never raises for a bad value; raises
+    ``ValueError`` for timezone-aware datetimes passed in by a caller.
+    """
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        raise ValueError(f"stay times are timezone-aware ({values.dtype}); expected naive times")
     if pd.api.types.is_datetime64_any_dtype(values):
-        return values.astype("datetime64[ns]")
-    text = values.astype(str).str.strip()
-    return pd.to_datetime(text, format="ISO8601", errors="coerce").astype("datetime64[ns]")
+        parsed = values
+    else:
+        text = values.astype(str).str.strip()
+        ok = text.str.match(_STAY_TIME)
+        parsed = pd.to_datetime(text.where(ok), format="ISO8601", errors="coerce")
+    in_range = parsed.notna() & (parsed >= EARLIEST_STAY_TIME) & (parsed < LATEST_STAY_TIME)
+    return parsed.where(in_range).astype("datetime64[ns]")
 
 
 def stay_columns(stays: pd.DataFrame, source: str = "stays table") -> pd.DataFrame:
-    """The four linking columns under their canonical names, whichever spelling is present."""
+    """The four linking columns under their canonical names, whichever spelling is present.
+
+    ``attrs`` of the result record the ``source`` and the file's spelling of each column, so
+    that problems can name them (:func:`stay_row_problem`).
+    """
     picked: dict[str, pd.Series] = {}
+    spelling: dict[str, str] = {}
     for column, spellings in STAY_COLUMN_ALIASES.items():
         found = next((name for name in spellings if name in stays.columns), None)
         if found is None:
@@ -329,44 +358,109 @@ def stay_columns(stays: pd.DataFrame, source: str = "stays table") -> pd.DataFra
                 f"found {list(stays.columns)}"
             )
         picked[column] = stays[found]
-    return pd.DataFrame(picked)
+        spelling[column] = stays.attrs.get("spelling", {}).get(found, found)
+    frame = pd.DataFrame(picked)
+    frame.attrs = {"source": stays.attrs.get("source", source), "spelling": spelling}
+    return frame
+
+
+def stay_row_problem(stays: pd.DataFrame, index: int, column: str, expected: str) -> str:
+    """``'<file> line N column INTIME: 'value' ...'`` for one bad cell of a stays table
+    (line numbers count the header as line 1; ``index`` is the row's position)."""
+    source = stays.attrs.get("source", "stays table")
+    name = stays.attrs.get("spelling", {}).get(column, column)
+    value = stays[column].iloc[index]
+    return f"{source} line {index + 2} column {name}: {value!r}: {expected}"
 
 
 def read_stays(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read ``root/all_stays.csv`` (MIMIC-III or MIMIC-IV flavour) as strings, four columns."""
+    """Read ``root/all_stays.csv`` (MIMIC-III or MIMIC-IV flavour) as strings, four columns.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file when it is missing, not a
+    regular file, empty, not UTF-8 or not CSV; bad values are left for the linking to count.
+    """
     source = Path(path)
-    if not source.is_file():
+    if not source.exists():
         raise FileNotFoundError(f"{source}: stays table not found")
-    frame = pd.read_csv(source, dtype=str, keep_default_na=False, na_filter=False)
+    if not source.is_file():
+        raise ValueError(f"{source}: stays table is not a regular file")
+    try:
+        frame = pd.read_csv(
+            source, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+        )
+    except (OSError, ValueError) as error:  # EmptyDataError, ParserError, UnicodeDecodeError
+        raise ValueError(f"{source}: cannot read the stays table as UTF-8 CSV: {error}") from None
+    frame.attrs["source"] = str(source)
     return stay_columns(frame, str(source))
 
 
-def _valid_stays(stays: pd.DataFrame, task: str) -> tuple[pd.DataFrame, Counter[str]]:
-    """Parse the stays table; reasons: bad_subject_id, bad_stay_id, bad_intime,
-    bad_outtime (phenotyping only), duplicate_stay_id."""
-    stays = stay_columns(stays)
+def _positional(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` indexed by row position, keeping its ``attrs``."""
+    attrs = table.attrs
+    table = table.reset_index(drop=True)
+    table.attrs = attrs
+    return table
+
+
+def _stay_reasons(stays: pd.DataFrame, task: str | None) -> pd.DataFrame:
+    """Parsed ids and times of a canonical stays table, and each row's first problem ('' if
+    none): bad_subject_id, bad_stay_id, bad_intime, bad_outtime (phenotyping only)."""
     subject, subject_ok = _integer_ids(stays["subject_id"])
     stay, stay_ok = _integer_ids(stays["stay_id"])
-    intime = _stay_times(stays["intime"])
-    outtime = _stay_times(stays["outtime"])
+    intime = parse_stay_times(stays["intime"])
+    outtime = parse_stay_times(stays["outtime"])
     reason = pd.Series("", index=stays.index, dtype=object)
     if task == "phenotyping":
         reason[outtime.isna()] = "bad_outtime"
     reason[intime.isna()] = "bad_intime"
     reason[~stay_ok] = "bad_stay_id"
     reason[~subject_ok] = "bad_subject_id"
-    valid = reason == ""
-    reason[valid & stay.where(valid).duplicated(keep="first")] = "duplicate_stay_id"
-    valid = reason == ""
-    parsed = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "subject_id": subject[valid],
-            "stay_id": stay[valid],
-            "intime": intime[valid],
-            "outtime": outtime[valid],
+            "subject_id": subject,
+            "subject_ok": subject_ok,
+            "stay_id": stay,
+            "stay_ok": stay_ok,
+            "intime": intime,
+            "outtime": outtime,
+            "reason": reason,
         }
-    ).reset_index(drop=True)
-    return parsed, Counter(reason[~valid].tolist())
+    )
+
+
+def parse_stays(stays: pd.DataFrame) -> pd.DataFrame:
+    """Per row of a stays table (either spelling), in order: ``subject_id``, ``stay_id``
+    (int64, 0 where bad), ``subject_ok``, ``stay_ok``, ``intime``, ``outtime`` (NaT where
+    bad, see :func:`parse_stay_times`), and ``problem``: '' or a detail naming the file, line,
+    column and value of the row's first bad id or INTIME. Index: the row's position."""
+    table = _positional(stay_columns(stays))
+    parsed = _stay_reasons(table, None)
+    problem = pd.Series("", index=table.index, dtype=object)
+    checks = (  # the first bad one is named: the subject, then INTIME, then the stay id
+        (~parsed["subject_ok"], "subject_id", "expected an integer subject id"),
+        (parsed["intime"].isna(), "intime", STAY_TIME_EXPECTED),
+        (~parsed["stay_ok"], "stay_id", "expected an integer stay id"),
+    )
+    for bad, column, expected in reversed(checks):
+        for i in np.flatnonzero(bad.to_numpy()):
+            problem.iloc[i] = stay_row_problem(table, int(i), column, expected)
+    parsed["problem"] = problem
+    return parsed.drop(columns="reason")
+
+
+def _valid_stays(stays: pd.DataFrame, task: str) -> tuple[pd.DataFrame, Counter[str]]:
+    """Parse the stays table; reasons: bad_subject_id, bad_stay_id, bad_intime,
+    bad_outtime (phenotyping only), duplicate_stay_id."""
+    stays = _positional(stay_columns(stays))
+    parsed = _stay_reasons(stays, task)
+    reason = parsed["reason"]
+    valid = reason == ""
+    reason[valid & parsed["stay_id"].where(valid).duplicated(keep="first")] = "duplicate_stay_id"
+    valid = reason == ""
+    for i in np.flatnonzero((reason == "bad_intime").to_numpy())[:3]:
+        logger.warning("%s", stay_row_problem(stays, int(i), "intime", STAY_TIME_EXPECTED))
+    columns = ["subject_id", "stay_id", "intime", "outtime"]
+    return parsed.loc[valid, columns].reset_index(drop=True), Counter(reason[~valid].tolist())
 
 
 def link_stays_to_images(
@@ -389,7 +483,8 @@ def link_stays_to_images(
     valid_stays, rejections = _valid_stays(stays, task)
     if rejections:
         logger.warning(
-            "stays table: rejected %d of %d rows: %s",
+            "%s: rejected %d of %d rows: %s",
+            stays.attrs.get("source", "stays table"),
             sum(rejections.values()),
             len(stays),
             dict(sorted(rejections.items())),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -377,6 +378,22 @@ def discretize_rows(
     return out, list(FEATURE_HEADER)
 
 
+class NotRegularFileError(ValueError):
+    """A path that should be a data file is a FIFO, device, socket or directory."""
+
+
+def check_regular_file(path: str | os.PathLike[str], expected: str) -> None:
+    """Raise :class:`NotRegularFileError` naming ``path`` unless it is a regular file (links
+    followed); ``FileNotFoundError`` when it does not exist. Call before opening: opening a
+    FIFO blocks until a writer appears."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else None
+        raise NotRegularFileError(
+            f"{path}: not a regular file ({kind or 'a device or socket'}); expected {expected}"
+        )
+
+
 def read_episode_csv(
     path: str | os.PathLike[str],
 ) -> tuple[list[str], list[list[str]], list[int]]:
@@ -385,8 +402,10 @@ def read_episode_csv(
     Reads with the csv module (values never coerced). As the reference strips each line
     before splitting, the first cell is left-stripped and the last right-stripped. Blank lines
     come back as empty rows; a file without lines gives an empty header. Raises ``OSError``
-    for an unreadable file and ``ValueError`` for undecodable bytes or malformed CSV.
+    for an unreadable file, :class:`NotRegularFileError` for a FIFO, device or directory (never
+    opened: a FIFO would block forever) and ``ValueError`` for undecodable bytes or malformed CSV.
     """
+    check_regular_file(path, "an episode CSV")
     header: list[str] = []
     rows: list[list[str]] = []
     lines: list[int] = []

@@ -44,6 +44,7 @@ from omnifuse_model.data.ehr.discretizer import (
     EPS,
     FEATURE_HEADER,
     PLAUSIBLE_RANGES,
+    NotRegularFileError,
     bin_index,
     check_timestep,
     discretize_rows,
@@ -62,6 +63,7 @@ class RejectReason(StrEnum):
 
     MISSING_FILE = "missing_file"
     UNREADABLE_FILE = "unreadable_file"
+    NOT_REGULAR_FILE = "not_regular_file"
     EMPTY_FILE = "empty_file"
     BAD_HEADER = "bad_header"
     NO_ROWS = "no_rows"
@@ -205,6 +207,9 @@ def _read_header(
         header, raw_rows, raw_lines = read_episode_csv(path)
     except FileNotFoundError:
         report.reject(RejectReason.MISSING_FILE, f"{path}: no such file")
+        return None
+    except NotRegularFileError as err:
+        report.reject(RejectReason.NOT_REGULAR_FILE, str(err))
         return None
     except (OSError, ValueError) as err:
         report.reject(RejectReason.UNREADABLE_FILE, f"{path}: {err}")

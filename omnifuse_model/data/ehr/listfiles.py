@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from omnifuse_model.data.ehr.discretizer import check_regular_file
 from omnifuse_model.data.ehr.episodes import EpisodeReport, RejectReason
 
 logger = logging.getLogger(__name__)
@@ -200,14 +201,16 @@ def read_listfile(
     """Read a benchmark or MedFuse listfile of ``task``; stays resolve under ``data_dir``.
 
     The format (with or without ``stay_id``) is taken from the header. Raises ``ValueError``
-    naming the file and column when the header does not fit the task, and ``OSError`` when the
+    naming the file and column when the header does not fit the task or the file is not UTF-8
+    text or not a regular file (a byte order mark is skipped), and ``OSError`` when the
     listfile cannot be read. Rows with wrong fields or labels, duplicate stays and (with
     ``check_files``) stays whose episode file is missing are rejected with a named reason.
     """
     path = Path(listfile)
     task = Task(task)
     data_dir = Path(data_dir)
-    with open(path, encoding="utf-8", newline="") as handle:
+    check_regular_file(path, "a listfile")
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM is not data
         reader = csv.reader(handle)
         try:
             header = [name.strip() for name in next(reader, [])]
@@ -225,6 +228,8 @@ def read_listfile(
                 _add_row(result, row, reader.line_num, expected, data_dir, seen, check_files)
         except csv.Error as err:
             raise ValueError(f"{path}: malformed CSV near line {reader.line_num}: {err}") from None
+        except UnicodeDecodeError as err:  # decoded in blocks: the byte offset, not a line
+            raise ValueError(f"{path}: not UTF-8 text: {err}") from None
     logger.debug("%s: %d stays, %d rejected", path, len(result.records), len(result.rejected))
     return result
 

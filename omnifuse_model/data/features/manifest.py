@@ -22,8 +22,11 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omnifuse_model.config import StrictModel
 from omnifuse_model.data.ehr.listfiles import IHM_LABELS, PHENOTYPE_LABELS
 from omnifuse_model.data.features.store import PREPROCESSING_VERSION
 from omnifuse_model.data.ingest_report import SPLITS
@@ -38,6 +41,11 @@ INGEST_REPORT_FILE = "ingest_report.json"
 SUMMARY_FILE = "prepare_summary.json"
 MANIFEST_FORMAT = "omnifuse-feature-manifest"
 MANIFEST_VERSION = 1
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "in-hospital-mortality": IHM_LABELS,
+    "phenotyping": PHENOTYPE_LABELS,
+}
+"""The label columns of each task; every label is 0 or 1 (binary, or multilabel flags)."""
 
 
 class EhrKeys(Protocol):
@@ -99,8 +107,80 @@ def build_manifest(
     }
 
 
+class ManifestStay(StrictModel):
+    """One accepted stay of a split: ids, labels and its cache key per modality."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    stay: str = Field(min_length=1)
+    stay_id: int | None
+    subject_id: int
+    labels: list[Annotated[int, Field(strict=True, ge=0, le=1)]]
+    """0 or 1 each (no bools, no floats), one per label of the task."""
+    ehr: str | None = None
+    cxr: str | None = None
+    rep: str | None = None
+
+
+class FeatureManifest(StrictModel):
+    """``manifest.json`` as :func:`build_manifest` writes it (see the module docstring);
+    strict: no coercion (``"1"`` is not a label), no unknown keys, every split present."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: Literal["omnifuse-feature-manifest"]
+    version: Literal[1]
+    site: str
+    task: Literal["in-hospital-mortality", "phenotyping"]
+    preprocessing_version: str
+    modalities: list[Literal["ehr", "cxr", "rep"]]
+    identities: dict[str, str]
+    label_names: list[str]
+    shapes: dict[Literal["ehr", "cxr", "rep"], list[int]]
+    splits: dict[Literal["train", "val", "test"], list[ManifestStay]]
+
+    @field_validator("shapes")
+    @classmethod
+    def _shapes_are_positive(cls, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, shape in shapes.items():
+            two_d = name in ("ehr", "rep")
+            if (two_d and len(shape) != 2) or not shape or min(shape) < 1:
+                expected = "[rows, width]: two" if two_d else "a list of"
+                raise ValueError(f"{name}: {shape}: expected {expected} positive integers")
+        return shapes
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> FeatureManifest:
+        expected = list(TASK_LABELS[self.task])
+        if self.label_names != expected:
+            raise ValueError(f"label_names {self.label_names}: task {self.task} has {expected}")
+        missing = [split for split in SPLITS if split not in self.splits]
+        if missing:
+            raise ValueError(f"splits: missing {missing}; expected {list(SPLITS)}")
+        for split, stays in self.splits.items():
+            for i, stay in enumerate(stays):
+                if len(stay.labels) != len(expected):
+                    raise ValueError(
+                        f"splits.{split}.{i}.labels: {stay.labels}: expected "
+                        f"{len(expected)} label(s) of 0 or 1 for {self.task}"
+                    )
+        return self
+
+
+def _validation_problems(error: ValidationError, limit: int = 5) -> str:
+    """``field.path: message (found value)`` for the first few problems."""
+    problems = []
+    for item in error.errors()[:limit]:
+        where = "".join(f"{part}: " for part in (".".join(map(str, item["loc"])),) if part)
+        message = item["msg"].removeprefix("Value error, ")
+        own = item["type"] in ("missing", "value_error")  # the message names the value itself
+        found = "" if own else f" (found {item['input']!r:.60})"
+        problems.append(f"{where}{message}{found}")
+    more = error.error_count() - limit
+    return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+
+
 def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``<cache_dir>/manifest.json``; errors name the file and the fix."""
+    """Read and check ``<cache_dir>/manifest.json`` (:class:`FeatureManifest`: labels fit the
+    task, shapes and keys are well typed); errors name the file, the field and the fix."""
     path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -110,6 +190,8 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read the manifest: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
         raise ValueError(
             f"{path}: format {data.get('format')!r} v{data.get('version')!r}, expected "
@@ -120,4 +202,8 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: prepared with preprocessing {data.get('preprocessing_version')!r}, this "
             f"build uses {PREPROCESSING_VERSION!r}; run `omnifuse prepare` again"
         )
+    try:
+        FeatureManifest.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(f"{path}: invalid manifest: {_validation_problems(error)}") from None
     return data
