@@ -6,13 +6,15 @@ can be moved as a whole. Errors name the file, the field and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import tomli_w
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from omnifuse_model.config import StrictModel, TaskKind, TrainConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
@@ -133,6 +135,46 @@ SUPERLINK_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,25
 without a URL scheme, as ``flower-supernode --superlink`` takes it."""
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a DNS name or an IP address (None when it is one): it becomes a
+    certificate's name and a word of the kit's scripts, so nothing else is let through."""
+    if not isinstance(host, str) or not host:
+        return "expected a DNS name or an IP address, got an empty name"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"{host!r} is not a DNS name (labels of letters, digits and inner '-', joined by "
+            "'.', at most 253 characters) or an IP address"
+        )
+    return None
+
+
+def superlink_address_problem(address: str) -> str | None:
+    """Why ``address`` is not a SuperLink ``host:port`` (None when it is one): a DNS name, an
+    IPv4 address or a bracketed IPv6 address, and a port from 1 to 65535."""
+    if not isinstance(address, str) or not re.fullmatch(SUPERLINK_ADDRESS_PATTERN, address):
+        return f"{address!r}: expected host:port (a DNS name or an IP address, no scheme)"
+    host, _, port = address.rpartition(":")
+    if not 1 <= int(port) <= 65535:
+        return f"{address!r}: port {int(port)} is not in 1..65535"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{address!r}: {host} is not an IPv6 address"
+        return None
+    problem = host_problem(host)
+    return f"{address!r}: {problem}" if problem else None
+
+
 class DeploymentConfig(StrictModel):
     """How the site's SuperNode joins a real federation (``omnifuse site start``).
 
@@ -188,8 +230,19 @@ class DeploymentConfig(StrictModel):
         description="Reconnection attempts before the SuperNode gives up (None: no limit).",
     )
     min_free_disk_gb: float = Field(
-        default=1.0, ge=0, description="Free disk the preflight requires at the feature cache."
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Free disk the preflight requires at the feature cache.",
     )
+
+    @field_validator("superlink")
+    @classmethod
+    def _superlink(cls, address: str) -> str:
+        problem = superlink_address_problem(address)
+        if problem:
+            raise ValueError(problem)
+        return address
 
 
 class SiteConfig(StrictModel):

@@ -141,6 +141,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.deploy_command == "certs":
+        from omnifuse_model.site_config import host_problem
+
+        for host in args.host:
+            if host_problem(host):
+                raise ValueError(f"deploy certs --host {host_problem(host)}")
         paths = make_certificates(Path(args.out), hosts=tuple(args.host), force=args.force)
         console.print(f"CA and SuperLink certificate written: {paths}")
     elif args.deploy_command == "keys":
