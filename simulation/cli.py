@@ -25,6 +25,7 @@ from simulation import (
     train_command,
 )
 from simulation.option_types import integer, max_workers, number, seed
+from simulation.safe_paths import check_output_folder
 from simulation.site_cli import add_kit_command, add_site_commands
 
 
@@ -81,6 +82,7 @@ def _synth(args: argparse.Namespace) -> int:
         values = json.loads(args.config_json) if args.config_json else {}
     except json.JSONDecodeError as error:
         raise ValueError(f"synth --config-json: not JSON ({error})") from error
+    check_output_folder(Path(args.out), "synth --out")
     values.update({"num_stays": args.stays, "seed": args.seed})
     if args.messy_rate is not None:
         values["messy_rate"] = args.messy_rate
@@ -93,6 +95,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
+    from omnifuse_model.scenario import SCENARIO_FILE
     from simulation.partition import PartitionConfig, default_site_plans, partition
 
     if args.config:
@@ -116,7 +119,8 @@ def _partition(args: argparse.Namespace) -> int:
             label_alpha=args.alpha,
             seed=args.seed,
         )
-    partition(config, Path(args.out), min_count=args.min_count, strict=args.strict)
+    out = check_output_folder(Path(args.out), "partition --out", [config.data_dir], SCENARIO_FILE)
+    partition(config, out, min_count=args.min_count, strict=args.strict)
     Console().print(f"site views, site configs and scenario.json written to {args.out}")
     return 0
 
