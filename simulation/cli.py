@@ -353,6 +353,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 def _run_handler(args: argparse.Namespace) -> int:
     """Run the command; on SIGTERM/SIGINT stop every process it started (the whole tree
     below this one) and return 128 + the signal number. Bad input: one line, exit 1."""
+    from omnifuse_model.data.features.shard_checks import CorruptShardError
     from simulation.deploy import DeploymentError
     from simulation.federation import FederationError, OrphanSuperLinkError
     from simulation.flower_processes import stop_descendants
@@ -379,6 +380,7 @@ def _run_handler(args: argparse.Namespace) -> int:
         FederationError,
         OrphanSuperLinkError,
         DeploymentError,
+        CorruptShardError,
     ) as error:
         first, *rest = str(error).splitlines() or [type(error).__name__]
         errors.print(Text.assemble(("error: ", "red"), first))
