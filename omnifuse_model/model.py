@@ -364,7 +364,13 @@ class OmniFuse(nn.Module):
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> OmniFuse:
         """Rebuild a model written by ``save_checkpoint``."""
         weights, meta = read_checkpoint(path, map_location)
-        model = cls(OmniFuseConfig.model_validate(meta["config"]))
+        try:
+            config = OmniFuseConfig.model_validate(meta["config"])
+        except ValueError as error:  # pydantic's several lines: one, naming the file
+            problem = " ".join(str(error).split())
+            raise ValueError(f"checkpoint {Path(path) / CONFIG_FILE}: {problem}") from error
+        model = cls(config)
+        check_weights_match(Path(path), model.state_dict(), weights)
         model.load_state_dict(weights)
         if meta.get("laziness"):
             model.set_laziness(LazinessReport.from_dict(meta["laziness"]))
@@ -396,6 +402,26 @@ def write_checkpoint(
     }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=indent))
     return directory
+
+
+def check_weights_match(
+    directory: Path, expected: Mapping[str, Tensor], weights: Mapping[str, Tensor]
+) -> None:
+    """Refuse weights that do not fit the model their ``config.json`` describes (e.g. ``d``
+    changed or a modality removed after training): a `ValueError` naming both files and the
+    first tensor that differs, instead of torch's "Error(s) in loading state_dict"."""
+    where = f"checkpoint {directory}: {WEIGHTS_FILE} does not fit the model of {CONFIG_FILE}"
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise ValueError(f"{where}: tensor '{name}' {tuple(tensor.shape)} is missing")
+        if tuple(weights[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{where}: tensor '{name}' has shape {tuple(weights[name].shape)}, the model "
+                f"expects {tuple(tensor.shape)}"
+            )
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise ValueError(f"{where}: tensor '{extra[0]}' has no place in the model")
 
 
 def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, Tensor], dict]:
