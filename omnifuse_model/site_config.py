@@ -25,6 +25,10 @@ no '..', no separators; a letter or digit first, at most 64 characters."""
 
 MimicTask = Literal["in-hospital-mortality", "phenotyping"]
 
+MIMIC_MODALITIES: tuple[str, ...] = ("ehr", "cxr", "rep")
+"""The modality names of the MIMIC data layer (``data.source = 'feature_cache'``), in the
+model's default order: EHR time series, chest X-rays, radiology reports."""
+
 
 class TaskOutput(NamedTuple):
     """What a model must predict for a task: the task kind and the number of labels."""
@@ -95,9 +99,9 @@ class BackboneConfig(StrictModel):
 class LocalTrainingConfig(StrictModel):
     """Per-site overrides of the federation's local training settings."""
 
-    batch_size: int | None = Field(default=None, gt=0)
-    lr: float | None = Field(default=None, gt=0)
-    local_epochs: int | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, le=65536)
+    lr: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False)
+    local_epochs: int | None = Field(default=None, gt=0, le=10000)
 
     def apply(self, train: TrainConfig) -> TrainConfig:
         """The federation's training settings with this site's overrides in place."""
@@ -115,12 +119,18 @@ class PrivacyConfig(StrictModel):
 
     dp_sgd: bool = Field(default=False, description="Train locally with DP-SGD (Opacus).")
     target_epsilon: float = Field(
-        default=8.0, gt=0, description="Epsilon the site may spend over the whole run."
+        default=8.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Epsilon the site may spend over the whole run (above 100: no privacy).",
     )
     target_delta: float = Field(
         default=1e-5, gt=0, lt=1, description="Delta; keep it below 1 / training samples."
     )
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clipping norm.")
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="Per-sample clipping norm."
+    )
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp",
         description=(
@@ -263,6 +273,20 @@ class SiteConfig(StrictModel):
         default=None,
         description="How the site joins a deployed federation (`omnifuse site start`).",
     )
+
+    @model_validator(mode="after")
+    def _known_modalities(self) -> SiteConfig:
+        repeated = sorted({m for m in self.modalities if self.modalities.count(m) > 1})
+        if repeated:
+            raise ValueError(f"modalities: {repeated} listed more than once")
+        if self.data.source == "synthetic_features" and self.data.synthetic is not None:
+            known, where = [m.name for m in self.data.synthetic.modalities], "data.synthetic"
+        else:
+            known, where = list(MIMIC_MODALITIES), "the MIMIC data layer"
+        unknown = [m for m in self.modalities if m not in known]
+        if unknown:
+            raise ValueError(f"modalities: {unknown} are not modalities of {where} {known}")
+        return self
 
     def resolve_paths(self, base: Path) -> SiteConfig:
         """Copy with every relative path made absolute against ``base``."""
