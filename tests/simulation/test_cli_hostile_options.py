@@ -42,3 +42,32 @@ def test_train_seed_too_large_for_the_generators(tmp_path, capsys):
 
 def test_prepare_workers_bounded(capsys):
     _refused(capsys, ["prepare", "--workers", "100000"], "--workers", "integer from 0 to")
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ("seed = -1", "seed"),
+        ("seed = 99999999999999999999", "seed"),
+        ("label_alpha = inf", "label_alpha"),
+        ('sites = [{name = "a", size_weight = inf}]', "sites.0.size_weight"),
+    ],
+)
+def test_partition_config_numbers_out_of_range(tmp_path, capsys, toml, field):
+    config = tmp_path / "partition.toml"
+    sites = "" if toml.startswith("sites") else 'sites = [{name = "a"}]\n'
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n{sites}{toml}\n')
+    code = main(["partition", "--config", str(config), "--out", str(tmp_path / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and f"partition --config {config}" in err and field in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("toml", ["seed = 99999999999999999999", "lr = inf"])
+def test_train_config_numbers_out_of_range(tmp_path, capsys, toml):
+    config = tmp_path / "run.toml"
+    config.write_text(f"[train]\n{toml}\n")
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and toml.split()[0] in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
