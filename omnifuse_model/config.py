@@ -146,9 +146,9 @@ class TrainConfig(StrictModel):
             "predicted independently, so it changes no result, only the per-batch overhead."
         ),
     )
-    lr: float = Field(default=1e-3, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    seed: int = Field(default=0, ge=0)
+    lr: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="torch and numpy seed.")
     patience: int = Field(
         default=5,
         ge=0,

@@ -367,8 +367,9 @@ class OmniFuse(nn.Module):
         directory = Path(path)
         try:
             config = OmniFuseConfig.model_validate(meta["config"])
-        except ValueError as error:
-            raise ValueError(f"checkpoint {directory / CONFIG_FILE}: 'config': {error}") from error
+        except ValueError as error:  # pydantic's several lines: one, naming the file
+            problem = " ".join(str(error).split())
+            raise ValueError(f"checkpoint {directory / CONFIG_FILE}: {problem}") from error
         check_weights(weights, config, f"checkpoint {directory / WEIGHTS_FILE}")
         model = cls(config)
         model.load_state_dict(weights)

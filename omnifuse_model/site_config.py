@@ -6,13 +6,15 @@ can be moved as a whole. Errors name the file, the field and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import tomli_w
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from omnifuse_model.config import StrictModel, TaskKind, TrainConfig
 from omnifuse_model.synthetic import SyntheticFeatureConfig
@@ -22,6 +24,10 @@ SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 no '..', no separators; a letter or digit first, at most 64 characters."""
 
 MimicTask = Literal["in-hospital-mortality", "phenotyping"]
+
+MIMIC_MODALITIES: tuple[str, ...] = ("ehr", "cxr", "rep")
+"""The modality names of the MIMIC data layer (``data.source = 'feature_cache'``), in the
+model's default order: EHR time series, chest X-rays, radiology reports."""
 
 
 class TaskOutput(NamedTuple):
@@ -93,9 +99,9 @@ class BackboneConfig(StrictModel):
 class LocalTrainingConfig(StrictModel):
     """Per-site overrides of the federation's local training settings."""
 
-    batch_size: int | None = Field(default=None, gt=0)
-    lr: float | None = Field(default=None, gt=0)
-    local_epochs: int | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, le=65536)
+    lr: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False)
+    local_epochs: int | None = Field(default=None, gt=0, le=10000)
 
     def apply(self, train: TrainConfig) -> TrainConfig:
         """The federation's training settings with this site's overrides in place."""
@@ -113,12 +119,18 @@ class PrivacyConfig(StrictModel):
 
     dp_sgd: bool = Field(default=False, description="Train locally with DP-SGD (Opacus).")
     target_epsilon: float = Field(
-        default=8.0, gt=0, description="Epsilon the site may spend over the whole run."
+        default=8.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Epsilon the site may spend over the whole run (above 100: no privacy).",
     )
     target_delta: float = Field(
         default=1e-5, gt=0, lt=1, description="Delta; keep it below 1 / training samples."
     )
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample clipping norm.")
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="Per-sample clipping norm."
+    )
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp",
         description=(
@@ -131,6 +143,46 @@ class PrivacyConfig(StrictModel):
 SUPERLINK_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):[0-9]{1,5}$"
 """``host:port`` of a SuperLink (a DNS name, an IPv4 address or a bracketed IPv6 address),
 without a URL scheme, as ``flower-supernode --superlink`` takes it."""
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a DNS name or an IP address (None when it is one): it becomes a
+    certificate's name and a word of the kit's scripts, so nothing else is let through."""
+    if not isinstance(host, str) or not host:
+        return "expected a DNS name or an IP address, got an empty name"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return (
+            f"{host!r} is not a DNS name (labels of letters, digits and inner '-', joined by "
+            "'.', at most 253 characters) or an IP address"
+        )
+    return None
+
+
+def superlink_address_problem(address: str) -> str | None:
+    """Why ``address`` is not a SuperLink ``host:port`` (None when it is one): a DNS name, an
+    IPv4 address or a bracketed IPv6 address, and a port from 1 to 65535."""
+    if not isinstance(address, str) or not re.fullmatch(SUPERLINK_ADDRESS_PATTERN, address):
+        return f"{address!r}: expected host:port (a DNS name or an IP address, no scheme)"
+    host, _, port = address.rpartition(":")
+    if not 1 <= int(port) <= 65535:
+        return f"{address!r}: port {int(port)} is not in 1..65535"
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{address!r}: {host} is not an IPv6 address"
+        return None
+    problem = host_problem(host)
+    return f"{address!r}: {problem}" if problem else None
 
 
 class DeploymentConfig(StrictModel):
@@ -188,8 +240,19 @@ class DeploymentConfig(StrictModel):
         description="Reconnection attempts before the SuperNode gives up (None: no limit).",
     )
     min_free_disk_gb: float = Field(
-        default=1.0, ge=0, description="Free disk the preflight requires at the feature cache."
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Free disk the preflight requires at the feature cache.",
     )
+
+    @field_validator("superlink")
+    @classmethod
+    def _superlink(cls, address: str) -> str:
+        problem = superlink_address_problem(address)
+        if problem:
+            raise ValueError(problem)
+        return address
 
 
 class SiteConfig(StrictModel):
@@ -210,6 +273,20 @@ class SiteConfig(StrictModel):
         default=None,
         description="How the site joins a deployed federation (`omnifuse site start`).",
     )
+
+    @model_validator(mode="after")
+    def _known_modalities(self) -> SiteConfig:
+        repeated = sorted({m for m in self.modalities if self.modalities.count(m) > 1})
+        if repeated:
+            raise ValueError(f"modalities: {repeated} listed more than once")
+        if self.data.source == "synthetic_features" and self.data.synthetic is not None:
+            known, where = [m.name for m in self.data.synthetic.modalities], "data.synthetic"
+        else:
+            known, where = list(MIMIC_MODALITIES), "the MIMIC data layer"
+        unknown = [m for m in self.modalities if m not in known]
+        if unknown:
+            raise ValueError(f"modalities: {unknown} are not modalities of {where} {known}")
+        return self
 
     def resolve_paths(self, base: Path) -> SiteConfig:
         """Copy with every relative path made absolute against ``base``."""

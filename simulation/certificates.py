@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from omnifuse_model.site_config import host_problem
 from simulation.safe_paths import check_name, create_private, create_public, inside
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -156,6 +157,10 @@ def make_certificates(
     """
     if not hosts:
         raise ValueError("make_certificates: hosts must name at least one IP address or DNS name")
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise ValueError(f"certificate host {problem}")
     out_dir = Path(out_dir)
     paths = CertificatePaths(
         ca_cert=out_dir / "ca.pem",

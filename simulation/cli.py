@@ -24,6 +24,8 @@ from simulation import (
     predict_command,
     train_command,
 )
+from simulation.option_types import integer, max_workers, number, seed
+from simulation.safe_paths import check_output_folder
 from simulation.site_cli import add_kit_command, add_site_commands
 
 
@@ -80,6 +82,7 @@ def _synth(args: argparse.Namespace) -> int:
         values = json.loads(args.config_json) if args.config_json else {}
     except json.JSONDecodeError as error:
         raise ValueError(f"synth --config-json: not JSON ({error})") from error
+    check_output_folder(Path(args.out), "synth --out")
     values.update({"num_stays": args.stays, "seed": args.seed})
     if args.messy_rate is not None:
         values["messy_rate"] = args.messy_rate
@@ -92,6 +95,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
+    from omnifuse_model.scenario import SCENARIO_FILE
     from simulation.partition import PartitionConfig, default_site_plans, partition
 
     if args.config:
@@ -115,7 +119,8 @@ def _partition(args: argparse.Namespace) -> int:
             label_alpha=args.alpha,
             seed=args.seed,
         )
-    partition(config, Path(args.out), min_count=args.min_count, strict=args.strict)
+    out = check_output_folder(Path(args.out), "partition --out", [config.data_dir], SCENARIO_FILE)
+    partition(config, out, min_count=args.min_count, strict=args.strict)
     Console().print(f"site views, site configs and scenario.json written to {args.out}")
     return 0
 
@@ -140,6 +145,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.deploy_command == "certs":
+        from omnifuse_model.site_config import host_problem
+
+        for host in args.host:
+            if host_problem(host):
+                raise ValueError(f"deploy certs --host {host_problem(host)}")
         paths = make_certificates(Path(args.out), hosts=tuple(args.host), force=args.force)
         console.print(f"CA and SuperLink certificate written: {paths}")
     elif args.deploy_command == "keys":
@@ -169,9 +179,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic data in the real MIMIC layouts")
     synth.add_argument("--out", required=True, help="new or empty folder")
-    synth.add_argument("--stays", type=int, default=200, help="ICU stays to write")
-    synth.add_argument("--seed", type=int, default=0, help="random seed")
-    synth.add_argument("--messy-rate", type=float, help="share of files made messy")
+    synth.add_argument("--stays", type=integer(1, 10**7), default=200, help="ICU stays to write")
+    synth.add_argument("--seed", type=seed(), default=0, help="random seed")
+    synth.add_argument("--messy-rate", type=number(0, 1), help="share of files made messy")
     synth.add_argument("--config-json", help="SyntheticMimicConfig fields as JSON")
     synth.set_defaults(handler=_synth)
 
@@ -186,14 +196,18 @@ def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
         choices=["in-hospital-mortality", "phenotyping"],
         help="MIMIC-III benchmark task",
     )
-    part.add_argument("--sites", type=int, default=3, help="number of hospitals")
-    part.add_argument("--alpha", type=float, help="Dirichlet label skew (smaller = more)")
-    part.add_argument("--size-skew", type=float, default=0.0, help="log-normal size spread")
-    part.add_argument("--seed", type=int, default=0, help="random seed")
+    part.add_argument("--sites", type=integer(1, 999), default=3, help="number of hospitals")
+    part.add_argument(
+        "--alpha",
+        type=number(0, 1e6, low_open=True),
+        help="Dirichlet label skew (smaller = more)",
+    )
+    part.add_argument("--size-skew", type=number(0, 5), default=0.0, help="log-normal size spread")
+    part.add_argument("--seed", type=seed(), default=0, help="random seed")
     part.add_argument("--config", help="a PartitionConfig TOML instead of the options above")
     part.add_argument(
         "--min-count",
-        type=int,
+        type=integer(1, 10**6),
         default=5,
         help="fewest validation/test stays (and, for mortality, positives and negatives) "
         "a site's split needs to be scored; the audit's default suppression threshold",
@@ -206,7 +220,12 @@ def _add_partition_and_prepare(commands: argparse._SubParsersAction) -> None:
     prepare = commands.add_parser("prepare", help="run frozen backbones into feature caches")
     prepare.add_argument("sites", nargs="*", help="site config TOML files")
     prepare.add_argument("--scenario", help="every site of a scenario (one shared report fallback)")
-    prepare.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    prepare.add_argument(
+        "--workers",
+        type=integer(0, max_workers()),
+        default=0,
+        help=f"DataLoader workers (at most {max_workers()}: 4 per CPU, at most 64)",
+    )
     prepare.set_defaults(handler=_prepare)
 
 
@@ -231,7 +250,7 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
     )
     local.add_argument("--scenario", required=True, help="folder with scenario.json")
     local.add_argument("--work-dir", required=True, help="certificates, keys, state and logs")
-    local.add_argument("--rounds", type=int, default=1, help="federated rounds")
+    local.add_argument("--rounds", type=integer(1, 10**4), default=1, help="federated rounds")
     deploy.set_defaults(handler=_deploy)
     add_kit_command(deploy_commands)  # after the group's default: its own handler wins
     from simulation.app_approval import add_approve_parser
@@ -244,9 +263,9 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
 def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="synth -> partition -> prepare -> flwr run -> audit")
     demo.add_argument("--out", default="runs/demo", help="folder for every step's output")
-    demo.add_argument("--stays", type=int, help="synthetic ICU stays (default 800)")
-    demo.add_argument("--sites", type=int, help="hospitals (default 3)")
-    demo.add_argument("--rounds", type=int, help="federated rounds (default 3)")
+    demo.add_argument("--stays", type=integer(1, 10**7), help="synthetic ICU stays (default 800)")
+    demo.add_argument("--sites", type=integer(1, 999), help="hospitals (default 3)")
+    demo.add_argument("--rounds", type=integer(1, 10**4), help="federated rounds (default 3)")
     demo.set_defaults(handler=_demo)
 
     validate = commands.add_parser("validate-config", help="validate site config TOML files")
@@ -263,7 +282,11 @@ def _add_demo_and_checks(commands: argparse._SubParsersAction) -> None:
     audit = commands.add_parser("audit", help="per-site lazy-modality audit of a run")
     audit.add_argument("run_dir", help="a federation's run directory (with audit.json)")
     audit.add_argument("--out", help="report folder (default RUN_DIR/audit_report)")
-    audit.add_argument("--min-count", type=int, help="suppression threshold shown as '<k'")
+    audit.add_argument(
+        "--min-count",
+        type=integer(1, 10**6),
+        help="suppression threshold shown as '<k'",
+    )
     audit.set_defaults(handler=_audit)
 
 
@@ -330,6 +353,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 def _run_handler(args: argparse.Namespace) -> int:
     """Run the command; on SIGTERM/SIGINT stop every process it started (the whole tree
     below this one) and return 128 + the signal number. Bad input: one line, exit 1."""
+    from omnifuse_model.data.features.shard_checks import CorruptShardError
     from simulation.deploy import DeploymentError
     from simulation.federation import FederationError, OrphanSuperLinkError
     from simulation.flower_processes import stop_descendants
@@ -356,6 +380,7 @@ def _run_handler(args: argparse.Namespace) -> int:
         FederationError,
         OrphanSuperLinkError,
         DeploymentError,
+        CorruptShardError,
     ) as error:
         first, *rest = str(error).splitlines() or [type(error).__name__]
         errors.print(Text.assemble(("error: ", "red"), first))

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnifuse_model.site_config import SUPERLINK_ADDRESS_PATTERN, DeploymentConfig
+from omnifuse_model.site_config import (
+    DeploymentConfig,
+    host_problem,
+    superlink_address_problem,
+)
 from simulation import kit_templates as templates
 from simulation.certificates import make_certificates, make_supernode_keys
 from simulation.deploy import scenario_sites
@@ -53,6 +58,38 @@ class KitOptions:
     venv: str = DEFAULT_VENV
     site_dir: str = DEFAULT_SITE_DIR
     force: bool = False
+
+
+INSTALL_PATH = re.compile(r"/[A-Za-z0-9._+/-]{0,4095}")
+"""A site's install path (--venv, --site-dir): absolute, letters, digits and ``._+-/`` only.
+It is written into start.sh, the systemd unit (where '%' is a specifier and quoting rules
+differ per setting) and CHECKLIST.md, so any character that one of them would read as more
+than a path character is refused rather than quoted three different ways."""
+
+
+def install_path_problem(path: str) -> str | None:
+    """Why ``path`` is not an install path (`INSTALL_PATH`, no '.' or '..' part); None if it is."""
+    if not INSTALL_PATH.fullmatch(path):
+        return (
+            f"{path!r}: expected an absolute path of letters, digits and '._+-/' only "
+            "(it is written into start.sh and the systemd unit)"
+        )
+    if any(part in (".", "..") for part in path.split("/")):
+        return f"{path!r}: expected a path without '.' or '..' parts"
+    return None
+
+
+def check_options(options: KitOptions) -> None:
+    """Refuse an option that would be pasted into a script, unit or certificate unless it is
+    a plain host, address or path: a `ValueError` naming the option and what was expected."""
+    problems = [("--superlink", superlink_address_problem(options.superlink))]
+    problems.append(("--bind-host", host_problem(options.bind_host)))
+    problems += [("--host", host_problem(host)) for host in options.extra_hosts]
+    problems += [("--venv", install_path_problem(options.venv))]
+    problems += [("--site-dir", install_path_problem(options.site_dir))]
+    for option, problem in problems:
+        if problem:
+            raise ValueError(f"deploy kit {option} {problem}")
 
 
 def _version() -> str:
@@ -97,7 +134,7 @@ def _site_folder(out: Path, name: str, config: Path, ca_pem: bytes, options: Kit
     omnifuse = f"{options.venv}/bin/omnifuse"
     _script(
         folder / "start.sh",
-        templates.SITE_START_SCRIPT.format(site=name, omnifuse=omnifuse),
+        templates.SITE_START_SCRIPT.format(site=name, omnifuse=shlex.quote(omnifuse)),
         options.force,
     )
     unit = templates.SITE_SYSTEMD_UNIT.format(
@@ -148,11 +185,7 @@ def _consortium_folder(out: Path, sites: list[str], options: KitOptions) -> Path
 def write_kit(scenario_dir: Path, out: Path, options: KitOptions | None = None) -> list[Path]:
     """Write the consortium's and every site's kit folder; returns the files written."""
     options = options or KitOptions()
-    if not re.fullmatch(SUPERLINK_ADDRESS_PATTERN, options.superlink):
-        raise ValueError(
-            f"--superlink {options.superlink!r}: expected host:port (a DNS name or an IP "
-            "address, no scheme)"
-        )
+    check_options(options)
     out = Path(out).resolve()
     sites = scenario_sites(Path(scenario_dir))
     for name in sites:

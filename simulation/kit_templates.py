@@ -12,7 +12,8 @@ SITE_START_SCRIPT = """\
 set -eu
 cd "$(dirname "$0")"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-exec "${{OMNIFUSE:-{omnifuse}}}" site start site.toml "$@"
+installed={omnifuse}
+exec "${{OMNIFUSE:-$installed}}" site start site.toml "$@"
 """
 
 SITE_SYSTEMD_UNIT = """\

@@ -57,7 +57,9 @@ class SitePlan(StrictModel):
 
     name: str = Field(pattern=SITE_NAME_PATTERN)
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
-    size_weight: float = Field(default=1.0, gt=0, description="Relative share of patients.")
+    size_weight: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="Relative share of patients."
+    )
     cxr_keep: float = Field(default=1.0, ge=0, le=1, description="Share of X-ray studies kept.")
     rep_keep: float = Field(default=1.0, ge=0, le=1, description="Share of reports kept.")
 
@@ -80,9 +82,12 @@ class PartitionConfig(StrictModel):
     task: MimicTask = "in-hospital-mortality"
     sites: list[SitePlan] = Field(min_length=1)
     label_alpha: float | None = Field(
-        default=None, gt=0, description="Dirichlet alpha for label skew; None = no skew."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Dirichlet alpha for label skew; None = no skew.",
     )
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Random seed.")
     min_subjects: int = Field(default=3, ge=1, description="Fewest subjects a site may get.")
     site_sidecar: Path | None = Field(
         default=None,

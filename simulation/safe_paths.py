@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from omnifuse_model.site_config import SITE_NAME_PATTERN
@@ -68,6 +69,45 @@ def remove_tree(root: Path, path: Path) -> None:
         target.unlink()
     elif target.exists():
         shutil.rmtree(target)
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+"""The folder holding the code (the repository, or site-packages): never an output folder."""
+
+
+def check_output_folder(
+    out: Path, option: str, inputs: Sequence[Path] = (), marker: str | None = None
+) -> Path:
+    """``out`` resolved, when a command may write into it: a new or empty folder, or one
+    holding ``marker`` (an earlier run of the same command, which it replaces).
+
+    Refused with a `ValueError` (or `FileExistsError`) naming ``option``: a file; '/', the
+    home folder, the repository or a folder above it; a folder that is, lies inside or
+    holds one of ``inputs`` (the data the command reads); any other non-empty folder.
+    """
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{option} {out}: is a file; expected a new or empty folder")
+    for name, forbidden in (("the root folder", Path("/")), ("the home folder", Path.home())):
+        if path == forbidden.resolve():
+            raise ValueError(f"{option} {out}: is {name}; expected a new or empty folder")
+    if REPOSITORY.is_relative_to(path):
+        raise ValueError(
+            f"{option} {out}: is the repository {REPOSITORY} or a folder above it; expected a "
+            "new or empty folder"
+        )
+    for source in inputs:
+        source = Path(source).expanduser().resolve()
+        if path.is_relative_to(source) or source.is_relative_to(path):
+            raise ValueError(
+                f"{option} {out}: overlaps the input folder {source}; write the output elsewhere"
+            )
+    if path.is_dir() and any(path.iterdir()) and not (marker and (path / marker).exists()):
+        earlier = f" and holds no {marker} of an earlier run" if marker else ""
+        raise FileExistsError(
+            f"{option} {out}: exists, is not empty{earlier}; expected a new or empty folder"
+        )
+    return path
 
 
 def link_or_copy(source: Path, target: Path, root: Path) -> None:

@@ -21,6 +21,8 @@ from rich.console import Console
 
 from omnifuse_model.config import OmniFuseConfig, StrictModel, TrainConfig
 from omnifuse_model.site_config import validation_problems
+from simulation.option_types import integer, seed
+from simulation.safe_paths import check_output_folder
 
 DESCRIPTION = "centralised training run (feature-level synthetic data by default)"
 
@@ -48,8 +50,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--site", action="append", default=[], help="a site config TOML to pool (repeatable)"
     )
     train.add_argument("--test-site", help="site config TOML of the held-out test set")
-    train.add_argument("--epochs", type=int, help="override train.epochs")
-    train.add_argument("--seed", type=int, help="override train.seed")
+    train.add_argument("--epochs", type=integer(1, 10**5), help="override train.epochs")
+    train.add_argument("--seed", type=seed(), help="override train.seed")
     train.set_defaults(handler=run)
 
 
@@ -61,6 +63,8 @@ def _overridden(train: TrainConfig, args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     if args.scenario and args.site:
         raise ValueError("train: give --scenario or --site, not both")
+    inputs = [Path(args.scenario)] if args.scenario else []
+    args.out = check_output_folder(Path(args.out), "train --out", inputs, "metrics.json")
     if not (args.scenario or args.site):
         if args.test_site:
             raise ValueError("train: --test-site needs --scenario or --site")

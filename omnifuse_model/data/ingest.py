@@ -78,14 +78,12 @@ from omnifuse_model.data.ingest_report import (
     build_ingest_report,
 )
 from omnifuse_model.data.reports.sections import ReportRejected, read_report, report_path
-from omnifuse_model.site_config import SiteConfig
+from omnifuse_model.site_config import MIMIC_MODALITIES, SiteConfig
 
 logger = logging.getLogger(__name__)
 
 EHR_WINDOW_HOURS = 48.0
 """Both tasks discretise the first 48 h of the stay (a fixed [24, 76] input at timestep 2)."""
-MIMIC_MODALITIES: tuple[str, ...] = ("ehr", "cxr", "rep")
-"""The modality names this MIMIC data layer knows, in the model's default order."""
 
 
 class EpisodeStore(Protocol):

@@ -17,7 +17,7 @@ def _every_field_set(folder: Path) -> SiteConfig:
     return SiteConfig(
         name="hospital_x-1_2",
         task="phenotyping",
-        modalities=["ehr", "cxr", "rep"],
+        modalities=["ehr", 'c x"r'],  # a synthetic site holds modalities of data.synthetic
         data={
             "source": "synthetic_features",
             "benchmark_dir": Path(AWKWARD) / "phenotyping",

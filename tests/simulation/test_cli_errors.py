@@ -273,3 +273,18 @@ def test_progress_announces_new_rounds_only(tmp_path):
     lines = out.getvalue().splitlines()
     assert [line.split("  ")[0] for line in lines] == ["round 2 of 3", "round 1 of 3"]
     assert "AUROC 0.650" in lines[1] and "replied: none" in lines[1]
+
+
+def test_a_corrupt_feature_shard_is_one_line(tmp_path, capsys, monkeypatch):
+    from omnifuse_model.data.features.shard_checks import CorruptShardError
+    from simulation import prepared_sites
+
+    def corrupt(_scenario):
+        raise CorruptShardError(
+            "cache/ehr/ab12.npz: feature shard fails its checksum; run omnifuse prepare again"
+        )
+
+    monkeypatch.setattr(prepared_sites, "from_scenario", corrupt)
+    scenario = tmp_path / "scenario"
+    code = main(["train", "--scenario", str(scenario), "--out", str(tmp_path / "run")])
+    _one_line_error(capsys, code, "ab12.npz", "omnifuse prepare")

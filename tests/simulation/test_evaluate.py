@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -149,3 +150,26 @@ def test_multilabel_report_has_macro_and_per_label_metrics_and_pooled_calibratio
     assert combos["a"]["n"] == 50 and not combos["a"]["suppressed"]
     assert combos["a+b"]["n"] == 30 and combos["a+b"]["suppressed"]
     assert "auroc" not in combos["a+b"]
+
+
+@pytest.mark.parametrize("change", ["d", "modality"])
+def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_one_named_line(
+    trained, tmp_path, capsys, change
+):
+    scenario, run = trained
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(run / "checkpoint", checkpoint)
+    meta = json.loads((checkpoint / "config.json").read_text())
+    if change == "d":
+        meta["config"]["d"] = 16
+    else:  # a modality renamed: its encoder's tensors are missing from the weights
+        meta["config"]["modalities"][1]["name"] = "rep"
+    (checkpoint / "config.json").write_text(json.dumps(meta))
+    code = main(
+        ["evaluate", str(checkpoint), str(scenario / "site_1.toml"), "--out", str(tmp_path / "e")]
+    )
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert f"checkpoint {checkpoint / 'model.safetensors'}: weights do not match" in lines[0]
+    assert "tensors wrong: " in lines[0]  # each wrong tensor named with both shapes

@@ -63,6 +63,7 @@ def test_traversal_row_is_refused_before_anything_is_touched(data, tmp_path, cap
     for victim in victims:
         victim.parent.mkdir(parents=True, exist_ok=True)
         victim.write_text("precious\n")
+    (out / "scenario.json").write_text("earlier run\n")  # else --out is refused as not empty
 
     code, err = _partition_cli(data, out, capsys)
 
@@ -71,7 +72,7 @@ def test_traversal_row_is_refused_before_anything_is_touched(data, tmp_path, cap
     assert len(err.strip().splitlines()) == 1, err
     for victim in victims:
         assert not victim.is_symlink() and victim.read_text() == "precious\n", victim
-    assert not (out / "scenario.json").exists()
+    assert (out / "scenario.json").read_text() == "earlier run\n"
 
 
 def test_link_stays_inside_its_folder_and_never_replaces_a_file(tmp_path):
