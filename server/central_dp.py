@@ -39,10 +39,9 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 
 from omnifuse_model import federation_schema as wire
 from server.array_records import float32_record
-from server.reply_screening import AcceptedTrain, Rejection, node_of
+from server.reply_screening import Rejection, node_of
 from server.run_config import FederationRunConfig
 from server.strategy import OmniFuseStrategy
-from server.update_rows import exact_norm
 
 log = logging.getLogger(__name__)
 
@@ -88,53 +87,43 @@ class _ScreenFirst:
 
     def screened(self, global_round: int, replies: list[Message]) -> list[Message]:
         """The accepted replies, one per node in site order, each update clipped to the
-        clipping norm; the rejections are left with the strategy (``prescreened``)."""
+        clipping norm; the rejections are left with the strategy (``prescreened``).
+
+        Central DP runs on the float32 wire: replies hold weights, not 16-bit updates. Each
+        is decoded once: its update (weights - global) in float64 gives the norm that
+        clipping at the sites is checked against and the scale of the clipping here."""
         strategy = self.strategy
         accepted, rejected = strategy.screen(global_round, replies)
-        if self.clip_at_sites:
-            accepted = self.clipped_only(accepted, rejected)
         strategy.prescreened[global_round] = rejected
         by_node: dict[int, Message] = {}
         for message in replies:
             by_node.setdefault(node_of(message), message)
-        kept = []
-        for item in accepted:
-            message = by_node[item.node]
-            message.content[wire.ARRAYS] = self.clipped(item)
-            kept.append(message)
-        return kept
-
-    def clipped(self, item: AcceptedTrain) -> ArrayRecord:
-        """The site's weights with its update (weights - global) scaled to L2 norm at most
-        ``clipping_norm`` (float64, then float32), in the global model's key order. Central
-        DP runs on the float32 wire: replies hold weights, not 16-bit updates."""
-        layout = self.strategy.layout()
+        layout = strategy.layout()
         master = layout.flat_master().astype(np.float64)
-        update = item.update.row(layout).astype(np.float64) - master
-        norm = math.sqrt(float(np.dot(update, update)))
-        scale = 1.0 if norm <= self.clipping_norm else self.clipping_norm / norm
-        row = np.ascontiguousarray((master + scale * update).astype(np.float32))
         shapes = {key: value.shape for key, value in layout.master.items()}
-        return float32_record(row, layout.spans, shapes)
-
-    def clipped_only(
-        self, accepted: list[AcceptedTrain], rejected: list[Rejection]
-    ) -> list[AcceptedTrain]:
-        """With clipping at the sites: the updates within the clipping norm (up to rounding);
-        each other one is rejected as ``not_clipped`` (a site that skipped
-        fixedclipping_mod)."""
-        layout = self.strategy.layout()
         kept = []
         for item in accepted:
             weights = item.update.row(layout)
-            norm = exact_norm(item.update, layout, deltas=False)
-            rounding = 0.5 * float(np.linalg.norm(np.spacing(weights).astype(np.float64)))
-            if norm > self.clipping_norm * (1 + CLIP_TOLERANCE) + rounding:
-                reason = f"not_clipped:{norm:.3g}>{self.clipping_norm:g}"
+            update = weights.astype(np.float64) - master
+            norm = math.sqrt(float(np.dot(update, update)))
+            if self.clip_at_sites and (reason := self.not_clipped(weights, norm)) is not None:
                 rejected.append(Rejection(item.node, item.site, "rejected", reason, item.row))
                 continue
-            kept.append(item)
+            scale = 1.0 if norm <= self.clipping_norm else self.clipping_norm / norm
+            row = np.ascontiguousarray((master + scale * update).astype(np.float32))
+            message = by_node[item.node]
+            message.content[wire.ARRAYS] = float32_record(row, layout.spans, shapes)
+            kept.append(message)
         return kept
+
+    def not_clipped(self, weights: np.ndarray, norm: float) -> str | None:
+        """With clipping at the sites: why an update of L2 ``norm`` was not clipped by the
+        site (fixedclipping_mod skipped), allowing float32 rounding of the returned
+        ``weights`` (half an ulp each) and a thousandth of the norm; None when it was."""
+        rounding = 0.5 * float(np.linalg.norm(np.spacing(weights).astype(np.float64)))
+        if norm > self.clipping_norm * (1 + CLIP_TOLERANCE) + rounding:
+            return f"not_clipped:{norm:.3g}>{self.clipping_norm:g}"
+        return None
 
 
 class ScreenedServerSideClipping(_ScreenFirst, DifferentialPrivacyServerSideFixedClipping):
