@@ -291,26 +291,50 @@ def test_apply_updates_on_other_replies_than_screened_averages_those(
     assert any(not np.array_equal(one[k], both[k]) for k in both)
 
 
+LARGE_KEY = "forward_cra.blocks.0.encoder.0.weight"
+
+
+def _round_near_the_limit(
+    site_round,
+    site_registry,
+    model_config,
+    reply_from,
+    tmp_path,
+    transport: str,
+    update: float,
+    master: float,
+) -> OmniFuseStrategy:
+    """Round 1 of a strategy on ``transport`` (norm bound off) whose master holds ``master``
+    and every site's update ``update`` in every value of LARGE_KEY; its replies aggregated."""
+    global_state = site_round[0]
+    run = FederationRunConfig(
+        scenario_dir=tmp_path,
+        run_dir=tmp_path,
+        min_train_nodes=1,
+        transport=transport,
+        max_update_norm=0.0,
+    )
+    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
+    values = np.full(global_state[LARGE_KEY].shape, update, np.float32)
+    for reply in replies:
+        reply.content[wire.ARRAYS][LARGE_KEY] = Array(
+            transport, tuple(values.shape), RAW_STYPE, encode16(values, transport)
+        )
+    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
+    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
+    strategy.previous[LARGE_KEY] = np.full_like(values, master)
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    return strategy
+
+
 def test_a_non_finite_aggregate_is_refused_and_the_global_model_kept(
     site_round, site_registry, model_config, reply_from, tmp_path
 ):
     """Finite updates whose sum leaves float32's range (norm bound off, master near the
     top of the range): the round's aggregate is refused by name, nothing is returned."""
-    global_state = site_round[0]
-    run = FederationRunConfig(
-        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, transport="bfloat16",
-        max_update_norm=0.0,
-    )  # fmt: skip
-    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
-    key = "forward_cra.blocks.0.encoder.0.weight"
-    huge = np.full(global_state[key].shape, 3e38, np.float32)
-    for reply in replies:
-        arrays = reply.content[wire.ARRAYS]
-        arrays[key] = Array("bfloat16", tuple(huge.shape), RAW_STYPE, encode16(huge, "bfloat16"))
-    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
-    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
-    strategy.previous[key] = huge.copy()
-    assert strategy.aggregate_train(1, replies) == (None, None)
+    strategy = _round_near_the_limit(
+        site_round, site_registry, model_config, reply_from, tmp_path, "bfloat16", 3e38, 3e38
+    )
     record = strategy.records[1]
     assert record.problems == [  # each update was finite: only the aggregate is refused
         {"site": "(aggregate)", "status": "rejected", "reason": "non_finite_aggregate"}
@@ -327,21 +351,9 @@ def test_a_master_the_float16_downlink_cannot_hold_is_refused(
 ):
     """float16 holds at most 65504: a master of 90000 is finite in float32 but would be sent
     to every site as inf; it is refused by name and the global model kept."""
-    global_state = site_round[0]
-    run = FederationRunConfig(
-        scenario_dir=tmp_path, run_dir=tmp_path, min_train_nodes=1, transport="float16",
-        max_update_norm=0.0,
-    )  # fmt: skip
-    replies = encoded_replies(site_round, site_registry, run.wire_format(), reply_from)
-    key = "forward_cra.blocks.0.encoder.0.weight"
-    step = np.full(global_state[key].shape, 60000.0, np.float32)  # finite in float16
-    for reply in replies:
-        arrays = reply.content[wire.ARRAYS]
-        arrays[key] = Array("float16", tuple(step.shape), RAW_STYPE, encode16(step, "float16"))
-    strategy = OmniFuseStrategy(run, model_config, registry=site_registry)
-    strategy.previous = {k: v.numpy() for k, v in global_state.items()}
-    strategy.previous[key] = np.full_like(step, 30000.0)
-    assert strategy.aggregate_train(1, replies) == (None, None)
+    strategy = _round_near_the_limit(  # 60000 is finite in float16
+        site_round, site_registry, model_config, reply_from, tmp_path, "float16", 60000, 30000
+    )
     assert strategy.records[1].problems == [
         {"site": "(aggregate)", "status": "rejected", "reason": "downlink_overflow:float16"}
     ]
